@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import EXIT_FILE, EXIT_REFUSED, app
+from client.keys import load_signing_key
+from client.manifest import manifest_json_schema
+from client.packet import write_packet
+from tests.conftest import make_body, make_tensors
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def keys_and_packet(tmp_path: Path) -> tuple[Path, Path, Path]:
+    result = runner.invoke(app, ["keygen", "--out", str(tmp_path / "keys"), "--name", "teacher"])
+    assert result.exit_code == 0, result.output
+    assert "fingerprint:" in result.output
+    key = load_signing_key(tmp_path / "keys" / "teacher.key")
+    packet = write_packet(tmp_path / "p.m2kt", make_body(), make_tensors(), key).path
+    return tmp_path / "keys" / "teacher.key", tmp_path / "keys" / "teacher.pub", packet
+
+
+def test_verify_valid_packet_exits_zero(keys_and_packet) -> None:
+    _, pub, packet = keys_and_packet
+    result = runner.invoke(app, ["packet", "verify", str(packet), "--key", str(pub)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("valid: ")
+
+
+def test_verify_tampered_packet_prints_one_line_and_fails(keys_and_packet) -> None:
+    _, pub, packet = keys_and_packet
+    data = bytearray(packet.read_bytes())
+    data[-1] ^= 0x40
+    packet.write_bytes(bytes(data))
+    result = runner.invoke(app, ["packet", "verify", str(packet), "--key", str(pub)])
+    assert result.exit_code == EXIT_REFUSED
+    assert result.output.strip().count("\n") == 0
+    assert result.output.startswith("invalid: digest_mismatch: ")
+
+
+def test_verify_with_wrong_key_and_missing_key_file(keys_and_packet, tmp_path: Path) -> None:
+    _, _, packet = keys_and_packet
+    runner.invoke(app, ["keygen", "--out", str(tmp_path / "other"), "--name", "x"])
+    result = runner.invoke(app, ["packet", "verify", str(packet), "--key", str(tmp_path / "other" / "x.pub")])
+    assert result.exit_code == EXIT_REFUSED and "unknown_key" in result.output
+    result = runner.invoke(app, ["packet", "verify", str(packet), "--key", str(tmp_path / "nope.pub")])
+    assert result.exit_code == EXIT_FILE and "no such key file" in result.output
+
+
+def test_inspect_human_and_json(keys_and_packet) -> None:
+    _, _, packet = keys_and_packet
+    human = runner.invoke(app, ["packet", "inspect", str(packet)])
+    assert human.exit_code == 0 and "arith.mod97" in human.output and "not verified" in human.output
+    as_json = runner.invoke(app, ["packet", "inspect", str(packet), "--json"])
+    info = json.loads(as_json.output)
+    assert info["manifest"]["topic"] == "arith.mod97" and len(info["id"]) == 64 and info["verified"] is False
+
+
+def test_inspect_malformed_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.m2kt"
+    bad.write_bytes(b"not a packet")
+    result = runner.invoke(app, ["packet", "inspect", str(bad)])
+    assert result.exit_code == EXIT_REFUSED and result.output.startswith("malformed: ")
+
+
+def test_schema_is_the_manifest_schema() -> None:
+    result = runner.invoke(app, ["packet", "schema"])
+    assert json.loads(result.output) == manifest_json_schema()
+
+
+def test_console_script_is_installed(keys_and_packet) -> None:
+    _, pub, packet = keys_and_packet
+    exe = Path(sys.executable).with_name("m2kt")
+    proc = subprocess.run(
+        [str(exe), "packet", "verify", str(packet), "--key", str(pub)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
