@@ -160,7 +160,7 @@ def main() -> None:
         ("raw sha256, bytes already in memory", mb / t_mem_hash, (mb / t_mem_hash) / raw, "—"),
         ("write_packet (hash + write + fsync)", mb / t_write, (mb / t_write) / raw, "—"),
         (
-            "open_packet + touch every page (mmap)",
+            "open_packet + fault in every page (mmap, cached)",
             mb / t_read,
             (mb / t_read) / raw,
             f"open+views: +{open_rss.growth / MiB:.1f} MiB",

@@ -664,10 +664,13 @@ class Packet:
     ...     concepts = packet.tensors["concepts"]       # (K, d_T), backed by the file's pages
     """
 
-    def __init__(self, header: PacketHeader, buffer: memoryview, *, path: Path | None, owner: Any = None) -> None:
+    def __init__(
+        self, header: PacketHeader, buffer: memoryview, *, path: Path | None = None, file: Any = None, owner: Any = None
+    ) -> None:
         self.header = header
         self.path = path
         self._buffer = buffer
+        self._file = file  # the open file the map was made from (verification reads the same inode)
         self._owner = owner  # the mmap, when file-backed
         self._views: dict[str, np.ndarray] = {}
 
@@ -704,12 +707,13 @@ class Packet:
     def verify(self, keys: KeyLookup) -> VerifiedPacket:
         """Check signature, digest and finiteness of this packet's bytes."""
         key = verify_signature(self.header, keys)
-        if self.path is not None:
-            # Read through the file, not the map, so verifying does not fault every page in.
-            with open(self.path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != self.header.file_size:
-                    raise PacketFormatError("truncated", "the file changed size since it was opened")
-                digest = _check_data(self.header, _iter_file(f, self.header.data_offset, self.header.data_size))
+        if self._file is not None:
+            # Read through the file that was mapped (not the path, which may have been replaced
+            # since), and not through the map, so verifying does not fault every page in.
+            if os.fstat(self._file.fileno()).st_size != self.header.file_size:
+                raise PacketFormatError("truncated", "the file changed size since it was opened")
+            chunks = _iter_file(self._file, self.header.data_offset, self.header.data_size)
+            digest = _check_data(self.header, chunks)
         else:
             digest = _check_data(
                 self.header, _iter_buffer(self._buffer, self.header.data_offset, self.header.data_size)
@@ -725,6 +729,9 @@ class Packet:
             except BufferError:
                 pass  # views handed to the caller still use it; it closes when they are gone
         self._owner = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> Packet:
         return self
@@ -747,13 +754,15 @@ def open_packet(
         view = memoryview(source).cast("B")
         return Packet(parse_header(view, file_size=len(view), limits=limits), view, path=None)
     path = Path(source)
-    with open(path, "rb") as f:
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - owned by the Packet, closed by Packet.close
+    try:
         size = os.fstat(f.fileno()).st_size
         header = _read_header_from(f, size, limits)
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    if mapped is None:  # pragma: no cover - an empty file fails parse_header first
-        raise PacketFormatError("truncated", "the file is empty")
-    return Packet(header, memoryview(mapped), path=path, owner=mapped)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except BaseException:
+        f.close()
+        raise
+    return Packet(header, memoryview(mapped), path=path, file=f, owner=mapped)
 
 
 # --------------------------------------------------------------------------- write
@@ -812,7 +821,7 @@ def write_packet(
     try:
         with open(tmp, "wb") as f:
             f.write(bytes(8 + reserved))
-            with DataChecker(draft_header, threaded=False) as checker:
+            with DataChecker(draft_header) as checker:  # hashes in a helper thread while we write
                 for spec in specs:
                     flat = arrays[spec.name].reshape(-1).view(np.uint8)
                     for start in range(0, flat.size, _CHUNK):

@@ -208,3 +208,20 @@ def test_signed_non_finite_values_are_refused(tmp_path: Path, signing_key) -> No
     resigned = struct.pack("<Q", len(header)) + header + bytes(data[written.header.data_offset :])
     err = _refusal(resigned, signing_key.verify_key)
     assert err.code == "non_finite" and "traces" in err.message
+
+
+def test_verify_checks_the_mapped_file_not_a_replacement(tmp_path: Path, signing_key) -> None:
+    """A file swapped in at the same path after open_packet is not what Packet.verify reads."""
+    path = tmp_path / "p.m2kt"
+    write_packet(path, make_body(), make_tensors(), signing_key)
+    with open_packet(path) as packet:
+        good = bytes(packet.tensors["concepts"].tobytes())
+        bad = bytearray(path.read_bytes())
+        bad[-1] ^= 0x01
+        replacement = tmp_path / "swap.m2kt"
+        replacement.write_bytes(bytes(bad))
+        replacement.replace(path)  # a new inode at the same path
+        packet.verify(signing_key.verify_key)  # verifies the bytes that are mapped, and they are intact
+        assert packet.tensors["concepts"].tobytes() == good
+    with pytest.raises(PacketVerificationError):
+        verify_packet(path, signing_key.verify_key)
