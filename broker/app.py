@@ -1,18 +1,140 @@
-"""Broker application factory. The routes arrive with the broker issue; this is the skeleton."""
+"""Broker application factory: settings → engine, storage, hub → routers, with a checked start-up."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+from fastapi import FastAPI, Request, Response
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
+from broker.deps import BrokerState
+from broker.errors import install_error_handlers
+from broker.metrics import Metrics
+from broker.pubsub import Hub, listen_postgres
+from broker.routes import admin, keys, nodes, ops, packets, subscriptions, topics
+from broker.services.nodes import ensure_admin
+from broker.settings import Settings
+from broker.storage import BlobStore, storage_from_url
 from client import __version__
 
+log = logging.getLogger("m2kt.broker")
 
-def create_app() -> FastAPI:
-    """Build the broker's ASGI app."""
-    app = FastAPI(title="M2KT broker", version=__version__)
+DESCRIPTION = """
+The trusted place between teachers and students: signed knowledge packets in object storage,
+provenance in a database.
 
-    @app.get("/healthz", summary="Liveness probe", tags=["operations"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+**Authorise** with a node's API token (`m2kt_…`, from `POST /v1/nodes`). Scopes by role:
+admin → `admin`; teacher → `read`, `keys`, `publish:*`; student → `read`, `receipt`, `keys`.
+
+Errors are `{"code": "...", "message": "..."}` with a stable `code`: 400 malformed, 401/403
+auth, 404, 409 conflict, 413 too large, 422 failed validation, 503 a dependency is down.
+"""
+
+
+def _wire_notifications(state: BrokerState) -> None:
+    """After a commit, wake local waiters on the topics that session appended events to."""
+
+    @event.listens_for(state.sessions, "after_commit")
+    def _after_commit(session: Session) -> None:
+        for topic in session.info.pop("m2kt_notify", ()):
+            state.hub.notify(topic)
+
+    @event.listens_for(state.sessions, "after_rollback")
+    def _after_rollback(session: Session) -> None:
+        session.info.pop("m2kt_notify", None)
+
+
+def _bootstrap_admin(state: BrokerState) -> None:
+    settings = state.settings
+    token = settings.bootstrap_admin_token
+    token_file = settings.data_dir / "admin-token"
+    if token is None and settings.embedded:
+        token = "m2kt_" + secrets.token_urlsafe(32)
+        with state.sessions.begin() as session:
+            created = ensure_admin(session, token)
+        if created:
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            log.warning("created the first admin; its token is in %s", token_file.resolve())
+        return
+    if token is not None:
+        with state.sessions.begin() as session:
+            if ensure_admin(session, token):
+                log.warning("created the first admin from M2KT_BOOTSTRAP_ADMIN_TOKEN")
+
+
+def prepare_database(settings: Settings) -> None:
+    """Refuse an out-of-date schema; the embedded default migrates its own brand-new database."""
+    if settings.embedded:
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        if settings.embedded and current_revision(engine) is None:
+            upgrade(settings.effective_database_url)
+        check_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def create_app(settings: Settings | None = None, *, storage: BlobStore | None = None) -> FastAPI:
+    """Build the broker. Nothing connects until start-up, which checks the schema first."""
+    settings = settings or Settings()
+    if settings.embedded:
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    state = BrokerState(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        storage=storage or storage_from_url(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url,
+                                            part_size=settings.upload_part_bytes),
+        hub=Hub(),
+        metrics=Metrics(),
+    )
+    _wire_notifications(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prepare_database(settings)
+        _bootstrap_admin(state)
+        state.hub.bind(asyncio.get_running_loop())
+        stop = asyncio.Event()
+        listener = (
+            asyncio.create_task(listen_postgres(settings.effective_database_url, state.hub, stop))
+            if settings.is_postgres else None
+        )
+        log.info("broker ready: database %s, storage %s", engine.url.render_as_string(hide_password=True),
+                 state.storage.description)
+        try:
+            yield
+        finally:
+            stop.set()
+            if listener is not None:  # it notices `stop` within half a second
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(listener, 3)
+            engine.dispose()
+
+    app = FastAPI(title="M2KT broker", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.broker = state
+    install_error_handlers(app)
+    for module in (ops, nodes, keys, topics, packets, subscriptions, admin):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        path = getattr(request.scope.get("route"), "path", "unmatched")
+        state.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
 
     return app

@@ -10,6 +10,7 @@ Exit codes (stable, for scripts):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ app = typer.Typer(
 )
 packet_app = typer.Typer(help="Inspect, verify and describe knowledge packets.", no_args_is_help=True)
 app.add_typer(packet_app, name="packet")
+
+if importlib.util.find_spec("fastapi") is not None:  # the server parts are an extra: m2kt[broker]
+    from broker.cli import app as broker_app
+else:  # pragma: no cover - exercised only without the extra
+    broker_app = typer.Typer(help="Broker commands (install the extra: pip install 'm2kt[broker]').")
+
+    @broker_app.callback(invoke_without_command=True)
+    def _missing_broker() -> None:
+        _fail(EXIT_USAGE, "the broker is not installed here: pip install 'm2kt[broker]'")
+
+app.add_typer(broker_app, name="broker")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

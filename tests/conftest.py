@@ -5,9 +5,11 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -112,3 +114,61 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+# ----------------------------------------------------------------------------- broker fixtures
+
+
+@dataclass
+class LiveBroker:
+    url: str
+    admin_token: str
+    state: object  # broker.deps.BrokerState
+    bucket: str
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def broker_database(postgres_url: str) -> Iterator[str]:
+    """A fresh Postgres database for this test session, migrated to head."""
+    from broker.db import upgrade
+    from tests.broker_harness import create_database, drop_database
+
+    url = create_database(postgres_url)
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def broker_bucket(s3_server: S3Server) -> str:
+    name = f"m2kt-broker-{uuid.uuid4().hex[:10]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+def start_live_broker(database_url: str, s3_server: S3Server, bucket: str, tmp: Path, *,  # type: ignore[no-untyped-def]
+                      token: str | None = None, **settings: object):
+    """A broker app on Postgres + S3, served by uvicorn on a loopback socket in this process.
+
+    ``token`` bootstraps the first admin; pass the existing admin's token when the database has one."""
+    from broker.app import create_app
+    from broker.settings import Settings
+    from broker.storage import S3Store
+    from tests.broker_harness import uvicorn_thread
+
+    token = token or "m2kt_admin_" + uuid.uuid4().hex
+    config = Settings(database_url=database_url, storage_url=f"s3://{bucket}", data_dir=tmp,
+                      bootstrap_admin_token=token, poll_fallback_seconds=2.0, **settings)
+    app = create_app(config, storage=S3Store(s3_server.client(), bucket, part_size=5 << 20))
+    return token, app, uvicorn_thread(app)
+
+
+@pytest.fixture(scope="session")
+def live_broker(broker_database: str, s3_server: S3Server, broker_bucket: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+    token, app, server = start_live_broker(broker_database, s3_server, broker_bucket, tmp_path_factory.mktemp("broker"))
+    with server as url:
+        yield LiveBroker(url, token, app.state.broker, broker_bucket)

@@ -1,0 +1,112 @@
+"""One error base with an HTTP status and a stable code; one handler renders ``{"code", "message"}``.
+
+Services raise these (``PacketNotFound``, ``Forbidden`` …), never ``HTTPException``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.packet import PacketError
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class BrokerError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers
+
+
+class Malformed(BrokerError):
+    status, code = 400, "malformed"
+
+
+class Unauthorized(BrokerError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(BrokerError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(BrokerError):
+    status, code = 404, "not_found"
+
+
+class Conflict(BrokerError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(BrokerError):
+    status, code = 413, "too_large"
+
+
+class RangeNotSatisfiable(BrokerError):
+    status, code = 416, "range_not_satisfiable"
+
+
+class ValidationFailed(BrokerError):
+    status, code = 422, "validation_failed"
+
+
+class DependencyDown(BrokerError):
+    status, code = 503, "dependency_unavailable"
+
+
+def from_packet_error(exc: PacketError) -> BrokerError:
+    """Malformed packet files are 400; well-formed packets that fail a check are 422."""
+    cls = Malformed if exc.kind == "malformed" else ValidationFailed
+    return cls(exc.message, code=exc.code)
+
+
+def _body(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting the error shape for these statuses."""
+    described = {
+        400: "Malformed request or packet file",
+        401: "Missing, unknown, expired or revoked token",
+        403: "The token's role or scopes do not allow this",
+        404: "No such resource",
+        409: "Conflicts with existing state",
+        413: "Too large",
+        416: "Range not satisfiable",
+        422: "Failed validation (digest, signature, key, topic, safety policy)",
+        503: "A dependency (database or storage) is unavailable",
+    }
+    return {s: {"model": ErrorBody, "description": described[s]} for s in statuses}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BrokerError)
+    async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
+        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse(_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

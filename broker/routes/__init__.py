@@ -1,0 +1,1 @@
+"""One router module per resource; each route is a few lines calling a service."""

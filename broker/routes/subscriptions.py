@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import CurrentCaller, SessionDep, StateDep
+from broker.errors import error_responses
+from broker.models import Subscription
+from broker.schemas import AckIn, EventPage, SubscriptionCreate, SubscriptionOut
+from broker.services import subscriptions as service
+
+router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
+
+
+@router.put("/{name}", status_code=status.HTTP_201_CREATED, summary="Create (or get) a named subscription to a topic",
+            responses={200: {"model": SubscriptionOut, "description": "Exists already"},
+                       **error_responses(400, 401, 403, 409)})
+def put_subscription(name: str, body: SubscriptionCreate, session: SessionDep, caller: CurrentCaller,
+                     response: Response) -> SubscriptionOut:
+    sub, created = service.ensure_subscription(session, caller, name, body.topic)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return service.subscription_out(sub)
+
+
+@router.get("", summary="Your subscriptions", responses=error_responses(401))
+def list_subscriptions(session: SessionDep, caller: CurrentCaller) -> list[SubscriptionOut]:
+    rows = session.scalars(select(Subscription).where(Subscription.node_id == caller.node_id).order_by(Subscription.id))
+    return [service.subscription_out(s) for s in rows]
+
+
+@router.get("/{name}", summary="A subscription and its cursor", responses=error_responses(401, 404))
+def get_subscription(name: str, session: SessionDep, caller: CurrentCaller) -> SubscriptionOut:
+    return service.subscription_out(service.get_subscription(session, caller, name))
+
+
+@router.get("/{name}/packets", summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
+            responses=error_responses(401, 404))
+async def next_events(
+    name: str, state: StateDep, caller: CurrentCaller,
+    wait: Annotated[float, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    def cursor() -> tuple[str, int]:
+        with state.sessions() as session:
+            sub = service.get_subscription(session, caller, name)
+            return sub.topic.name, sub.cursor
+
+    topic, after = await run_in_threadpool(cursor)
+    return await service.wait_for_events(state, topic, after, wait, limit)
+
+
+@router.post("/{name}/ack", summary="Acknowledge handled events up to a seq (the cursor only moves forward)",
+             responses=error_responses(401, 404, 409))
+def ack(name: str, body: AckIn, session: SessionDep, caller: CurrentCaller) -> SubscriptionOut:
+    return service.subscription_out(service.acknowledge(session, caller, name, body.cursor))

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
+from broker.errors import error_responses
+from broker.models import Topic
+from broker.schemas import EventPage, PacketOut, TopicOut, TopicUpdate
+from broker.services import audit
+from broker.services.subscriptions import _page, wait_for_events
+from broker.services.topics import get_topic, topic_out
+from broker.services.upload import receive_packet
+
+router = APIRouter(prefix="/v1/topics", tags=["topics and packets"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The packet file (.m2kt), streamed as the raw body.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.get("", summary="List topics", responses=error_responses(401))
+def list_topics(session: SessionDep, state: StateDep, caller: CurrentCaller) -> list[TopicOut]:
+    caller.require("read")
+    return [topic_out(session, t, state.settings.safety_threshold) for t in session.scalars(select(Topic).order_by(Topic.name))]
+
+
+@router.get("/{topic}", summary="One topic", responses=error_responses(401, 404))
+def read_topic(topic: str, session: SessionDep, state: StateDep, caller: CurrentCaller) -> TopicOut:
+    caller.require("read")
+    return topic_out(session, get_topic(session, topic), state.settings.safety_threshold)
+
+
+@router.patch("/{topic}", summary="Set a topic's safety threshold", responses=error_responses(401, 403, 404))
+def update_topic(topic: str, body: TopicUpdate, session: SessionDep, state: StateDep, caller: AdminCaller) -> TopicOut:
+    row = get_topic(session, topic)
+    row.safety_threshold = body.safety_threshold
+    audit.record(session, caller.node_id, "topic.updated", topic, safety_threshold=body.safety_threshold)
+    return topic_out(session, row, state.settings.safety_threshold)
+
+
+@router.post(
+    "/{topic}/packets",
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a packet (streamed; validated before it is stored)",
+    openapi_extra=UPLOAD_BODY,
+    responses={200: {"model": PacketOut, "description": "The same packet was uploaded before"},
+               **error_responses(400, 401, 403, 413, 422, 503)},
+)
+async def upload_packet(
+    topic: str, request: Request, response: Response, state: StateDep, caller: CurrentCaller,
+    content_length: Annotated[int | None, Header()] = None,
+) -> PacketOut:
+    record, created = await receive_packet(state, caller, topic, request.stream(), content_length)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return record
+
+
+@router.get("/{topic}/packets", summary="The topic's events after a cursor; long-polls with ?wait=",
+            responses=error_responses(401, 403, 404))
+async def list_packets(
+    topic: str, state: StateDep, caller: CurrentCaller,
+    after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    caller.require("read")
+    if wait <= 0:
+        return await run_in_threadpool(_page, state, topic, after, limit)
+    return await wait_for_events(state, topic, after, wait, limit)
+
+
+@router.get(
+    "/{topic}/events",
+    summary="Server-Sent Events: one `published` / `revoked` / `quarantined` event per log entry",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(401, 403, 404)},
+)
+async def stream_events(
+    topic: str, request: Request, state: StateDep, caller: CurrentCaller,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    caller.require("read")
+    cursor = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+    await run_in_threadpool(_page, state, topic, cursor, 1)  # 404 now, not mid-stream
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        yield b": connected\n\n"
+        while not await request.is_disconnected():
+            page = await wait_for_events(state, topic, cursor, state.settings.sse_heartbeat_seconds, 100)
+            for item in page.items:
+                data = json.dumps(item.model_dump(mode="json"), separators=(",", ":"))
+                yield f"id: {item.seq}\nevent: {item.kind.value}\ndata: {data}\n\n".encode()
+            if not page.items:
+                yield b": keepalive\n\n"
+            cursor = page.cursor
+            await asyncio.sleep(0)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

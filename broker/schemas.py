@@ -1,0 +1,216 @@
+"""Request and response models of the broker's REST API (what /docs shows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.models import EventKind, PacketStatus, Role
+
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,99}$"
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class NodeCreate(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Unique node name, e.g. 'teacher-a'.")
+    role: Role
+    scopes: list[str] | None = Field(default=None, description="Token scopes; default by role (see /docs intro).")
+    token_ttl_days: int | None = Field(default=None, gt=0, le=3650)
+
+
+class NodeOut(_Out):
+    name: str
+    role: Role
+    created_at: datetime
+    disabled_at: datetime | None = None
+
+
+class TokenCreate(BaseModel):
+    scopes: list[str] | None = None
+    ttl_days: int | None = Field(default=None, gt=0, le=3650)
+
+
+class TokenOut(BaseModel):
+    id: int
+    node: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None = None
+    token: str | None = Field(default=None, description="The secret: shown once, at creation.")
+
+
+class NodeWithToken(BaseModel):
+    node: NodeOut
+    token: TokenOut
+
+
+class WhoAmI(BaseModel):
+    node: str
+    role: Role
+    scopes: list[str]
+    token_expires_at: datetime | None
+
+
+class KeyRegister(BaseModel):
+    public_key: str = Field(description="Ed25519 public key: PEM (SubjectPublicKeyInfo) or base64 of the raw 32 bytes.")
+    owner: str | None = Field(default=None, description="Admins may register a key for another node.")
+
+
+class KeyRevoke(BaseModel):
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class KeyOut(BaseModel):
+    fingerprint: str
+    owner: str
+    public_key: str = Field(description="base64 of the raw 32-byte public key")
+    created_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None = None
+
+
+class KeyRevoked(BaseModel):
+    key: KeyOut
+    packets_revoked: int
+
+
+class TopicOut(BaseModel):
+    name: str
+    safety_threshold: float | None
+    effective_safety_threshold: float
+    last_seq: int
+    packets: int
+    created_at: datetime
+
+
+class TopicUpdate(BaseModel):
+    safety_threshold: float | None = Field(ge=0.0, le=1.0)
+
+
+class FlaggedHit(BaseModel):
+    concept: str
+    set: str
+    label: str
+    similarity: float
+
+
+class SafetyVerdict(BaseModel):
+    verdict: Literal["pass", "flagged"]
+    action: Literal["accepted", "quarantined"]
+    threshold: float
+    declared_max: float
+    over_threshold: list[str] = Field(default_factory=list, description="Concepts whose declared score is too high.")
+    flagged: list[FlaggedHit] = Field(default_factory=list, description="Concepts near admin-flagged directions.")
+
+
+class PacketOut(BaseModel):
+    id: str
+    topic: str
+    publisher: str
+    key_fingerprint: str
+    size: int
+    data_sha256: str
+    status: PacketStatus
+    safety: SafetyVerdict
+    parents: list[str]
+    created_at: datetime
+    manifest: dict[str, Any]
+
+
+class EventOut(BaseModel):
+    seq: int
+    kind: EventKind
+    at: datetime
+    packet: PacketOut
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    cursor: int = Field(description="Pass as ?after= to continue; the last seq returned, or the given one.")
+
+
+class SubscriptionCreate(BaseModel):
+    topic: str
+
+
+class SubscriptionOut(BaseModel):
+    name: str
+    topic: str
+    cursor: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class AckIn(BaseModel):
+    cursor: int = Field(ge=0, description="The last seq handled; the cursor never moves backwards.")
+
+
+class LineageNode(BaseModel):
+    id: str
+    depth: int
+    known: bool = Field(description="False when the packet is not stored on this broker.")
+    topic: str | None = None
+    status: PacketStatus | None = None
+
+
+class LineageOut(BaseModel):
+    packet: str
+    ancestors: list[LineageNode]
+    descendants: list[LineageNode]
+
+
+class ReceiptIn(BaseModel):
+    decision: Literal["accepted", "rolled_back"]
+    scores: dict[str, float] = Field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+
+class ReceiptOut(BaseModel):
+    id: int
+    packet_id: str
+    node: str
+    decision: str
+    scores: dict[str, float]
+    report: dict[str, Any] | None
+    created_at: datetime
+
+
+class FlaggedSetIn(BaseModel):
+    d_model: int = Field(gt=0, le=1 << 16)
+    labels: list[str] = Field(min_length=1, max_length=10_000)
+    directions: list[list[float]] = Field(min_length=1, max_length=10_000)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
+class FlaggedSetOut(BaseModel):
+    name: str
+    d_model: int
+    labels: list[str]
+    threshold: float | None
+    created_at: datetime
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str | None
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+
+
+class StatsOut(BaseModel):
+    packets: dict[str, int]
+    bytes_stored: int
+    topics: int
+    nodes: dict[str, int]
+    keys: dict[str, int]
+    receipts: dict[str, int]
+    subscriptions: int

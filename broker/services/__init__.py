@@ -1,0 +1,1 @@
+"""Service modules: the broker's work, one resource each. Routes stay thin and call these."""

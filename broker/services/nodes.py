@@ -1,0 +1,77 @@
+"""Nodes and their API tokens."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.deps import Caller
+from broker.errors import Conflict, Malformed, NotFound
+from broker.models import ApiToken, Node, Role
+from broker.schemas import TokenOut
+from broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
+from broker.services import audit
+
+
+def get_node(session: Session, name: str) -> Node:
+    node = session.scalar(select(Node).where(Node.name == name))
+    if node is None:
+        raise NotFound(f"no node {name!r}", code="node_not_found")
+    return node
+
+
+def issue_token(session: Session, node: Node, scopes: list[str] | None, ttl_days: int | None,
+                *, secret: str | None = None) -> TokenOut:
+    scopes = list(scopes) if scopes is not None else list(DEFAULT_SCOPES[node.role])
+    bad = [s for s in scopes if not valid_scope(s)]
+    if bad:
+        raise Malformed(f"unknown scopes {bad}: use admin, read, receipt, keys or publish:<topic-pattern>",
+                        code="invalid_scope")
+    secret = secret or new_token()
+    now = datetime.now(UTC)
+    row = ApiToken(node_id=node.id, token_hash=hash_token(secret), prefix=secret[:12], scopes=scopes, created_at=now,
+                   expires_at=now + timedelta(days=ttl_days) if ttl_days else None)
+    session.add(row)
+    session.flush()
+    return TokenOut(id=row.id, node=node.name, prefix=row.prefix, scopes=scopes, created_at=now,
+                    expires_at=row.expires_at, token=secret)
+
+
+def create_node(session: Session, caller: Caller | None, name: str, role: Role, scopes: list[str] | None,
+                ttl_days: int | None, *, secret: str | None = None) -> tuple[Node, TokenOut]:
+    node = Node(name=name, role=role)
+    try:
+        with session.begin_nested():
+            session.add(node)
+    except IntegrityError:
+        raise Conflict(f"a node named {name!r} exists already", code="node_exists") from None
+    token = issue_token(session, node, scopes, ttl_days, secret=secret)
+    audit.record(session, caller.node_id if caller else None, "node.created", name, role=role.value,
+                 scopes=token.scopes)
+    return node, token
+
+
+def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFound(f"no token {token_id}", code="token_not_found")
+    if row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
+        audit.record(session, caller.node_id, "token.revoked", str(token_id), node=row.node.name)
+    return row
+
+
+def token_out(row: ApiToken) -> TokenOut:
+    return TokenOut(id=row.id, node=row.node.name, prefix=row.prefix, scopes=row.scopes, created_at=row.created_at,
+                    expires_at=row.expires_at, revoked_at=row.revoked_at)
+
+
+def ensure_admin(session: Session, token: str, name: str = "admin") -> bool:
+    """Create the first admin with this token unless an admin exists. True when created."""
+    if session.scalar(select(Node).where(Node.role == Role.admin)) is not None:
+        return False
+    create_node(session, None, name, Role.admin, None, None, secret=token)
+    return True

@@ -1,0 +1,80 @@
+"""Reading a topic's log: after a cursor, long-polling, and named subscriptions with kept cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import BrokerState, Caller
+from broker.errors import Conflict, NotFound
+from broker.models import Subscription
+from broker.schemas import EventPage, SubscriptionOut
+from broker.services.records import event_out
+from broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
+
+
+def _page(state: BrokerState, topic: str, after: int, limit: int) -> EventPage:
+    with state.sessions() as session:
+        row = get_topic(session, topic)
+        events = events_after(session, row, after, limit)
+        items = [event_out(session, e) for e in events]
+    return EventPage(items=items, cursor=items[-1].seq if items else after)
+
+
+async def wait_for_events(state: BrokerState, topic: str, after: int, wait: float, limit: int) -> EventPage:
+    """Events after ``after``; when none, wait up to ``wait`` seconds for one (long-poll)."""
+    deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
+    while True:
+        wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
+        page = await run_in_threadpool(_page, state, topic, after, limit)
+        remaining = deadline - time.monotonic()
+        if page.items or remaining <= 0:
+            return page
+        try:
+            await asyncio.wait_for(wake.wait(), min(remaining, state.settings.poll_fallback_seconds))
+        except TimeoutError:
+            pass
+
+
+def subscription_out(sub: Subscription) -> SubscriptionOut:
+    return SubscriptionOut(name=sub.name, topic=sub.topic.name, cursor=sub.cursor, created_at=sub.created_at,
+                           updated_at=sub.updated_at)
+
+
+def get_subscription(session: Session, caller: Caller, name: str) -> Subscription:
+    sub = session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
+    if sub is None:
+        raise NotFound(f"you have no subscription named {name!r}; create it with PUT", code="subscription_not_found")
+    return sub
+
+
+def ensure_subscription(session: Session, caller: Caller, name: str, topic: str) -> tuple[Subscription, bool]:
+    caller.require("read")
+    check_topic_name(topic)
+    sub = session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
+    if sub is not None:
+        if sub.topic.name != topic:
+            raise Conflict(f"subscription {name!r} follows topic {sub.topic.name!r}, not {topic!r}",
+                           code="subscription_topic_mismatch")
+        return sub, False
+    row = get_or_create_topic(session, topic, caller.node_id)
+    sub = Subscription(node_id=caller.node_id, name=name, topic_id=row.id, cursor=0)
+    session.add(sub)
+    session.flush()
+    session.refresh(sub)
+    return sub, True
+
+
+def acknowledge(session: Session, caller: Caller, name: str, cursor: int) -> Subscription:
+    sub = get_subscription(session, caller, name)
+    if cursor > sub.topic.last_seq:
+        raise Conflict(f"cursor {cursor} is past the topic's last event ({sub.topic.last_seq})", code="cursor_ahead")
+    if cursor > sub.cursor:
+        sub.cursor = cursor
+        sub.updated_at = datetime.now(UTC)
+    return sub

@@ -1,0 +1,232 @@
+"""Receiving a packet: stream to staging while hashing, validate, promote the blob, then commit the row.
+
+Order is what makes failures leave nothing behind:
+
+1. the body streams into a *staging* object (``incoming/…``) in ~1 MiB steps, each run in a worker
+   thread (hashing, S3 part uploads); the header is checked as soon as it has arrived;
+2. any refusal aborts the staging object — no row was written, no blob is left;
+3. on success the blob is promoted to ``packets/<id>.m2kt`` and only then is the row committed,
+   so a row never points at a missing blob. A crash between 3's two steps leaves a blob without a
+   row, which garbage collection removes after a grace period; a crash before leaves only staging.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from broker.deps import BrokerState, Caller
+from broker.errors import BrokerError, DependencyDown, Malformed, TooLarge, ValidationFailed
+from broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
+from broker.schemas import PacketOut
+from broker.services import audit
+from broker.services.records import packet_out
+from broker.services.topics import append_event, check_topic_name, get_or_create_topic
+from broker.storage import StagedUpload, StorageError
+from broker.validation import (
+    FlaggedSet,
+    Received,
+    SafetyReport,
+    StreamingPacket,
+    check_signature,
+    declared_safety,
+    flagged_similarity,
+)
+from client.keys import VerifyKey
+
+BATCH = 1 << 20  # bytes handed to a worker thread at a time
+
+
+def storage_key(packet_id: str) -> str:
+    return f"packets/{packet_id}.m2kt"
+
+
+@dataclass
+class _Checked:
+    key_fingerprint: str
+    threshold: float
+
+
+def _check_header(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket) -> _Checked:
+    """Everything decidable from the header: topic, key (known, live, the caller's), signature."""
+    header = stream.header
+    assert header is not None
+    manifest = header.manifest
+    if manifest.topic != topic:
+        raise ValidationFailed(
+            f"the packet is signed for topic {manifest.topic!r} but was sent to {topic!r}", code="topic_mismatch"
+        )
+    with state.sessions() as session:
+        key = session.get(PublicKey, manifest.key_fingerprint)
+        if key is None:
+            raise ValidationFailed(
+                f"key {manifest.key_fingerprint[:16]}… is not registered here; register it with POST /v1/keys",
+                code="unknown_key",
+            )
+        if key.revoked_at is not None:
+            raise ValidationFailed(f"key {key.fingerprint[:16]}… was revoked", code="key_revoked")
+        if key.owner_id != caller.node_id and not caller.is_admin:
+            raise ValidationFailed(
+                f"key {key.fingerprint[:16]}… belongs to node {key.owner.name!r}, not to {caller.node!r}",
+                code="key_not_owned",
+            )
+        raw = key.public_key
+        row = session.scalar(select(Topic).where(Topic.name == topic))
+        threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
+    check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
+    return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
+
+
+def _feed(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket, staged: StagedUpload,
+          chunk: bytes, checked: list[_Checked]) -> None:
+    if stream.feed(chunk) is not None:
+        checked.append(_check_header(state, caller, topic, stream))
+    staged.write(chunk)
+
+
+def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
+    out = []
+    for row in session.scalars(select(FlaggedConceptSet)):
+        directions = np.asarray(row.directions, dtype=np.float32)
+        directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+        out.append(FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default))
+    return out
+
+
+def _safety(state: BrokerState, received: Received, checked: _Checked) -> SafetyReport:
+    report = declared_safety(received.header, checked.threshold)
+    with state.sessions() as session:
+        sets = _flagged_sets(session, state.settings.flagged_similarity)
+    flagged_similarity(report, received.header, received.concepts, sets)
+    return report
+
+
+def _commit(state: BrokerState, caller: Caller, topic_name: str, received: Received, checked: _Checked,
+            report: SafetyReport, status: PacketStatus) -> tuple[PacketOut, bool]:
+    verdict = {
+        "verdict": "pass" if report.passed else "flagged",
+        "action": "accepted" if status is PacketStatus.accepted else "quarantined",
+        "threshold": report.threshold,
+        "declared_max": report.declared_max,
+        "over_threshold": report.over_threshold,
+        "flagged": report.flagged,
+    }
+    manifest = received.header.manifest
+    for attempt in range(2):
+        try:
+            with state.sessions.begin() as session:
+                existing = session.get(Packet, received.packet_id)
+                if existing is not None:
+                    return packet_out(session, existing), False
+                topic = get_or_create_topic(session, topic_name, caller.node_id)
+                packet = Packet(
+                    id=received.packet_id, topic=topic, publisher_id=caller.node_id,
+                    key_fingerprint=checked.key_fingerprint, size=received.size, data_sha256=manifest.data_sha256,
+                    manifest=manifest.model_dump(mode="json"), safety=verdict, status=status,
+                    storage_key=storage_key(received.packet_id),
+                )
+                session.add(packet)
+                session.flush()  # the packet row before the edges that reference it
+                session.add_all(LineageEdge(parent_id=p, child_id=packet.id) for p in manifest.parents)
+                if status is PacketStatus.accepted:
+                    append_event(session, topic, EventKind.published, packet.id)
+                else:
+                    audit.record(session, caller.node_id, "packet.quarantined_on_upload", packet.id, safety=verdict)
+                session.refresh(packet)
+                return packet_out(session, packet), True
+        except IntegrityError:
+            if attempt:  # the same packet committed concurrently: the second try returns it
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _chunks(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Re-chunk the request body into ~BATCH-sized pieces."""
+    buf = bytearray()
+    async for part in body:
+        buf += part
+        if len(buf) >= BATCH:
+            yield bytes(buf)
+            buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+async def receive_packet(
+    state: BrokerState, caller: Caller, topic: str, body: AsyncIterator[bytes], content_length: int | None
+) -> tuple[PacketOut, bool]:
+    """Stream, validate and store one upload; returns (record, created)."""
+    settings = state.settings
+    check_topic_name(topic)
+    caller.require("publish", topic)
+    if content_length is not None and content_length > settings.max_packet_bytes:
+        raise TooLarge(
+            f"{content_length} bytes is over the broker's packet limit of {settings.max_packet_bytes}",
+            code="packet_too_large",
+        )
+    started = time.perf_counter()
+    stream = StreamingPacket(
+        max_packet_bytes=settings.max_packet_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        max_concepts_bytes=settings.max_concepts_bytes,
+    )
+    staged: StagedUpload | None = None
+    promoted = False
+    try:
+        staged = await run_in_threadpool(state.storage.stage)
+        checked: list[_Checked] = []
+        try:
+            async for chunk in _chunks(body):
+                await run_in_threadpool(_feed, state, caller, topic, stream, staged, chunk, checked)
+        except ClientDisconnect:
+            raise Malformed("the client disconnected before the upload finished", code="upload_incomplete") from None
+        received = await run_in_threadpool(stream.finish)
+        assert checked, "finish() returns only after the header was checked"
+        report = await run_in_threadpool(_safety, state, received, checked[0])
+        status = PacketStatus.accepted
+        if not report.passed:
+            if settings.safety_action == "reject":
+                what = (
+                    f"declared safety scores at or over {report.threshold}: {report.over_threshold[:5]}"
+                    if report.over_threshold
+                    else f"concepts near flagged directions: {[(f['concept'], f['label']) for f in report.flagged[:5]]}"
+                )
+                code = "safety_declared" if report.over_threshold else "safety_flagged"
+                raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
+            status = PacketStatus.quarantined
+        await run_in_threadpool(staged.complete)
+        await run_in_threadpool(state.storage.promote, staged.staging_key, storage_key(received.packet_id))
+        promoted = True
+        record, created = await run_in_threadpool(_commit, state, caller, topic, received, checked[0], report, status)
+    except BrokerError as exc:
+        if exc.status in (400, 413, 422):
+            state.metrics.validation_failures.labels(exc.code).inc()
+            await run_in_threadpool(
+                audit.record_separately, state.sessions, caller.node_id, "packet.refused", topic,
+                code=exc.code, message=exc.message[:500],
+            )
+        raise
+    except StorageError as exc:
+        raise DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable") from exc
+    except OperationalError as exc:
+        raise DependencyDown(f"the database is unavailable: {exc.orig or exc}", code="database_unavailable") from exc
+    finally:
+        stream.close()
+        if staged is not None and not promoted:
+            try:
+                await run_in_threadpool(staged.abort)
+            except StorageError:
+                pass  # left in incoming/: garbage collection removes it
+    state.metrics.bytes_in.inc(received.size)
+    state.metrics.packets_accepted.labels(record.status.value).inc()
+    state.metrics.upload_seconds.observe(time.perf_counter() - started)
+    return record, created

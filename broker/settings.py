@@ -1,0 +1,78 @@
+"""The broker's one settings object, read from ``M2KT_*`` variables (or passed in, in tests).
+
+With nothing configured the broker runs the **embedded default**: SQLite and a local blob
+directory under ``./m2kt-data``. Production sets ``M2KT_DATABASE_URL=postgresql+psycopg://…``
+and ``M2KT_STORAGE_URL=s3://bucket[/prefix]`` (endpoint and credentials from the standard
+``AWS_*`` variables, e.g. ``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("m2kt-data")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="M2KT_", extra="ignore")
+
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where the embedded default keeps its files.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    storage_url: str | None = Field(default=None, description="s3://bucket[/prefix] or a directory; default: data_dir/blobs.")
+    s3_endpoint_url: str | None = Field(default=None, description="Overrides AWS_ENDPOINT_URL for storage.")
+
+    # Limits
+    max_packet_bytes: int = Field(default=4 << 30, gt=0)
+    max_header_bytes: int = Field(default=4 << 20, gt=0)
+    max_concepts_bytes: int = Field(default=64 << 20, gt=0, description="Concept tensor kept in memory for checks.")
+    upload_part_bytes: int = Field(default=8 << 20, ge=5 << 20)
+
+    # Safety policy
+    safety_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Default max declared safety score.")
+    flagged_similarity: float = Field(default=0.8, ge=-1.0, le=1.0, description="Cosine at which a concept is flagged.")
+    safety_action: Literal["reject", "quarantine"] = "reject"
+
+    # Serving
+    presign_ttl_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
+    max_wait_seconds: float = Field(default=30.0, gt=0, le=300)
+    poll_fallback_seconds: float = Field(default=5.0, gt=0, description="Re-check the database this often while waiting.")
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+
+    # Bootstrap: an admin token to create on first start (production); the embedded default
+    # generates one and writes it to data_dir/admin-token when no admin exists yet.
+    bootstrap_admin_token: str | None = Field(default=None, min_length=20)
+    token_ttl_days: int = Field(default=365, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_postgres(cls, url: str | None) -> str | None:
+        if url and url.startswith(("postgres://", "postgresql://")):
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @model_validator(mode="after")
+    def _no_placeholder_token(self) -> Settings:
+        if self.bootstrap_admin_token and self.bootstrap_admin_token.lower().startswith(("changeme", "change-me")):
+            raise ValueError("M2KT_BOOTSTRAP_ADMIN_TOKEN is a placeholder; set a real secret")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on the embedded default database."""
+        return self.database_url is None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'm2kt.db').resolve()}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or str((self.data_dir / "blobs").resolve())
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.effective_database_url.startswith("postgresql")

@@ -1,0 +1,1 @@
+"""Alembic migrations for the broker's database (a package so installs carry them)."""
