@@ -96,8 +96,10 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        storage=storage or storage_from_url(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url,
-                                            part_size=settings.upload_part_bytes),
+        storage=storage
+        or storage_from_url(
+            settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, part_size=settings.upload_part_bytes
+        ),
         hub=Hub(),
         metrics=Metrics(),
     )
@@ -111,10 +113,14 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         stop = asyncio.Event()
         listener = (
             asyncio.create_task(listen_postgres(settings.effective_database_url, state.hub, stop))
-            if settings.is_postgres else None
+            if settings.is_postgres
+            else None
         )
-        log.info("broker ready: database %s, storage %s", engine.url.render_as_string(hide_password=True),
-                 state.storage.description)
+        log.info(
+            "broker ready: database %s, storage %s",
+            engine.url.render_as_string(hide_password=True),
+            state.storage.description,
+        )
         try:
             yield
         finally:

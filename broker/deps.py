@@ -87,8 +87,11 @@ class Caller:
 def authenticate(state: BrokerState, token: str | None) -> Caller:
     """Resolve a bearer token to its node; refuses unknown, expired, revoked or disabled."""
     if not token:
-        raise Unauthorized("send an API token: Authorization: Bearer m2kt_…", code="missing_token",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "send an API token: Authorization: Bearer m2kt_…",
+            code="missing_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     now = datetime.now(UTC)
     try:
         with state.sessions.begin() as session:
@@ -96,13 +99,19 @@ def authenticate(state: BrokerState, token: str | None) -> Caller:
             if row is None:
                 raise Unauthorized("unknown API token", code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
             if row.revoked_at is not None:
-                raise Unauthorized("this API token was revoked", code="token_revoked",
-                                   headers={"WWW-Authenticate": "Bearer"})
+                raise Unauthorized(
+                    "this API token was revoked", code="token_revoked", headers={"WWW-Authenticate": "Bearer"}
+                )
             if row.expires_at is not None and row.expires_at <= now:
-                raise Unauthorized("this API token has expired; ask an admin to rotate it", code="token_expired",
-                                   headers={"WWW-Authenticate": "Bearer"})
+                raise Unauthorized(
+                    "this API token has expired; ask an admin to rotate it",
+                    code="token_expired",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             if row.node.disabled_at is not None:
-                raise Unauthorized("this node is disabled", code="node_disabled", headers={"WWW-Authenticate": "Bearer"})
+                raise Unauthorized(
+                    "this node is disabled", code="node_disabled", headers={"WWW-Authenticate": "Bearer"}
+                )
             if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
                 row.last_used_at = now
             return Caller(row.node_id, row.node.name, row.node.role, tuple(row.scopes), row.id, row.expires_at)

@@ -17,7 +17,9 @@ class Metrics:
             "m2kt_validation_failures", "Refused uploads by code", ["code"], registry=self.registry
         )
         self.upload_seconds = Histogram(
-            "m2kt_upload_seconds", "Upload latency (accepted packets)", registry=self.registry,
+            "m2kt_upload_seconds",
+            "Upload latency (accepted packets)",
+            registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
         self.packets_accepted = Counter("m2kt_packets_accepted", "Packets stored", ["status"], registry=self.registry)

@@ -18,11 +18,13 @@ DEFAULT_DATA_DIR = Path("m2kt-data")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="M2KT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="M2KT_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where the embedded default keeps its files.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir.")
-    storage_url: str | None = Field(default=None, description="s3://bucket[/prefix] or a directory; default: data_dir/blobs.")
+    storage_url: str | None = Field(
+        default=None, description="s3://bucket[/prefix] or a directory; default: data_dir/blobs."
+    )
     s3_endpoint_url: str | None = Field(default=None, description="Overrides AWS_ENDPOINT_URL for storage.")
 
     # Limits
@@ -39,7 +41,9 @@ class Settings(BaseSettings):
     # Serving
     presign_ttl_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
     max_wait_seconds: float = Field(default=30.0, gt=0, le=300)
-    poll_fallback_seconds: float = Field(default=5.0, gt=0, description="Re-check the database this often while waiting.")
+    poll_fallback_seconds: float = Field(
+        default=5.0, gt=0, description="Re-check the database this often while waiting."
+    )
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
 
     # Bootstrap: an admin token to create on first start (production); the embedded default

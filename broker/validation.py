@@ -48,7 +48,9 @@ class StreamingPacket:
         view = memoryview(chunk).cast("B")
         self.size += len(view)
         if self.size > self.max_packet_bytes:
-            raise TooLarge(f"the packet exceeds the broker's limit of {self.max_packet_bytes} bytes", code="packet_too_large")
+            raise TooLarge(
+                f"the packet exceeds the broker's limit of {self.max_packet_bytes} bytes", code="packet_too_large"
+            )
         self._file_sha.update(view)
         if self.header is not None:
             self._data(view)
@@ -165,7 +167,9 @@ def declared_safety(header: PacketHeader, threshold: float) -> SafetyReport:
     )
 
 
-def flagged_similarity(report: SafetyReport, header: PacketHeader, concepts: np.ndarray, sets: list[FlaggedSet]) -> None:
+def flagged_similarity(
+    report: SafetyReport, header: PacketHeader, concepts: np.ndarray, sets: list[FlaggedSet]
+) -> None:
     """The broker's own check: cosine of every concept against admin-flagged directions."""
     norms = np.linalg.norm(concepts, axis=1, keepdims=True)
     unit = concepts / np.maximum(norms, 1e-12)

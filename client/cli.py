@@ -45,6 +45,7 @@ else:  # pragma: no cover - exercised only without the extra
     def _missing_broker() -> None:
         _fail(EXIT_USAGE, "the broker is not installed here: pip install 'm2kt[broker]'")
 
+
 app.add_typer(broker_app, name="broker")
 
 out = Console(highlight=False, soft_wrap=True)

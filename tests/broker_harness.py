@@ -32,8 +32,9 @@ def unique(prefix: str) -> str:
 def uvicorn_thread(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """Serve ``app`` on a free loopback port from a background thread; yields the base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -49,6 +50,7 @@ def uvicorn_thread(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
         thread.join(timeout=10)
         if thread.is_alive():  # pragma: no cover - debugging aid
             import traceback
+
             frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
             print("".join(traceback.format_stack(frame)) if frame else "no frame", file=sys.stderr)
 
@@ -72,8 +74,12 @@ def drop_database(url: str) -> None:
 
 
 def s3_env(s3: S3Server) -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-            "AWS_DEFAULT_REGION": s3.region, "AWS_ENDPOINT_URL": s3.endpoint}
+    return {
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_DEFAULT_REGION": s3.region,
+        "AWS_ENDPOINT_URL": s3.endpoint,
+    }
 
 
 @dataclass
@@ -84,6 +90,7 @@ class BrokerProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -92,8 +99,13 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         exe = str(Path(sys.executable).with_name("m2kt"))
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([exe, "broker", "serve", "--port", str(self.port), "--log-level", "warning"],
-                                     env={**os.environ, **self.env}, stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            [exe, "broker", "serve", "--port", str(self.port), "--log-level", "warning"],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+            cwd=self.cwd,
+        )
         wait_for_port(self.port, self.proc, timeout=30)
         return self
 
@@ -120,8 +132,9 @@ class Node:
     key: SigningKey | None = None
 
 
-def register_node(base_url: str, admin_token: str, role: str, *, scopes: list[str] | None = None,
-                  with_key: bool = True) -> Node:
+def register_node(
+    base_url: str, admin_token: str, role: str, *, scopes: list[str] | None = None, with_key: bool = True
+) -> Node:
     admin = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
     name = unique(role)
     body: dict[str, object] = {"name": name, "role": role}
@@ -138,8 +151,15 @@ def register_node(base_url: str, admin_token: str, role: str, *, scopes: list[st
     return node
 
 
-def packet_bytes(tmp: Path, key: SigningKey, topic: str, *, seed: int = 0, tensors: dict[str, np.ndarray] | None = None,
-                 **overrides: object) -> bytes:
+def packet_bytes(
+    tmp: Path,
+    key: SigningKey,
+    topic: str,
+    *,
+    seed: int = 0,
+    tensors: dict[str, np.ndarray] | None = None,
+    **overrides: object,
+) -> bytes:
     path = tmp / f"{uuid.uuid4().hex}.m2kt"
     write_packet(path, make_body(topic=topic, **overrides), tensors or make_tensors(seed=seed), key)
     data = path.read_bytes()

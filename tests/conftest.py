@@ -149,8 +149,15 @@ def broker_bucket(s3_server: S3Server) -> str:
     return name
 
 
-def start_live_broker(database_url: str, s3_server: S3Server, bucket: str, tmp: Path, *,  # type: ignore[no-untyped-def]
-                      token: str | None = None, **settings: object):
+def start_live_broker(
+    database_url: str,
+    s3_server: S3Server,
+    bucket: str,
+    tmp: Path,
+    *,  # type: ignore[no-untyped-def]
+    token: str | None = None,
+    **settings: object,
+):
     """A broker app on Postgres + S3, served by uvicorn on a loopback socket in this process.
 
     ``token`` bootstraps the first admin; pass the existing admin's token when the database has one."""
@@ -160,15 +167,22 @@ def start_live_broker(database_url: str, s3_server: S3Server, bucket: str, tmp: 
     from tests.broker_harness import uvicorn_thread
 
     token = token or "m2kt_admin_" + uuid.uuid4().hex
-    config = Settings(database_url=database_url, storage_url=f"s3://{bucket}", data_dir=tmp,
-                      bootstrap_admin_token=token, poll_fallback_seconds=2.0, **settings)
+    config = Settings(
+        database_url=database_url,
+        storage_url=f"s3://{bucket}",
+        data_dir=tmp,
+        bootstrap_admin_token=token,
+        poll_fallback_seconds=2.0,
+        **settings,
+    )
     app = create_app(config, storage=S3Store(s3_server.client(), bucket, part_size=5 << 20))
     return token, app, uvicorn_thread(app)
 
 
 @pytest.fixture(scope="session")
-def live_broker(broker_database: str, s3_server: S3Server, broker_bucket: str,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+def live_broker(
+    broker_database: str, s3_server: S3Server, broker_bucket: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveBroker]:
     token, app, server = start_live_broker(broker_database, s3_server, broker_bucket, tmp_path_factory.mktemp("broker"))
     with server as url:
         yield LiveBroker(url, token, app.state.broker, broker_bucket)

@@ -77,11 +77,11 @@ class S3Server:
 
 
 def start_nanio(
-    data_dir: Path, access_key: str = "m2kt-test", secret_key: str = "m2kt-test-secret"
+    data_dir: Path, access_key: str = "m2kt-test", secret_key: str = "m2kt-test-secret", port: int | None = None
 ) -> tuple[subprocess.Popen[bytes], S3Server]:
-    """Start nanio (a file-backed S3 server) on a free loopback port."""
+    """Start nanio (a file-backed S3 server) on a loopback port (a free one unless given)."""
     exe = shutil.which("nanio") or str(Path(sys.executable).with_name("nanio"))
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, NANIO_ACCESS_KEY=access_key, NANIO_SECRET_KEY=secret_key)
     proc = subprocess.Popen(
         [

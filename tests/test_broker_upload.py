@@ -49,8 +49,9 @@ def assert_nothing_left(broker: LiveBroker, before: tuple[int, list[str]], packe
 
 
 def upload(node: Node, topic: str, data: bytes) -> httpx.Response:
-    return node.http.post(f"/v1/topics/{topic}/packets", content=data,
-                          headers={"Content-Type": "application/octet-stream"})
+    return node.http.post(
+        f"/v1/topics/{topic}/packets", content=data, headers={"Content-Type": "application/octet-stream"}
+    )
 
 
 def test_upload_then_fetch_round_trip(live_broker: LiveBroker, teacher: Node, student: Node, tmp_path: Path) -> None:
@@ -111,8 +112,10 @@ def _nan_in_traces(body: bytearray, manifest: Manifest) -> None:
 def flagged_direction(live_broker: LiveBroker) -> np.ndarray:
     rng = np.random.default_rng(42)
     direction = rng.standard_normal(8)
-    r = live_broker.admin().put("/v1/admin/flagged-concepts/test-harm", json={
-        "d_model": 8, "labels": ["harm"], "directions": [direction.tolist()], "threshold": 0.95})
+    r = live_broker.admin().put(
+        "/v1/admin/flagged-concepts/test-harm",
+        json={"d_model": 8, "labels": ["harm"], "directions": [direction.tolist()], "threshold": 0.95},
+    )
     assert r.status_code in (200, 201), r.text
     return direction
 
@@ -135,8 +138,15 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("case", "status", "code"), REFUSALS)
-def test_refusals_leave_nothing_behind(live_broker: LiveBroker, teacher: Node, flagged_direction: np.ndarray,
-                                       tmp_path: Path, case: str, status: int, code: str) -> None:
+def test_refusals_leave_nothing_behind(
+    live_broker: LiveBroker,
+    teacher: Node,
+    flagged_direction: np.ndarray,
+    tmp_path: Path,
+    case: str,
+    status: int,
+    code: str,
+) -> None:
     topic = unique("refuse")
     good = packet_bytes(tmp_path, teacher.key, topic)
     if case == "garbage":
@@ -170,8 +180,9 @@ def test_refusals_leave_nothing_behind(live_broker: LiveBroker, teacher: Node, f
     elif case == "declared-unsafe":
         from client.manifest import ConceptEntry
 
-        concepts = [ConceptEntry(id=f"c{i}", label="x", kind="named", safety_score=0.9 if i == 2 else 0.0)
-                    for i in range(4)]
+        concepts = [
+            ConceptEntry(id=f"c{i}", label="x", kind="named", safety_score=0.9 if i == 2 else 0.0) for i in range(4)
+        ]
         data = packet_bytes(tmp_path, teacher.key, topic, concepts=concepts)
     elif case == "flagged-concept":
         tensors = make_tensors()
@@ -187,8 +198,9 @@ def test_refusals_leave_nothing_behind(live_broker: LiveBroker, teacher: Node, f
     assert r.json()["message"]
     assert_nothing_left(live_broker, before, hashlib.sha256(data).hexdigest())
     with live_broker.state.sessions() as session:  # type: ignore[attr-defined]
-        logged = session.scalars(select(AuditEvent).where(AuditEvent.action == "packet.refused",
-                                                          AuditEvent.target == topic)).all()
+        logged = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "packet.refused", AuditEvent.target == topic)
+        ).all()
         assert [e.detail["code"] for e in logged] == [code]
 
 
@@ -202,8 +214,16 @@ def test_refusals_leave_nothing_behind(live_broker: LiveBroker, teacher: Node, f
         pytest.param("teacher", "Bad Topic!", 400, "invalid_topic", id="invalid-topic-name"),
     ],
 )
-def test_upload_auth_and_topic_refusals(live_broker: LiveBroker, teacher: Node, student: Node, tmp_path: Path,
-                                        who: str | None, topic: str, status: int, code: str) -> None:
+def test_upload_auth_and_topic_refusals(
+    live_broker: LiveBroker,
+    teacher: Node,
+    student: Node,
+    tmp_path: Path,
+    who: str | None,
+    topic: str,
+    status: int,
+    code: str,
+) -> None:
     headers = {}
     if who == "bogus":
         headers["Authorization"] = "Bearer m2kt_nope"
@@ -212,40 +232,60 @@ def test_upload_auth_and_topic_refusals(live_broker: LiveBroker, teacher: Node, 
     elif who == "teacher":
         headers["Authorization"] = f"Bearer {teacher.token}"
     elif who == "scoped":
-        scoped = register_node(live_broker.url, live_broker.admin_token, "teacher", scopes=["read", "keys", "publish:arith.*"])
+        scoped = register_node(
+            live_broker.url, live_broker.admin_token, "teacher", scopes=["read", "keys", "publish:arith.*"]
+        )
         headers["Authorization"] = f"Bearer {scoped.token}"
     before = leftovers(live_broker)
-    r = httpx.post(f"{live_broker.url}/v1/topics/{topic}/packets", content=packet_bytes(tmp_path, teacher.key, "t"),
-                   headers=headers)
+    r = httpx.post(
+        f"{live_broker.url}/v1/topics/{topic}/packets",
+        content=packet_bytes(tmp_path, teacher.key, "t"),
+        headers=headers,
+    )
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
     assert_nothing_left(live_broker, before)
 
 
 def test_too_large_is_413_and_leaves_nothing(live_broker: LiveBroker, teacher: Node, s3_server, tmp_path: Path) -> None:
-    token, _, server = start_live_broker(live_broker.state.settings.database_url, s3_server,  # type: ignore[attr-defined]
-                                         live_broker.bucket, tmp_path, token=live_broker.admin_token,
-                                         max_packet_bytes=2048)
+    token, _, server = start_live_broker(
+        live_broker.state.settings.database_url,
+        s3_server,  # type: ignore[attr-defined]
+        live_broker.bucket,
+        tmp_path,
+        token=live_broker.admin_token,
+        max_packet_bytes=2048,
+    )
     topic = unique("big")
     data = packet_bytes(tmp_path, teacher.key, topic, tensors={**make_tensors(), "pad": np.zeros(4096, np.uint8)})
     with server as url:
         before = leftovers(live_broker)
-        r = httpx.post(f"{url}/v1/topics/{topic}/packets", content=data, headers={"Authorization": f"Bearer {teacher.token}"})
+        r = httpx.post(
+            f"{url}/v1/topics/{topic}/packets", content=data, headers={"Authorization": f"Bearer {teacher.token}"}
+        )
         assert (r.status_code, r.json()["code"]) == (413, "packet_too_large")
 
         def chunked():  # no Content-Length: the limit is enforced while streaming
             yield data[:1000]
             yield data[1000:]
 
-        r = httpx.post(f"{url}/v1/topics/{topic}/packets", content=chunked(), headers={"Authorization": f"Bearer {teacher.token}"})
+        r = httpx.post(
+            f"{url}/v1/topics/{topic}/packets", content=chunked(), headers={"Authorization": f"Bearer {teacher.token}"}
+        )
         assert (r.status_code, r.json()["code"]) == (413, "packet_too_large")
         assert_nothing_left(live_broker, before)
 
 
-def test_quarantine_policy_stores_but_does_not_serve(live_broker: LiveBroker, teacher: Node, student: Node,
-                                                    s3_server, tmp_path: Path) -> None:
-    _, _, server = start_live_broker(live_broker.state.settings.database_url, s3_server,  # type: ignore[attr-defined]
-                                     live_broker.bucket, tmp_path, token=live_broker.admin_token,
-                                     safety_action="quarantine")
+def test_quarantine_policy_stores_but_does_not_serve(
+    live_broker: LiveBroker, teacher: Node, student: Node, s3_server, tmp_path: Path
+) -> None:
+    _, _, server = start_live_broker(
+        live_broker.state.settings.database_url,
+        s3_server,  # type: ignore[attr-defined]
+        live_broker.bucket,
+        tmp_path,
+        token=live_broker.admin_token,
+        safety_action="quarantine",
+    )
     from client.manifest import ConceptEntry
 
     topic = unique("quar")
@@ -253,9 +293,16 @@ def test_quarantine_policy_stores_but_does_not_serve(live_broker: LiveBroker, te
     data = packet_bytes(tmp_path, teacher.key, topic, concepts=concepts)
     packet_id = hashlib.sha256(data).hexdigest()
     with server as url:
-        r = httpx.post(f"{url}/v1/topics/{topic}/packets", content=data, headers={"Authorization": f"Bearer {teacher.token}"})
+        r = httpx.post(
+            f"{url}/v1/topics/{topic}/packets", content=data, headers={"Authorization": f"Bearer {teacher.token}"}
+        )
         assert r.status_code == 201 and r.json()["status"] == "quarantined", r.text
-        assert r.json()["safety"]["action"] == "quarantined" and r.json()["safety"]["over_threshold"] == ["c0", "c1", "c2", "c3"]
+        assert r.json()["safety"]["action"] == "quarantined" and r.json()["safety"]["over_threshold"] == [
+            "c0",
+            "c1",
+            "c2",
+            "c3",
+        ]
     blob = student.http.get(f"/v1/packets/{packet_id}/blob")
     assert (blob.status_code, blob.json()["code"]) == (403, "packet_quarantined")
     assert student.http.get(f"/v1/topics/{topic}/packets").json()["items"] == []  # nothing published
@@ -267,8 +314,9 @@ def test_quarantine_policy_stores_but_does_not_serve(live_broker: LiveBroker, te
     assert student.http.get(f"/v1/packets/{packet_id}/blob").content == data
 
 
-def test_revoking_a_key_revokes_its_packets_and_tells_subscribers(live_broker: LiveBroker, student: Node,
-                                                                   tmp_path: Path) -> None:
+def test_revoking_a_key_revokes_its_packets_and_tells_subscribers(
+    live_broker: LiveBroker, student: Node, tmp_path: Path
+) -> None:
     teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
     topic = unique("rev")
     ids = []
@@ -280,7 +328,11 @@ def test_revoking_a_key_revokes_its_packets_and_tells_subscribers(live_broker: L
     assert r.status_code == 200 and r.json()["packets_revoked"] == 2 and r.json()["key"]["revoked_at"]
     events = student.http.get(f"/v1/topics/{topic}/packets").json()["items"]
     assert [(e["seq"], e["kind"], e["packet"]["id"]) for e in events] == [
-        (1, "published", ids[0]), (2, "published", ids[1]), (3, "revoked", ids[0]), (4, "revoked", ids[1])]
+        (1, "published", ids[0]),
+        (2, "published", ids[1]),
+        (3, "revoked", ids[0]),
+        (4, "revoked", ids[1]),
+    ]
     assert student.http.get(f"/v1/packets/{ids[0]}/blob").json()["code"] == "packet_revoked"
     again = upload(teacher, topic, packet_bytes(tmp_path, teacher.key, topic, seed=9))
     assert again.json()["code"] == "key_revoked"
@@ -298,10 +350,12 @@ def test_lineage_and_receipts(live_broker: LiveBroker, teacher: Node, student: N
 
     lin = student.http.get(f"/v1/packets/{cid}/lineage").json()
     assert [(a["id"], a["depth"], a["known"]) for a in lin["ancestors"]] == sorted(
-        [(pid, 1, True), (outside, 1, False)], key=lambda t: (t[1], t[0]))
+        [(pid, 1, True), (outside, 1, False)], key=lambda t: (t[1], t[0])
+    )
     assert [(d["id"], d["depth"]) for d in lin["descendants"]] == [(gid, 1)]
     assert [a["id"] for a in student.http.get(f"/v1/packets/{gid}/lineage").json()["ancestors"]] == sorted(
-        [cid]) + sorted([pid, outside])
+        [cid]
+    ) + sorted([pid, outside])
 
     r = student.http.post(f"/v1/packets/{cid}/receipts", json={"decision": "accepted", "scores": {"task": 0.93}})
     assert r.status_code == 201 and r.json()["node"] == student.name

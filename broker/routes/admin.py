@@ -25,18 +25,26 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 def _set_out(row: FlaggedConceptSet) -> FlaggedSetOut:
-    return FlaggedSetOut(name=row.name, d_model=row.d_model, labels=row.labels, threshold=row.threshold,
-                         created_at=row.created_at)
+    return FlaggedSetOut(
+        name=row.name, d_model=row.d_model, labels=row.labels, threshold=row.threshold, created_at=row.created_at
+    )
 
 
-@router.put("/flagged-concepts/{name}", status_code=status.HTTP_201_CREATED,
-            summary="Register (or replace) a set of flagged concept directions",
-            responses={200: {"model": FlaggedSetOut, "description": "Replaced"}, **error_responses(400, 401, 403)})
-def put_flagged(name: str, body: FlaggedSetIn, session: SessionDep, caller: AdminCaller, response: Response) -> FlaggedSetOut:
+@router.put(
+    "/flagged-concepts/{name}",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register (or replace) a set of flagged concept directions",
+    responses={200: {"model": FlaggedSetOut, "description": "Replaced"}, **error_responses(400, 401, 403)},
+)
+def put_flagged(
+    name: str, body: FlaggedSetIn, session: SessionDep, caller: AdminCaller, response: Response
+) -> FlaggedSetOut:
     directions = np.asarray(body.directions, dtype=np.float64)
     if directions.ndim != 2 or directions.shape != (len(body.labels), body.d_model):
-        raise Malformed(f"directions must be {len(body.labels)} rows (one per label) of d_model={body.d_model} numbers",
-                        code="invalid_flagged_set")
+        raise Malformed(
+            f"directions must be {len(body.labels)} rows (one per label) of d_model={body.d_model} numbers",
+            code="invalid_flagged_set",
+        )
     if not np.isfinite(directions).all() or (np.linalg.norm(directions, axis=1) == 0).any():
         raise Malformed("directions must be finite and non-zero", code="invalid_flagged_set")
     row = session.scalar(select(FlaggedConceptSet).where(FlaggedConceptSet.name == name))
@@ -57,8 +65,12 @@ def list_flagged(session: SessionDep, caller: AdminCaller) -> list[FlaggedSetOut
     return [_set_out(r) for r in session.scalars(select(FlaggedConceptSet).order_by(FlaggedConceptSet.name))]
 
 
-@router.delete("/flagged-concepts/{name}", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a flagged set",
-               responses=error_responses(401, 403, 404))
+@router.delete(
+    "/flagged-concepts/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Remove a flagged set",
+    responses=error_responses(401, 403, 404),
+)
 def delete_flagged(name: str, session: SessionDep, caller: AdminCaller) -> None:
     row = session.scalar(select(FlaggedConceptSet).where(FlaggedConceptSet.name == name))
     if row is None:
@@ -86,13 +98,16 @@ def stats(session: SessionDep, caller: AdminCaller) -> StatsOut:
 
 
 @router.get("/audit", summary="The audit log, newest first", responses=error_responses(401, 403))
-def audit_log(session: SessionDep, caller: AdminCaller,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              before: Annotated[int | None, Query(description="Only entries with id < before")] = None) -> list[AuditOut]:
+def audit_log(
+    session: SessionDep,
+    caller: AdminCaller,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(description="Only entries with id < before")] = None,
+) -> list[AuditOut]:
     query = select(AuditEvent, Node.name).outerjoin(Node, Node.id == AuditEvent.actor_id)
     if before is not None:
         query = query.where(AuditEvent.id < before)
     rows = session.execute(query.order_by(AuditEvent.id.desc()).limit(limit))
-    return [AuditOut(id=e.id, at=e.at, actor=name, action=e.action, target=e.target, detail=e.detail) for e, name in rows]
-
-
+    return [
+        AuditOut(id=e.id, at=e.at, actor=name, action=e.action, target=e.target, detail=e.detail) for e, name in rows
+    ]

@@ -13,8 +13,12 @@ from broker.services.records import key_out
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, summary="Register a public key (yours, or any node's as admin)",
-             responses={200: {"model": KeyOut, "description": "Already registered"}, **error_responses(400, 401, 403, 404, 409)})
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register a public key (yours, or any node's as admin)",
+    responses={200: {"model": KeyOut, "description": "Already registered"}, **error_responses(400, 401, 403, 404, 409)},
+)
 def register_key(body: KeyRegister, session: SessionDep, caller: CurrentCaller, response: Response) -> KeyOut:
     key, created = service.register_key(session, caller, body.public_key, body.owner)
     if not created:
@@ -28,13 +32,18 @@ def list_keys(session: SessionDep, caller: CurrentCaller, owner: str | None = No
     return [key_out(k) for k in rows if owner is None or k.owner.name == owner]
 
 
-@router.get("/{fingerprint}", summary="One key: what clients verify packets against", responses=error_responses(401, 404))
+@router.get(
+    "/{fingerprint}", summary="One key: what clients verify packets against", responses=error_responses(401, 404)
+)
 def get_key(fingerprint: str, session: SessionDep, caller: CurrentCaller) -> KeyOut:
     return key_out(service.get_key(session, fingerprint))
 
 
-@router.post("/{fingerprint}/revoke", summary="Revoke a key; its packets become revoked",
-             responses=error_responses(401, 403, 404))
+@router.post(
+    "/{fingerprint}/revoke",
+    summary="Revoke a key; its packets become revoked",
+    responses=error_responses(401, 403, 404),
+)
 def revoke_key(fingerprint: str, body: KeyRevoke, session: SessionDep, caller: CurrentCaller) -> KeyRevoked:
     key, count = service.revoke_key(session, caller, fingerprint, body.reason)
     return KeyRevoked(key=key_out(key), packets_revoked=count)

@@ -13,8 +13,12 @@ from broker.services import nodes as service
 router = APIRouter(prefix="/v1", tags=["nodes and tokens"])
 
 
-@router.post("/nodes", status_code=status.HTTP_201_CREATED, summary="Register a node and issue its first token",
-             responses=error_responses(400, 401, 403, 409))
+@router.post(
+    "/nodes",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register a node and issue its first token",
+    responses=error_responses(400, 401, 403, 409),
+)
 def create_node(body: NodeCreate, session: SessionDep, caller: AdminCaller) -> NodeWithToken:
     node, token = service.create_node(session, caller, body.name, body.role, body.scopes, body.token_ttl_days)
     return NodeWithToken(node=NodeOut.model_validate(node), token=token)
@@ -27,20 +31,26 @@ def list_nodes(session: SessionDep, caller: AdminCaller) -> list[NodeOut]:
 
 @router.get("/me", summary="Who this token belongs to", responses=error_responses(401))
 def whoami(caller: CurrentCaller) -> WhoAmI:
-    return WhoAmI(node=caller.node, role=caller.role, scopes=list(caller.scopes),
-                  token_expires_at=caller.token_expires_at)
+    return WhoAmI(
+        node=caller.node, role=caller.role, scopes=list(caller.scopes), token_expires_at=caller.token_expires_at
+    )
 
 
-@router.post("/nodes/{name}/tokens", status_code=status.HTTP_201_CREATED, summary="Issue another token (rotation)",
-             responses=error_responses(400, 401, 403, 404))
+@router.post(
+    "/nodes/{name}/tokens",
+    status_code=status.HTTP_201_CREATED,
+    summary="Issue another token (rotation)",
+    responses=error_responses(400, 401, 403, 404),
+)
 def issue_token(name: str, body: TokenCreate, session: SessionDep, caller: AdminCaller) -> TokenOut:
     token = service.issue_token(session, service.get_node(session, name), body.scopes, body.ttl_days)
     audit.record(session, caller.node_id, "token.issued", name, token_id=token.id)
     return token
 
 
-@router.get("/nodes/{name}/tokens", summary="List a node's tokens (never the secrets)",
-            responses=error_responses(401, 403, 404))
+@router.get(
+    "/nodes/{name}/tokens", summary="List a node's tokens (never the secrets)", responses=error_responses(401, 403, 404)
+)
 def list_tokens(name: str, session: SessionDep, caller: AdminCaller) -> list[TokenOut]:
     node = service.get_node(session, name)
     rows = session.scalars(select(ApiToken).where(ApiToken.node_id == node.id).order_by(ApiToken.id))

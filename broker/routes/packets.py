@@ -18,8 +18,11 @@ from broker.storage import BlobNotFound, StorageError
 router = APIRouter(prefix="/v1/packets", tags=["topics and packets"])
 
 
-@router.get("/{packet_id}", summary="A packet's record: manifest, publisher, key, safety verdict, status",
-            responses=error_responses(401, 403, 404))
+@router.get(
+    "/{packet_id}",
+    summary="A packet's record: manifest, publisher, key, safety verdict, status",
+    responses=error_responses(401, 403, 404),
+)
 def get_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> PacketOut:
     caller.require("read")
     packet = service.get_packet(session, packet_id)
@@ -33,11 +36,17 @@ def get_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> Pa
     summary="The packet's bytes (Range supported), or ?redirect=1 for a presigned storage URL",
     response_class=StreamingResponse,
     response_model=None,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
-               307: {"description": "Redirect to a presigned URL"}, **error_responses(401, 403, 404, 416, 503)},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "Partial content"},
+        307: {"description": "Redirect to a presigned URL"},
+        **error_responses(401, 403, 404, 416, 503),
+    },
 )
 async def get_blob(
-    packet_id: str, state: StateDep, caller: CurrentCaller,
+    packet_id: str,
+    state: StateDep,
+    caller: CurrentCaller,
     redirect: Annotated[bool, Query(description="Answer 307 to a presigned S3 URL when storage offers one")] = False,
     range_: Annotated[str | None, Header(alias="range")] = None,
 ) -> StreamingResponse | RedirectResponse:
@@ -68,12 +77,17 @@ async def get_blob(
             state.metrics.bytes_out.inc(len(chunk))
             yield chunk
 
-    headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start), "ETag": f'"{packet_id}"',
-               "Content-Disposition": f'attachment; filename="{packet_id}.m2kt"'}
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(end - start),
+        "ETag": f'"{packet_id}"',
+        "Content-Disposition": f'attachment; filename="{packet_id}.m2kt"',
+    }
     if span:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    return StreamingResponse(body(), status_code=206 if span else 200, media_type="application/octet-stream",
-                             headers=headers)
+    return StreamingResponse(
+        body(), status_code=206 if span else 200, media_type="application/octet-stream", headers=headers
+    )
 
 
 @router.get("/{packet_id}/lineage", summary="Ancestors and descendants", responses=error_responses(401, 404))
@@ -82,9 +96,12 @@ def get_lineage(packet_id: str, session: SessionDep, caller: CurrentCaller) -> L
     return service.lineage(session, packet_id)
 
 
-@router.post("/{packet_id}/receipts", status_code=status.HTTP_201_CREATED,
-             summary="Report an ingestion (accepted / rolled back) with its scores",
-             responses=error_responses(401, 403, 404))
+@router.post(
+    "/{packet_id}/receipts",
+    status_code=status.HTTP_201_CREATED,
+    summary="Report an ingestion (accepted / rolled back) with its scores",
+    responses=error_responses(401, 403, 404),
+)
 def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: CurrentCaller) -> ReceiptOut:
     return service.add_receipt(session, caller, packet_id, body)
 
@@ -93,18 +110,25 @@ def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: C
 def list_receipts(packet_id: str, session: SessionDep, caller: CurrentCaller) -> list[ReceiptOut]:
     caller.require("read")
     service.get_packet(session, packet_id)
-    rows = session.scalars(select(IngestionReceipt).where(IngestionReceipt.packet_id == packet_id)
-                           .order_by(IngestionReceipt.id))
+    rows = session.scalars(
+        select(IngestionReceipt).where(IngestionReceipt.packet_id == packet_id).order_by(IngestionReceipt.id)
+    )
     return [service.receipt_out(r) for r in rows]
 
 
-@router.post("/{packet_id}/quarantine", summary="Withdraw a packet pending review (admin)",
-             responses=error_responses(401, 403, 404, 409))
+@router.post(
+    "/{packet_id}/quarantine",
+    summary="Withdraw a packet pending review (admin)",
+    responses=error_responses(401, 403, 404, 409),
+)
 def quarantine(packet_id: str, session: SessionDep, caller: AdminCaller) -> PacketOut:
     return packet_out(session, service.set_status(session, caller, packet_id, PacketStatus.quarantined))
 
 
-@router.post("/{packet_id}/release", summary="Release a quarantined packet (admin)",
-             responses=error_responses(401, 403, 404, 409))
+@router.post(
+    "/{packet_id}/release",
+    summary="Release a quarantined packet (admin)",
+    responses=error_responses(401, 403, 404, 409),
+)
 def release(packet_id: str, session: SessionDep, caller: AdminCaller) -> PacketOut:
     return packet_out(session, service.set_status(session, caller, packet_id, PacketStatus.accepted))

@@ -15,11 +15,15 @@ from broker.services import subscriptions as service
 router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
 
 
-@router.put("/{name}", status_code=status.HTTP_201_CREATED, summary="Create (or get) a named subscription to a topic",
-            responses={200: {"model": SubscriptionOut, "description": "Exists already"},
-                       **error_responses(400, 401, 403, 409)})
-def put_subscription(name: str, body: SubscriptionCreate, session: SessionDep, caller: CurrentCaller,
-                     response: Response) -> SubscriptionOut:
+@router.put(
+    "/{name}",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create (or get) a named subscription to a topic",
+    responses={200: {"model": SubscriptionOut, "description": "Exists already"}, **error_responses(400, 401, 403, 409)},
+)
+def put_subscription(
+    name: str, body: SubscriptionCreate, session: SessionDep, caller: CurrentCaller, response: Response
+) -> SubscriptionOut:
     sub, created = service.ensure_subscription(session, caller, name, body.topic)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -37,11 +41,17 @@ def get_subscription(name: str, session: SessionDep, caller: CurrentCaller) -> S
     return service.subscription_out(service.get_subscription(session, caller, name))
 
 
-@router.get("/{name}/packets", summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
-            responses=error_responses(401, 404))
+@router.get(
+    "/{name}/packets",
+    summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
+    responses=error_responses(401, 404),
+)
 async def next_events(
-    name: str, state: StateDep, caller: CurrentCaller,
-    wait: Annotated[float, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    name: str,
+    state: StateDep,
+    caller: CurrentCaller,
+    wait: Annotated[float, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     def cursor() -> tuple[str, int]:
         with state.sessions() as session:
@@ -52,7 +62,10 @@ async def next_events(
     return await service.wait_for_events(state, topic, after, wait, limit)
 
 
-@router.post("/{name}/ack", summary="Acknowledge handled events up to a seq (the cursor only moves forward)",
-             responses=error_responses(401, 404, 409))
+@router.post(
+    "/{name}/ack",
+    summary="Acknowledge handled events up to a seq (the cursor only moves forward)",
+    responses=error_responses(401, 404, 409),
+)
 def ack(name: str, body: AckIn, session: SessionDep, caller: CurrentCaller) -> SubscriptionOut:
     return service.subscription_out(service.acknowledge(session, caller, name, body.cursor))

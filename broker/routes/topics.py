@@ -15,7 +15,7 @@ from broker.errors import error_responses
 from broker.models import Topic
 from broker.schemas import EventPage, PacketOut, TopicOut, TopicUpdate
 from broker.services import audit
-from broker.services.subscriptions import _page, wait_for_events
+from broker.services.subscriptions import event_page, wait_for_events
 from broker.services.topics import get_topic, topic_out
 from broker.services.upload import receive_packet
 
@@ -33,7 +33,10 @@ UPLOAD_BODY = {
 @router.get("", summary="List topics", responses=error_responses(401))
 def list_topics(session: SessionDep, state: StateDep, caller: CurrentCaller) -> list[TopicOut]:
     caller.require("read")
-    return [topic_out(session, t, state.settings.safety_threshold) for t in session.scalars(select(Topic).order_by(Topic.name))]
+    return [
+        topic_out(session, t, state.settings.safety_threshold)
+        for t in session.scalars(select(Topic).order_by(Topic.name))
+    ]
 
 
 @router.get("/{topic}", summary="One topic", responses=error_responses(401, 404))
@@ -55,11 +58,17 @@ def update_topic(topic: str, body: TopicUpdate, session: SessionDep, state: Stat
     status_code=status.HTTP_201_CREATED,
     summary="Upload a packet (streamed; validated before it is stored)",
     openapi_extra=UPLOAD_BODY,
-    responses={200: {"model": PacketOut, "description": "The same packet was uploaded before"},
-               **error_responses(400, 401, 403, 413, 422, 503)},
+    responses={
+        200: {"model": PacketOut, "description": "The same packet was uploaded before"},
+        **error_responses(400, 401, 403, 413, 422, 503),
+    },
 )
 async def upload_packet(
-    topic: str, request: Request, response: Response, state: StateDep, caller: CurrentCaller,
+    topic: str,
+    request: Request,
+    response: Response,
+    state: StateDep,
+    caller: CurrentCaller,
     content_length: Annotated[int | None, Header()] = None,
 ) -> PacketOut:
     record, created = await receive_packet(state, caller, topic, request.stream(), content_length)
@@ -68,17 +77,22 @@ async def upload_packet(
     return record
 
 
-@router.get("/{topic}/packets", summary="The topic's events after a cursor; long-polls with ?wait=",
-            responses=error_responses(401, 403, 404))
+@router.get(
+    "/{topic}/packets",
+    summary="The topic's events after a cursor; long-polls with ?wait=",
+    responses=error_responses(401, 403, 404),
+)
 async def list_packets(
-    topic: str, state: StateDep, caller: CurrentCaller,
+    topic: str,
+    state: StateDep,
+    caller: CurrentCaller,
     after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     caller.require("read")
     if wait <= 0:
-        return await run_in_threadpool(_page, state, topic, after, limit)
+        return await run_in_threadpool(event_page, state, topic, after, limit)
     return await wait_for_events(state, topic, after, wait, limit)
 
 
@@ -89,13 +103,17 @@ async def list_packets(
     responses={200: {"content": {"text/event-stream": {}}}, **error_responses(401, 403, 404)},
 )
 async def stream_events(
-    topic: str, request: Request, state: StateDep, caller: CurrentCaller,
+    topic: str,
+    request: Request,
+    state: StateDep,
+    caller: CurrentCaller,
     after: Annotated[int | None, Query(ge=0)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     caller.require("read")
-    cursor = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
-    await run_in_threadpool(_page, state, topic, cursor, 1)  # 404 now, not mid-stream
+    resume = last_event_id if last_event_id and last_event_id.isdigit() else "0"
+    cursor = after if after is not None else int(resume)
+    await run_in_threadpool(event_page, state, topic, cursor, 1)  # 404 now, not mid-stream
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor
@@ -110,5 +128,6 @@ async def stream_events(
             cursor = page.cursor
             await asyncio.sleep(0)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )

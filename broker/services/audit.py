@@ -13,7 +13,9 @@ def record(session: Session, actor_id: int | None, action: str, target: str | No
     session.add(AuditEvent(actor_id=actor_id, action=action, target=target, detail=detail))
 
 
-def record_separately(sessions: Any, actor_id: int | None, action: str, target: str | None = None, **detail: Any) -> None:
+def record_separately(
+    sessions: Any, actor_id: int | None, action: str, target: str | None = None, **detail: Any
+) -> None:
     """Record in its own transaction (for refusals, whose request transaction rolls back)."""
     try:
         with sessions.begin() as session:

@@ -27,7 +27,9 @@ def register_key(session: Session, caller: Caller, text: str, owner: str | None)
     try:
         verify_key = parse_verify_key(text)
     except (KeyFileError, ValueError) as exc:
-        raise Malformed(f"not an Ed25519 public key: {getattr(exc, 'reason', exc)}", code="invalid_public_key") from None
+        raise Malformed(
+            f"not an Ed25519 public key: {getattr(exc, 'reason', exc)}", code="invalid_public_key"
+        ) from None
     owner_id = caller.node_id
     if owner is not None and owner != caller.node:
         if not caller.is_admin:
@@ -58,10 +60,13 @@ def revoke_key(session: Session, caller: Caller, fingerprint: str, reason: str |
         return key, 0
     key.revoked_at = datetime.now(UTC)
     key.revoked_reason = reason
-    packets = list(session.scalars(
-        select(Packet).where(Packet.key_fingerprint == fingerprint, Packet.status != PacketStatus.revoked)
-        .order_by(Packet.created_at)
-    ))
+    packets = list(
+        session.scalars(
+            select(Packet)
+            .where(Packet.key_fingerprint == fingerprint, Packet.status != PacketStatus.revoked)
+            .order_by(Packet.created_at)
+        )
+    )
     for packet in packets:
         was_visible = packet.status is PacketStatus.accepted
         packet.status = PacketStatus.revoked

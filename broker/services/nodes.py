@@ -23,25 +23,48 @@ def get_node(session: Session, name: str) -> Node:
     return node
 
 
-def issue_token(session: Session, node: Node, scopes: list[str] | None, ttl_days: int | None,
-                *, secret: str | None = None) -> TokenOut:
+def issue_token(
+    session: Session, node: Node, scopes: list[str] | None, ttl_days: int | None, *, secret: str | None = None
+) -> TokenOut:
     scopes = list(scopes) if scopes is not None else list(DEFAULT_SCOPES[node.role])
     bad = [s for s in scopes if not valid_scope(s)]
     if bad:
-        raise Malformed(f"unknown scopes {bad}: use admin, read, receipt, keys or publish:<topic-pattern>",
-                        code="invalid_scope")
+        raise Malformed(
+            f"unknown scopes {bad}: use admin, read, receipt, keys or publish:<topic-pattern>", code="invalid_scope"
+        )
     secret = secret or new_token()
     now = datetime.now(UTC)
-    row = ApiToken(node_id=node.id, token_hash=hash_token(secret), prefix=secret[:12], scopes=scopes, created_at=now,
-                   expires_at=now + timedelta(days=ttl_days) if ttl_days else None)
+    row = ApiToken(
+        node_id=node.id,
+        token_hash=hash_token(secret),
+        prefix=secret[:12],
+        scopes=scopes,
+        created_at=now,
+        expires_at=now + timedelta(days=ttl_days) if ttl_days else None,
+    )
     session.add(row)
     session.flush()
-    return TokenOut(id=row.id, node=node.name, prefix=row.prefix, scopes=scopes, created_at=now,
-                    expires_at=row.expires_at, token=secret)
+    return TokenOut(
+        id=row.id,
+        node=node.name,
+        prefix=row.prefix,
+        scopes=scopes,
+        created_at=now,
+        expires_at=row.expires_at,
+        token=secret,
+    )
 
 
-def create_node(session: Session, caller: Caller | None, name: str, role: Role, scopes: list[str] | None,
-                ttl_days: int | None, *, secret: str | None = None) -> tuple[Node, TokenOut]:
+def create_node(
+    session: Session,
+    caller: Caller | None,
+    name: str,
+    role: Role,
+    scopes: list[str] | None,
+    ttl_days: int | None,
+    *,
+    secret: str | None = None,
+) -> tuple[Node, TokenOut]:
     node = Node(name=name, role=role)
     try:
         with session.begin_nested():
@@ -49,8 +72,9 @@ def create_node(session: Session, caller: Caller | None, name: str, role: Role, 
     except IntegrityError:
         raise Conflict(f"a node named {name!r} exists already", code="node_exists") from None
     token = issue_token(session, node, scopes, ttl_days, secret=secret)
-    audit.record(session, caller.node_id if caller else None, "node.created", name, role=role.value,
-                 scopes=token.scopes)
+    audit.record(
+        session, caller.node_id if caller else None, "node.created", name, role=role.value, scopes=token.scopes
+    )
     return node, token
 
 
@@ -65,8 +89,15 @@ def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
 
 
 def token_out(row: ApiToken) -> TokenOut:
-    return TokenOut(id=row.id, node=row.node.name, prefix=row.prefix, scopes=row.scopes, created_at=row.created_at,
-                    expires_at=row.expires_at, revoked_at=row.revoked_at)
+    return TokenOut(
+        id=row.id,
+        node=row.node.name,
+        prefix=row.prefix,
+        scopes=row.scopes,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
 
 
 def ensure_admin(session: Session, token: str, name: str = "admin") -> bool:

@@ -25,8 +25,10 @@ def get_packet(session: Session, packet_id: str) -> Packet:
 def check_servable(packet: Packet, caller: Caller) -> None:
     """Quarantined and revoked packets are served to admins only."""
     if packet.status is not PacketStatus.accepted and not caller.is_admin:
-        raise Forbidden(f"packet {packet.id[:16]}… is {packet.status.value}; only admins can fetch it",
-                        code=f"packet_{packet.status.value}")
+        raise Forbidden(
+            f"packet {packet.id[:16]}… is {packet.status.value}; only admins can fetch it",
+            code=f"packet_{packet.status.value}",
+        )
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -35,7 +37,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     unit, _, spec = header.partition("=")
     if unit.strip() != "bytes" or "," in spec:
-        raise RangeNotSatisfiable("only a single 'bytes=' range is supported", headers={"Content-Range": f"bytes */{size}"})
+        raise RangeNotSatisfiable(
+            "only a single 'bytes=' range is supported", headers={"Content-Range": f"bytes */{size}"}
+        )
     first, _, last = spec.strip().partition("-")
     try:
         if first == "":
@@ -48,7 +52,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise RangeNotSatisfiable(f"bad range {header!r}", headers={"Content-Range": f"bytes */{size}"}) from None
     end = min(end, size)
     if start >= size or start >= end or start < 0:
-        raise RangeNotSatisfiable(f"range {header!r} is outside 0-{size - 1}", headers={"Content-Range": f"bytes */{size}"})
+        raise RangeNotSatisfiable(
+            f"range {header!r} is outside 0-{size - 1}", headers={"Content-Range": f"bytes */{size}"}
+        )
     return start, end
 
 
@@ -62,8 +68,9 @@ def set_status(session: Session, caller: Caller, packet_id: str, status: PacketS
     packet.status = status
     kind = EventKind.published if status is PacketStatus.accepted else EventKind.quarantined
     append_event(session, packet.topic, kind, packet.id)
-    audit.record(session, caller.node_id, f"packet.{'released' if status is PacketStatus.accepted else 'quarantined'}",
-                 packet.id)
+    audit.record(
+        session, caller.node_id, f"packet.{'released' if status is PacketStatus.accepted else 'quarantined'}", packet.id
+    )
     return packet
 
 
@@ -75,7 +82,9 @@ def lineage(session: Session, packet_id: str) -> LineageOut:
         frontier, depth = [start], 0
         while frontier and depth < MAX_LINEAGE_DEPTH:
             depth += 1
-            col, other = (LineageEdge.child_id, LineageEdge.parent_id) if up else (LineageEdge.parent_id, LineageEdge.child_id)
+            col, other = (
+                (LineageEdge.child_id, LineageEdge.parent_id) if up else (LineageEdge.parent_id, LineageEdge.child_id)
+            )
             nxt = [p for p in session.scalars(select(other).where(col.in_(frontier))) if p not in seen and p != start]
             for p in nxt:
                 seen.setdefault(p, depth)
@@ -83,8 +92,15 @@ def lineage(session: Session, packet_id: str) -> LineageOut:
         nodes = []
         for pid, d in sorted(seen.items(), key=lambda kv: (kv[1], kv[0])):
             row = session.get(Packet, pid)
-            nodes.append(LineageNode(id=pid, depth=d, known=row is not None,
-                                     topic=row.topic.name if row else None, status=row.status if row else None))
+            nodes.append(
+                LineageNode(
+                    id=pid,
+                    depth=d,
+                    known=row is not None,
+                    topic=row.topic.name if row else None,
+                    status=row.status if row else None,
+                )
+            )
         return nodes
 
     return LineageOut(packet=packet_id, ancestors=walk(packet_id, True), descendants=walk(packet_id, False))
@@ -93,8 +109,9 @@ def lineage(session: Session, packet_id: str) -> LineageOut:
 def add_receipt(session: Session, caller: Caller, packet_id: str, body: ReceiptIn) -> ReceiptOut:
     caller.require("receipt")
     get_packet(session, packet_id)
-    receipt = IngestionReceipt(packet_id=packet_id, node_id=caller.node_id, decision=body.decision,
-                               scores=body.scores, report=body.report)
+    receipt = IngestionReceipt(
+        packet_id=packet_id, node_id=caller.node_id, decision=body.decision, scores=body.scores, report=body.report
+    )
     session.add(receipt)
     session.flush()
     session.refresh(receipt)
@@ -102,5 +119,12 @@ def add_receipt(session: Session, caller: Caller, packet_id: str, body: ReceiptI
 
 
 def receipt_out(r: IngestionReceipt) -> ReceiptOut:
-    return ReceiptOut(id=r.id, packet_id=r.packet_id, node=r.node.name, decision=r.decision, scores=r.scores,
-                      report=r.report, created_at=r.created_at)
+    return ReceiptOut(
+        id=r.id,
+        packet_id=r.packet_id,
+        node=r.node.name,
+        decision=r.decision,
+        scores=r.scores,
+        report=r.report,
+        created_at=r.created_at,
+    )

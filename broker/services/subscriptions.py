@@ -18,7 +18,7 @@ from broker.services.records import event_out
 from broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
 
 
-def _page(state: BrokerState, topic: str, after: int, limit: int) -> EventPage:
+def event_page(state: BrokerState, topic: str, after: int, limit: int) -> EventPage:
     with state.sessions() as session:
         row = get_topic(session, topic)
         events = events_after(session, row, after, limit)
@@ -31,7 +31,7 @@ async def wait_for_events(state: BrokerState, topic: str, after: int, wait: floa
     deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
     while True:
         wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
-        page = await run_in_threadpool(_page, state, topic, after, limit)
+        page = await run_in_threadpool(event_page, state, topic, after, limit)
         remaining = deadline - time.monotonic()
         if page.items or remaining <= 0:
             return page
@@ -42,8 +42,9 @@ async def wait_for_events(state: BrokerState, topic: str, after: int, wait: floa
 
 
 def subscription_out(sub: Subscription) -> SubscriptionOut:
-    return SubscriptionOut(name=sub.name, topic=sub.topic.name, cursor=sub.cursor, created_at=sub.created_at,
-                           updated_at=sub.updated_at)
+    return SubscriptionOut(
+        name=sub.name, topic=sub.topic.name, cursor=sub.cursor, created_at=sub.created_at, updated_at=sub.updated_at
+    )
 
 
 def get_subscription(session: Session, caller: Caller, name: str) -> Subscription:
@@ -59,8 +60,10 @@ def ensure_subscription(session: Session, caller: Caller, name: str, topic: str)
     sub = session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
     if sub is not None:
         if sub.topic.name != topic:
-            raise Conflict(f"subscription {name!r} follows topic {sub.topic.name!r}, not {topic!r}",
-                           code="subscription_topic_mismatch")
+            raise Conflict(
+                f"subscription {name!r} follows topic {sub.topic.name!r}, not {topic!r}",
+                code="subscription_topic_mismatch",
+            )
         return sub, False
     row = get_or_create_topic(session, topic, caller.node_id)
     sub = Subscription(node_id=caller.node_id, name=name, topic_id=row.id, cursor=0)

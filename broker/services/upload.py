@@ -86,8 +86,15 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
     return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
 
 
-def _feed(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket, staged: StagedUpload,
-          chunk: bytes, checked: list[_Checked]) -> None:
+def _feed(
+    state: BrokerState,
+    caller: Caller,
+    topic: str,
+    stream: StreamingPacket,
+    staged: StagedUpload,
+    chunk: bytes,
+    checked: list[_Checked],
+) -> None:
     if stream.feed(chunk) is not None:
         checked.append(_check_header(state, caller, topic, stream))
     staged.write(chunk)
@@ -98,7 +105,9 @@ def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
     for row in session.scalars(select(FlaggedConceptSet)):
         directions = np.asarray(row.directions, dtype=np.float32)
         directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
-        out.append(FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default))
+        out.append(
+            FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default)
+        )
     return out
 
 
@@ -110,8 +119,15 @@ def _safety(state: BrokerState, received: Received, checked: _Checked) -> Safety
     return report
 
 
-def _commit(state: BrokerState, caller: Caller, topic_name: str, received: Received, checked: _Checked,
-            report: SafetyReport, status: PacketStatus) -> tuple[PacketOut, bool]:
+def _commit(
+    state: BrokerState,
+    caller: Caller,
+    topic_name: str,
+    received: Received,
+    checked: _Checked,
+    report: SafetyReport,
+    status: PacketStatus,
+) -> tuple[PacketOut, bool]:
     verdict = {
         "verdict": "pass" if report.passed else "flagged",
         "action": "accepted" if status is PacketStatus.accepted else "quarantined",
@@ -129,9 +145,15 @@ def _commit(state: BrokerState, caller: Caller, topic_name: str, received: Recei
                     return packet_out(session, existing), False
                 topic = get_or_create_topic(session, topic_name, caller.node_id)
                 packet = Packet(
-                    id=received.packet_id, topic=topic, publisher_id=caller.node_id,
-                    key_fingerprint=checked.key_fingerprint, size=received.size, data_sha256=manifest.data_sha256,
-                    manifest=manifest.model_dump(mode="json"), safety=verdict, status=status,
+                    id=received.packet_id,
+                    topic=topic,
+                    publisher_id=caller.node_id,
+                    key_fingerprint=checked.key_fingerprint,
+                    size=received.size,
+                    data_sha256=manifest.data_sha256,
+                    manifest=manifest.model_dump(mode="json"),
+                    safety=verdict,
+                    status=status,
                     storage_key=storage_key(received.packet_id),
                 )
                 session.add(packet)
@@ -211,8 +233,13 @@ async def receive_packet(
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
             await run_in_threadpool(
-                audit.record_separately, state.sessions, caller.node_id, "packet.refused", topic,
-                code=exc.code, message=exc.message[:500],
+                audit.record_separately,
+                state.sessions,
+                caller.node_id,
+                "packet.refused",
+                topic,
+                code=exc.code,
+                message=exc.message[:500],
             )
         raise
     except StorageError as exc:

@@ -1,0 +1,143 @@
+"""Failures mid-upload on real processes: the broker SIGKILLed, and the S3 server going away.
+Neither may leave a row pointing at a missing blob, and the same upload succeeds afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from broker.db import make_engine
+from broker.models import Packet
+from tests.broker_harness import BrokerProcess, Node, packet_bytes, register_node, s3_env, unique
+from tests.conftest import LiveBroker, make_tensors, start_live_broker
+from tests.services import start_nanio
+
+MiB = 1 << 20
+
+
+def big_packet(tmp: Path, node: Node, topic: str, mib: int = 24) -> bytes:
+    rng = np.random.default_rng(7)
+    tensors = {**make_tensors(), "attention": rng.random((mib * MiB // 4 // 1024, 1024), dtype=np.float32)}
+    return packet_bytes(tmp, node.key, topic, tensors=tensors)
+
+
+def rows_pointing_at_missing_blobs(database_url: str, storage, ids: list[str] | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    """Packet rows (all, or those in ``ids``) whose blob is not in ``storage``."""
+    engine = make_engine(database_url)
+    query = select(Packet.id, Packet.storage_key)
+    if ids is not None:
+        query = query.where(Packet.id.in_(ids))
+    with engine.connect() as conn:
+        keys = conn.execute(query).all()
+    engine.dispose()
+    return [pid for pid, key in keys if not storage.exists(key)]
+
+
+def body_that(data: bytes, after_bytes: int, action) -> object:  # type: ignore[no-untyped-def]
+    """A request body that runs ``action`` once ``after_bytes`` have been sent."""
+
+    def gen():  # type: ignore[no-untyped-def]
+        sent = 0
+        for i in range(0, len(data), MiB):
+            if sent >= after_bytes and action is not None:
+                action()
+                action_done.append(True)
+                return
+            yield data[i : i + MiB]
+            sent += MiB
+
+    action_done: list[bool] = []
+    return gen()
+
+
+def test_broker_killed_mid_upload_leaves_no_dangling_row(
+    live_broker: LiveBroker, broker_database: str, broker_bucket: str, s3_server, tmp_path: Path
+) -> None:
+    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
+    topic = unique("kill")
+    data = big_packet(tmp_path, teacher, topic)
+    packet_id = hashlib.sha256(data).hexdigest()
+    env = {
+        "M2KT_DATABASE_URL": broker_database,
+        "M2KT_STORAGE_URL": f"s3://{broker_bucket}",
+        "M2KT_DATA_DIR": str(tmp_path),
+        **s3_env(s3_server),
+    }
+    broker = BrokerProcess(env, log_path=tmp_path / "broker.log").start()
+    headers = {"Authorization": f"Bearer {teacher.token}"}
+    with pytest.raises(httpx.TransportError):
+        httpx.post(
+            f"{broker.url}/v1/topics/{topic}/packets",
+            headers=headers,
+            timeout=60,
+            content=body_that(data, 12 * MiB, broker.kill),
+        )
+    assert broker.proc is not None and broker.proc.returncode == -9
+    storage = live_broker.state.storage  # type: ignore[attr-defined]
+    with live_broker.state.sessions() as session:  # type: ignore[attr-defined]
+        assert session.get(Packet, packet_id) is None
+    assert not storage.exists(f"packets/{packet_id}.m2kt")
+    assert rows_pointing_at_missing_blobs(broker_database, storage) == []
+
+    restarted = BrokerProcess(env, log_path=tmp_path / "broker2.log").start()
+    try:
+        r = httpx.post(f"{restarted.url}/v1/topics/{topic}/packets", content=data, headers=headers, timeout=120)
+        assert r.status_code == 201, r.text
+        fetched = httpx.get(f"{restarted.url}/v1/packets/{packet_id}/blob", headers=headers, timeout=120)
+        assert hashlib.sha256(fetched.content).hexdigest() == packet_id
+    finally:
+        restarted.stop()
+
+
+def test_s3_going_away_mid_upload_is_503_and_recoverable(
+    live_broker: LiveBroker, broker_database: str, tmp_path: Path
+) -> None:
+    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
+    data_dir = tmp_path / "s3"
+    nanio, s3 = start_nanio(data_dir)
+    bucket = "fault-bucket"
+    s3.client().create_bucket(Bucket=bucket)
+    topic = unique("s3gone")
+    data = big_packet(tmp_path, teacher, topic)
+    packet_id = hashlib.sha256(data).hexdigest()
+    _, app, server = start_live_broker(broker_database, s3, bucket, tmp_path, token=live_broker.admin_token)
+    headers = {"Authorization": f"Bearer {teacher.token}"}
+    try:
+        with server as url:
+
+            def stop_s3() -> None:
+                nanio.kill()
+                nanio.wait()
+
+            try:
+                r = httpx.post(
+                    f"{url}/v1/topics/{topic}/packets",
+                    headers=headers,
+                    timeout=60,
+                    content=body_that(data, 12 * MiB, stop_s3),
+                )
+                assert (r.status_code, r.json()["code"]) == (503, "storage_unavailable"), r.text
+            except httpx.TransportError:
+                pass  # the broker may answer before it has read the whole body
+            ready = httpx.get(f"{url}/readyz")
+            assert (ready.status_code, ready.json()["code"]) == (503, "storage_unavailable")
+            with app.state.broker.sessions() as session:
+                assert session.get(Packet, packet_id) is None
+                assert session.scalars(select(Packet).where(Packet.storage_key.like("%" + packet_id + "%"))).all() == []
+
+            # S3 comes back on the same port and data: the same upload now succeeds.
+            port = int(s3.endpoint.rsplit(":", 1)[1])
+            nanio, _ = start_nanio(data_dir, port=port)
+            assert httpx.get(f"{url}/readyz").status_code == 200
+            r = httpx.post(f"{url}/v1/topics/{topic}/packets", content=data, headers=headers, timeout=120)
+            assert r.status_code == 201, r.text
+            assert rows_pointing_at_missing_blobs(broker_database, app.state.broker.storage, [packet_id]) == []
+            assert httpx.get(f"{url}/v1/packets/{packet_id}/blob", headers=headers, timeout=120).content == data
+    finally:
+        nanio.kill()
+        nanio.wait()
