@@ -98,7 +98,10 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         sessions=make_sessionmaker(engine),
         storage=storage
         or storage_from_url(
-            settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, part_size=settings.upload_part_bytes
+            settings.effective_storage_url,
+            endpoint_url=settings.s3_endpoint_url,
+            part_size=settings.upload_part_bytes,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         ),
         hub=Hub(),
         metrics=Metrics(),

@@ -56,7 +56,9 @@ def get_session(state: StateDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client never reads state older than
+# its own acknowledged write, and a failed commit is reported to it instead of after a 200.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 bearer = HTTPBearer(
     auto_error=False,

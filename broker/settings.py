@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default=None, description="s3://bucket[/prefix] or a directory; default: data_dir/blobs."
     )
     s3_endpoint_url: str | None = Field(default=None, description="Overrides AWS_ENDPOINT_URL for storage.")
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint clients reach, for ?redirect=1 presigned URLs (default: the broker's).",
+    )
 
     # Limits
     max_packet_bytes: int = Field(default=4 << 30, gt=0)

@@ -1,0 +1,355 @@
+"""Broker memory while a big packet streams through it, and its speed next to raw boto3.
+
+    python benchmarks/broker_memory.py                       # 512 MiB packet
+    python benchmarks/broker_memory.py --size-mib 64 --database-url postgresql+psycopg://…/test
+
+Everything runs for real on loopback: nanio (a file-backed S3 server, started here on a free
+port with a temporary data dir), a fresh PostgreSQL database (created on the server of
+``--database-url``, migrated, dropped afterwards) and ``m2kt broker serve`` as a separate
+process. A teacher uploads one packet of about ``--size-mib`` MiB, streamed from disk in 1 MiB
+chunks, while a thread samples the broker process's resident set every 20 ms: the upload must
+not grow it by anything like the packet's size. The reference, in the same run and against the
+same nanio bucket, is boto3's ``upload_file`` / ``download_file`` of the same file; the broker's
+download (``GET /v1/packets/{id}/blob``, streamed to a file) must return the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `tests` (the harness) lives at the repository root
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from broker.db import upgrade  # noqa: E402
+from client.keys import SigningKey  # noqa: E402
+from client.packet import write_packet  # noqa: E402
+from tests.broker_harness import BrokerProcess, create_database, drop_database, register_node, s3_env  # noqa: E402
+from tests.conftest import make_body  # noqa: E402
+from tests.services import DEFAULT_DATABASE_URL, S3Server, free_port, wait_for_port  # noqa: E402
+
+MiB = 1 << 20
+CHUNK = 1 * MiB  # upload chunk read from the file
+SAMPLE_SECONDS = 0.020
+
+
+class RSSSampler:
+    """Samples another process's RSS every 20 ms while a block runs (baseline taken on entry)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def __enter__(self) -> RSSSampler:
+        self.baseline = self.rss()
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            try:
+                self.peak = max(self.peak, self.rss())
+                self.samples += 1
+            except psutil.NoSuchProcess:
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.final = self.rss()
+        except psutil.NoSuchProcess:
+            self.final = 0
+        self.peak = max(self.peak, self.final)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+def start_nanio(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
+    """nanio on a free loopback port; its stderr goes to a file (a pipe nobody reads could fill up)."""
+    exe = str(Path(sys.executable).with_name("nanio"))
+    access, secret = "m2kt-bench", "m2kt-bench-" + secrets.token_hex(8)
+    port = free_port()
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=dict(os.environ, NANIO_ACCESS_KEY=access, NANIO_SECRET_KEY=secret),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    log.close()
+    try:
+        wait_for_port(port, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, S3Server(f"http://127.0.0.1:{port}", access, secret)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_big_packet(path: Path, scratch: Path, size: int, topic: str, key: SigningKey) -> None:
+    """A packet of about ``size`` bytes: 4×8 concepts plus a float32 ``traces`` [P, 64, 8] tensor.
+
+    The traces are generated chunk-wise into a memory-mapped scratch file (finite normals), so
+    this process never holds the packet in anonymous memory."""
+    d, m = 8, 64
+    rows = max(1, size // (m * d * 4))
+    traces = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(rows, m, d))
+    rng = np.random.default_rng(0)
+    step = max(1, (16 * MiB) // (m * d * 4))
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        traces[i : i + n] = rng.standard_normal((n, m, d), dtype=np.float32)
+    traces.flush()
+    concepts = rng.standard_normal((4, d), dtype=np.float32)
+    write_packet(path, make_body(k=4, d=d, topic=topic), {"concepts": concepts, "traces": traces}, key)
+    del traces
+    scratch.unlink()
+
+
+def file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(8 * MiB)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
+def upload(base: str, token: str, topic: str, path: Path) -> httpx.Response:
+    return httpx.post(
+        f"{base}/v1/topics/{topic}/packets",
+        content=file_chunks(path),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+        timeout=600,
+    )
+
+
+def download(base: str, token: str, packet_id: str, out: Path) -> int:
+    with (
+        httpx.stream(
+            "GET", f"{base}/v1/packets/{packet_id}/blob", headers={"Authorization": f"Bearer {token}"}, timeout=600
+        ) as r,
+        open(out, "wb") as f,
+    ):
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"download answered {r.status_code}: {r.text[:500]}")
+        for chunk in r.iter_bytes(CHUNK):
+            f.write(chunk)
+    return out.stat().st_size
+
+
+def log_problems(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [ln for ln in lines if any(w in ln for w in ("ERROR", "Error", "Traceback", "Exception", "CRITICAL"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=512, help="packet size (default 512)")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("M2KT_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="a PostgreSQL server to create a throw-away database on (default: %(default)s)",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go (default: a temp dir)")
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the tiny upload/download that warms the broker before the baseline",
+    )
+    parser.add_argument("--broker-log", type=Path, default=None, help="keep the broker's log here")
+    args = parser.parse_args()
+
+    nanio: subprocess.Popen[bytes] | None = None
+    broker: BrokerProcess | None = None
+    database: str | None = None
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="m2kt-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        broker_log = args.broker_log or tmp / "broker.log"
+        try:
+            (tmp / "s3").mkdir()
+            nanio, s3 = start_nanio(tmp / "s3", tmp / "nanio.log")
+            s3c = s3.client()
+            bucket = f"m2kt-bench-{uuid.uuid4().hex[:10]}"
+            s3c.create_bucket(Bucket=bucket)
+
+            database = create_database(args.database_url)
+            upgrade(database)
+
+            admin_token = "m2kt_bench_" + secrets.token_urlsafe(24)
+            (tmp / "broker-data").mkdir()
+            broker = BrokerProcess(
+                env={
+                    "M2KT_DATABASE_URL": database,
+                    "M2KT_STORAGE_URL": f"s3://{bucket}",
+                    "M2KT_BOOTSTRAP_ADMIN_TOKEN": admin_token,
+                    "M2KT_DATA_DIR": str(tmp / "broker-data"),
+                    **s3_env(s3),
+                },
+                log_path=broker_log,
+            ).start()
+            assert broker.proc is not None
+            ready = httpx.get(broker.url + "/readyz", timeout=30)
+            if ready.status_code != 200:
+                raise RuntimeError(f"/readyz answered {ready.status_code}: {ready.text}")
+            teacher = register_node(broker.url, admin_token, "teacher")
+            assert teacher.key is not None
+            topic = f"bench.mem-{uuid.uuid4().hex[:8]}"
+
+            if not args.no_warmup:  # first-request imports and pools, so the baseline is a warm broker
+                small = tmp / "warmup.m2kt"
+                write_big_packet(small, tmp / "warmup.scratch", 2 * MiB, topic, teacher.key)
+                r = upload(broker.url, teacher.token, topic, small)
+                if r.status_code != 201:
+                    raise RuntimeError(f"warm-up upload answered {r.status_code}: {r.text[:500]}")
+                download(broker.url, teacher.token, r.json()["id"], tmp / "warmup.down")
+                small.unlink()
+                (tmp / "warmup.down").unlink()
+
+            path = tmp / "bench.m2kt"
+            write_big_packet(path, tmp / "traces.scratch", args.size_mib * MiB, topic, teacher.key)
+            size = path.stat().st_size
+            digest = sha256_file(path)
+
+            # Reference: boto3 to the same nanio bucket, same file (page-cached, like the broker's read).
+            t0 = time.perf_counter()
+            s3c.upload_file(str(path), bucket, "raw/bench.m2kt")
+            t_raw_up = time.perf_counter() - t0
+
+            with RSSSampler(broker.proc.pid) as up_rss:
+                t0 = time.perf_counter()
+                r = upload(broker.url, teacher.token, topic, path)
+                t_up = time.perf_counter() - t0
+            if r.status_code != 201:
+                raise RuntimeError(f"upload answered {r.status_code} (expected 201): {r.text[:500]}")
+            packet_id = r.json()["id"]
+            if packet_id != digest:
+                raise RuntimeError(f"the broker's packet id {packet_id} is not the file's sha256 {digest}")
+
+            down = tmp / "down.m2kt"
+            with RSSSampler(broker.proc.pid) as down_rss:
+                t0 = time.perf_counter()
+                got = download(broker.url, teacher.token, packet_id, down)
+                t_down = time.perf_counter() - t0
+            broker_ok = got == size and sha256_file(down) == digest
+            down.unlink()
+
+            raw_down = tmp / "raw-down.m2kt"
+            t0 = time.perf_counter()
+            s3c.download_file(bucket, "raw/bench.m2kt", str(raw_down))
+            t_raw_down = time.perf_counter() - t0
+            raw_ok = sha256_file(raw_down) == digest
+            raw_down.unlink()
+            if not (broker_ok and raw_ok):
+                raise RuntimeError(f"downloaded bytes differ from the file: broker ok={broker_ok}, boto3 ok={raw_ok}")
+        except BaseException:
+            if broker_log.exists():  # the log dies with the temp dir: show its end
+                tail = broker_log.read_text(errors="replace").splitlines()[-40:]
+                print("broker log (last lines):\n" + "\n".join("    " + ln for ln in tail), file=sys.stderr)
+            raise
+        finally:
+            if broker is not None:
+                broker.stop()
+            if nanio is not None:
+                stop_process(nanio)
+            if database is not None:
+                drop_database(database)
+        problems = log_problems(broker_log)
+
+    mb = size / 1e6
+    rows = [
+        ("upload via broker (POST, streamed from file)", mb / t_up, (mb / t_up) / (mb / t_raw_up)),
+        ("raw boto3 upload_file (reference)", mb / t_raw_up, 1.0),
+        ("download via broker (GET /blob, to file)", mb / t_down, (mb / t_down) / (mb / t_raw_down)),
+        ("raw boto3 download_file (reference)", mb / t_raw_down, 1.0),
+    ]
+    print(
+        f"\npacket: {size / MiB:,.0f} MiB ({size:,} bytes); broker as a process on Postgres + nanio (loopback); "
+        f"{os.cpu_count()} CPU(s); {'warmed up' if not args.no_warmup else 'no warm-up'}\n"
+    )
+    print(f"| {'operation':<46} | {'MB/s':>8} | {'× raw boto3':>11} |")
+    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 13}|")
+    for name, speed, ratio in rows:
+        print(f"| {name:<46} | {speed:>8,.0f} | {ratio:>11.2f} |")
+
+    def mib(n: int) -> str:
+        return f"{n / MiB:,.1f}"
+
+    print(
+        f"\n| {'broker RSS':<34} | {'baseline MiB':>12} | {'peak MiB':>9} | {'final MiB':>9} "
+        f"| {'growth MiB':>10} | {'% of packet':>11} | {'samples':>7} |"
+    )
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 9}|")
+    for name, s in (("during upload", up_rss), ("during download", down_rss)):
+        print(
+            f"| {name:<34} | {mib(s.baseline):>12} | {mib(s.peak):>9} | {mib(s.final):>9} "
+            f"| {mib(s.growth):>10} | {s.growth / size:>11.1%} | {s.samples:>7} |"
+        )
+    print(
+        f"\nupload peak RSS growth = {up_rss.growth / MiB:.1f} MiB = {up_rss.growth / size:.1%} of the packet; "
+        f"downloads match the file's sha256: yes"
+    )
+    if problems:
+        print(f"\nbroker log: {len(problems)} line(s) look like errors:")
+        for line in problems[:20]:
+            print("    " + line)
+    else:
+        print("broker log: no errors")
+
+
+if __name__ == "__main__":
+    main()

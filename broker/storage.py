@@ -1,0 +1,719 @@
+"""Blob storage for packet files: one small interface, a local-directory and an S3 implementation.
+
+Uploads are staged under ``incoming/<uuid4 hex>`` and only become visible under their final key
+(a content digest) through :meth:`BlobStore.promote`. Everything here is synchronous; the broker
+calls it from worker threads. A store may be shared between threads, a :class:`StagedUpload` may not.
+
+Failures of the storage itself (unreachable, timed out, refused, disk errors) raise
+:class:`StorageError`; a missing key raises :class:`BlobNotFound`. Backend exceptions never leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import unquote
+
+__all__ = [
+    "BlobInfo",
+    "BlobNotFound",
+    "BlobStore",
+    "LocalStore",
+    "S3Store",
+    "StagedUpload",
+    "StorageError",
+    "make_s3_client",
+    "storage_from_url",
+]
+
+STAGING_PREFIX = "incoming/"
+MIN_PART_SIZE = 5 << 20  # S3's minimum size for every part but the last
+MAX_PARTS = 10_000  # S3's maximum number of parts in one multipart upload
+MAX_COPY_OBJECT_SIZE = 5 << 30  # the largest object a single CopyObject may copy
+
+
+class StorageError(Exception):
+    """A storage dependency failed (unreachable, timed out, refused). The broker answers 503."""
+
+
+class BlobNotFound(StorageError):
+    """The key does not exist."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified: datetime  # timezone-aware UTC
+
+
+def _new_staging_key() -> str:
+    return f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+
+
+def _byte_view(chunk: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(chunk)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _check_range(start: int, end: int | None) -> None:
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid byte range [{start}, {end})")
+
+
+class _ChunkStream(Iterator[bytes]):
+    """Chunks from an opened body; closes it when exhausted, on close() or when garbage-collected.
+
+    A plain generator would not do: one that is never started never runs its ``finally``.
+    """
+
+    def __init__(
+        self, read: Callable[[int], bytes], close: Callable[[], None], length: int | None, chunk_size: int
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self._read = read
+        self._close: Callable[[], None] | None = close
+        self._remaining = length  # None: read to EOF
+        self._chunk_size = chunk_size
+
+    def __iter__(self) -> _ChunkStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._close is None:
+            raise StopIteration
+        n = self._chunk_size if self._remaining is None else min(self._chunk_size, self._remaining)
+        data = self._read(n) if n > 0 else b""
+        if not data:
+            self.close()
+            raise StopIteration
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class StagedUpload(ABC):
+    """Bytes streamed to a private staging key, never visible under a final key until promote().
+
+    Use as a context manager to abort automatically unless :meth:`complete` succeeded::
+
+        with store.stage() as upload:
+            for chunk in body:
+                upload.write(chunk)
+            upload.complete()
+        store.promote(upload.staging_key, digest)
+    """
+
+    staging_key: str
+    bytes_written: int
+
+    def __init__(self, staging_key: str) -> None:
+        self.staging_key = staging_key
+        self.bytes_written = 0
+        self._state = "open"  # open -> completed | failed -> aborted
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Append bytes. Buffers at most about one part (S3) before sending it."""
+        self._require_open("write to")
+        view = _byte_view(chunk)
+        if view.nbytes:
+            try:
+                self._write(view)
+            except BaseException:
+                self._state = "failed"
+                raise
+            self.bytes_written += view.nbytes
+
+    def complete(self) -> None:
+        """Finish the staged object; it can then be promoted. After a failure only abort() is allowed."""
+        self._require_open("complete")
+        try:
+            self._complete()
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "completed"
+
+    def abort(self) -> None:
+        """Remove everything staged. Safe to call twice and after complete(); raises StorageError if it could not."""
+        if self._state != "aborted":
+            self._abort()
+            self._state = "aborted"
+
+    def __enter__(self) -> StagedUpload:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._state == "completed":
+            return
+        if exc is None:
+            self.abort()
+        else:
+            with contextlib.suppress(StorageError):  # keep the original error
+                self.abort()
+
+    def _require_open(self, action: str) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"cannot {action} staged upload {self.staging_key}: it is {self._state}")
+
+    @abstractmethod
+    def _write(self, view: memoryview) -> None: ...
+
+    @abstractmethod
+    def _complete(self) -> None: ...
+
+    @abstractmethod
+    def _abort(self) -> None: ...
+
+
+class BlobStore(ABC):
+    """Keys are "/"-separated relative paths such as ``packets/ab/abcdef…``."""
+
+    @abstractmethod
+    def stage(self) -> StagedUpload:
+        """Start an upload to a fresh staging key ``incoming/<uuid4 hex>``."""
+
+    @abstractmethod
+    def promote(self, staging_key: str, final_key: str) -> None:
+        """Make the completed staged object available under final_key and remove the staging object.
+
+        Final keys are content digests: if final_key already exists, it is kept and the staged copy dropped
+        (so repeating a promote that succeeded is fine). Otherwise a missing staging key raises BlobNotFound.
+        """
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size in bytes; raises BlobNotFound."""
+
+    @abstractmethod
+    def read(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream bytes [start, end) (end exclusive, None = to the end, clamped to the size) in chunks.
+
+        Raises BlobNotFound here, before anything is yielded. Close the iterator if you stop early.
+        """
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; a missing key is fine."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Every key starting with prefix (a plain string prefix), in lexicographic order."""
+
+    @abstractmethod
+    def presigned_get(self, key: str, ttl_seconds: int) -> str | None:
+        """A URL that serves key directly for ttl_seconds, or None where there is none (local storage).
+
+        Does not check that the key exists.
+        """
+
+    @abstractmethod
+    def check(self) -> None:
+        """Readiness probe: raise StorageError if the store cannot be used."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where the blobs live, for logs: ``s3://bucket/prefix at <endpoint>`` or ``file:///abs/dir``."""
+
+
+def _check_key(key: str) -> None:
+    if not key or key.startswith("/") or ".." in key or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    if any(part in ("", ".") for part in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: empty or '.' path segment")
+
+
+# --------------------------------------------------------------------------------------------------
+# Local directory
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _local_errors(operation: str, key: str) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise BlobNotFound(f"{operation} {key!r}: no such blob") from exc
+    except OSError as exc:
+        raise StorageError(f"local storage {operation} of {key!r} failed: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalStagedUpload(StagedUpload):
+    def __init__(self, store: LocalStore, staging_key: str) -> None:
+        super().__init__(staging_key)
+        self._path = store._path(staging_key)
+        self._part_path = self._path.with_name(self._path.name + ".part")
+        with _local_errors("stage", staging_key):
+            self._file: BinaryIO | None = open(self._part_path, "xb")
+
+    def _write(self, view: memoryview) -> None:
+        assert self._file is not None
+        with _local_errors("write", self.staging_key):
+            self._file.write(view)
+
+    def _complete(self) -> None:
+        assert self._file is not None
+        with _local_errors("complete", self.staging_key):
+            file, self._file = self._file, None
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
+            os.replace(self._part_path, self._path)
+
+    def _abort(self) -> None:
+        with _local_errors("abort", self.staging_key):
+            if self._file is not None:
+                file, self._file = self._file, None
+                file.close()
+            self._part_path.unlink(missing_ok=True)
+            self._path.unlink(missing_ok=True)
+
+
+class LocalStore(BlobStore):
+    """Blobs as files under one directory; for development and single-node deployments."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self._incoming = self.root / STAGING_PREFIX.rstrip("/")
+        self._incoming.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        _check_key(key)
+        return self.root.joinpath(*key.split("/"))
+
+    def stage(self) -> StagedUpload:
+        return _LocalStagedUpload(self, _new_staging_key())
+
+    def promote(self, staging_key: str, final_key: str) -> None:
+        staged, final = self._path(staging_key), self._path(final_key)
+        with _local_errors("promote", final_key):
+            if final.is_file():
+                staged.unlink(missing_ok=True)
+                return
+        if not staged.is_file():
+            raise BlobNotFound(f"promote {staging_key!r}: no such staged blob")
+        with _local_errors("promote", final_key):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)  # the staged file was fsynced by complete()
+            _fsync_dir(final.parent)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        with _local_errors("size", key):
+            st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobNotFound(f"size {key!r}: no such blob")
+        return st.st_size
+
+    def read(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        _check_range(start, end)
+        path = self._path(key)
+        with _local_errors("read", key):
+            file = open(path, "rb")
+            try:
+                size = os.fstat(file.fileno()).st_size
+                stop = size if end is None else min(end, size)
+                file.seek(start)
+            except BaseException:
+                file.close()
+                raise
+
+        def read_chunk(n: int) -> bytes:
+            with _local_errors("read", key):
+                return file.read(n)
+
+        return _ChunkStream(read_chunk, file.close, max(0, stop - start), chunk_size)
+
+    def delete(self, key: str) -> None:
+        with _local_errors("delete", key):
+            self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Like S3, plus the ``incoming/<uuid>.part`` files of uploads still being written."""
+        # Start at the deepest directory the prefix names; filter the rest by string prefix.
+        base = prefix.rpartition("/")[0]
+        if base:
+            _check_key(base)
+        top = self.root.joinpath(*base.split("/")) if base else self.root
+        yield from self._walk(top, f"{base}/" if base else "", prefix)
+
+    def _walk(self, directory: Path, rel: str, prefix: str) -> Iterator[BlobInfo]:
+        try:
+            with os.scandir(directory) as it:
+                entries = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise StorageError(f"local storage list of {rel!r} failed: {exc}") from exc
+        # Sorting directories as "name/" yields keys in exact lexicographic order.
+        for name, entry in sorted(entries, key=lambda pair: pair[0]):
+            key = rel + name
+            if name.endswith("/"):
+                if key.startswith(prefix) or prefix.startswith(key):
+                    yield from self._walk(Path(entry.path), key, prefix)
+            elif key.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                yield BlobInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def presigned_get(self, key: str, ttl_seconds: int) -> str | None:
+        return None
+
+    def check(self) -> None:
+        if not self._incoming.is_dir() or not os.access(self._incoming, os.W_OK | os.X_OK):
+            raise StorageError(f"local storage {self.description} is missing or not writable")
+
+    @property
+    def description(self) -> str:
+        return self.root.as_uri()
+
+
+# --------------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------------
+
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def _client_error_details(exc: BaseException | None) -> tuple[str, int, str]:
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    error = response.get("Error", {})
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(error.get("Code", "")), int(status or 0), str(error.get("Message", ""))
+
+
+class S3Store(BlobStore):
+    """Blobs as objects in one bucket, under an optional key prefix."""
+
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", *, part_size: int = 8 << 20, presign_client: Any = None
+    ) -> None:
+        """``presign_client`` signs ``presigned_get`` URLs for the endpoint clients reach (e.g. a public
+        host, when the broker talks to storage on an internal one); by default, ``client`` does."""
+        if not bucket:
+            raise ValueError("bucket must not be empty")
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum part size)")
+        prefix = prefix.lstrip("/")
+        self.client = client
+        self.presign_client = presign_client or client
+        self.bucket = bucket
+        self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self.part_size = part_size
+        # Mirror s3transfer: with botocore's default checksum policy, multipart uploads declare CRC32.
+        config = getattr(getattr(client, "meta", None), "config", None)
+        self._checksum = getattr(config, "request_checksum_calculation", None) == "when_supported"
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return self.prefix + key
+
+    def _url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str, key: str, ignore: tuple[str, ...] = ()) -> Iterator[None]:
+        """Translate botocore failures into BlobNotFound / StorageError; swallow error codes in ``ignore``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            if _client_error_details(exc)[0] not in ignore:
+                self._raise_client_error(exc, operation, key)
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {operation} of {self._url(key)} failed: {exc}") from exc
+
+    def _raise_client_error(self, exc: Exception, operation: str, key: str) -> NoReturn:
+        code, status, message = _client_error_details(exc)
+        if code in _NOT_FOUND_CODES or (status == 404 and code not in ("NoSuchBucket", "NoSuchUpload")):
+            raise BlobNotFound(f"S3 {operation}: {self._url(key)} does not exist") from exc
+        raise StorageError(f"S3 {operation} of {self._url(key)} failed: {code or status} {message}".rstrip()) from exc
+
+    def stage(self) -> StagedUpload:
+        return _S3StagedUpload(self, _new_staging_key())
+
+    def promote(self, staging_key: str, final_key: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        source, target = self._key(staging_key), self._key(final_key)
+        if not self.exists(final_key):
+            # Managed copy: one CopyObject up to 5 GiB, multipart UploadPartCopy above that.
+            config = TransferConfig(multipart_threshold=MAX_COPY_OBJECT_SIZE, multipart_chunksize=512 << 20)
+            try:
+                with self._errors("copy", staging_key):
+                    self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, target, Config=config)
+            except StorageError:
+                raise
+            except Exception as exc:  # s3transfer fails in its own ways, e.g. KeyError on a bad UploadPartCopy reply
+                raise StorageError(f"S3 copy of {self._url(staging_key)} to {final_key!r} failed: {exc!r}") from exc
+        self.delete(staging_key)
+
+    def _head(self, key: str) -> dict[str, Any]:
+        with self._errors("head", key):
+            response: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return response
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except BlobNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def read(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError
+
+        _check_range(start, end)
+        if end is not None and end == start:
+            self._head(key)  # empty range: only report a missing key
+            return iter(())
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if start or end is not None:
+            params["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            with self._errors("read", key):
+                response = self.client.get_object(**params)
+        except StorageError as exc:
+            code, status, _ = _client_error_details(exc.__cause__ or exc)
+            if "Range" not in params or not (status == 416 or code in ("InvalidRange", "InvalidArgument")):
+                raise
+            # The range reaches past the end. AWS answers 416 when start >= size and clamps the end; other
+            # servers (nanio) answer 400 for any end past the size. Clamp like a slice and ask once more.
+            size = self.size(key)
+            stop = size if end is None else min(end, size)
+            if start >= stop:
+                return iter(())
+            params["Range"] = f"bytes={start}-{stop - 1}"
+            with self._errors("read", key):
+                response = self.client.get_object(**params)
+        body = response["Body"]
+
+        def read_chunk(n: int) -> bytes:
+            try:
+                data: bytes = body.read(n)
+            except (BotoCoreError, OSError) as exc:
+                raise StorageError(f"S3 read of {self._url(key)} failed mid-stream: {exc}") from exc
+            return data
+
+        return _ChunkStream(read_chunk, body.close, None, chunk_size)
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors("list", prefix + "*"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", ()):
+                    modified = obj["LastModified"].astimezone(UTC)
+                    yield BlobInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]), modified)
+
+    def presigned_get(self, key: str, ttl_seconds: int) -> str | None:
+        with self._errors("presign", key):
+            url: str = self.presign_client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=ttl_seconds
+            )
+            return url
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code, status, message = _client_error_details(exc)
+            if status == 404 or code in ("NoSuchBucket", "NotFound"):
+                raise StorageError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}") from exc
+            raise StorageError(f"S3 head_bucket {self.bucket!r} failed: {code or status} {message}".rstrip()) from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 head_bucket {self.bucket!r} failed: {exc}") from exc
+
+    @property
+    def endpoint(self) -> str:
+        return str(getattr(getattr(self.client, "meta", None), "endpoint_url", "") or "the AWS default endpoint")
+
+    @property
+    def description(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix.rstrip('/')}" if self.prefix else f"s3://{self.bucket}"
+        return f"{where} at {self.endpoint}"
+
+
+class _S3StagedUpload(StagedUpload):
+    """Buffers up to part_size bytes; starts a multipart upload only once a full part exists."""
+
+    def __init__(self, store: S3Store, staging_key: str) -> None:
+        super().__init__(staging_key)
+        self._store = store
+        self._key = store._key(staging_key)
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._multipart_done = False
+        self._object_may_exist = False
+
+    def _write(self, view: memoryview) -> None:
+        part_size = self._store.part_size
+        while view:
+            take = min(len(view), part_size - len(self._buffer))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == part_size:
+                self._upload_part()
+
+    def _upload_part(self) -> None:
+        store, client = self._store, self._store.client
+        number = len(self._parts) + 1
+        if number > MAX_PARTS:
+            raise StorageError(
+                f"S3 upload to {store._url(self.staging_key)} exceeds {MAX_PARTS} parts of {store.part_size} bytes"
+            )
+        extra = {"ChecksumAlgorithm": "CRC32"} if store._checksum else {}
+        if self._upload_id is None:
+            with store._errors("create_multipart_upload", self.staging_key):
+                created = client.create_multipart_upload(Bucket=store.bucket, Key=self._key, **extra)
+            self._upload_id = str(created["UploadId"])
+        with store._errors(f"upload_part {number}", self.staging_key):
+            response = client.upload_part(
+                Bucket=store.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=self._buffer,
+                **extra,
+            )
+        part = {"ETag": response["ETag"], "PartNumber": number}
+        if "ChecksumCRC32" in response:
+            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+        self._parts.append(part)
+        self._buffer = bytearray()
+
+    def _complete(self) -> None:
+        store, client = self._store, self._store.client
+        self._object_may_exist = True
+        if self._upload_id is None:
+            with store._errors("put_object", self.staging_key):
+                client.put_object(Bucket=store.bucket, Key=self._key, Body=self._buffer)
+            self._buffer = bytearray()
+            return
+        if self._buffer:
+            self._upload_part()
+        with store._errors("complete_multipart_upload", self.staging_key):
+            client.complete_multipart_upload(
+                Bucket=store.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        self._multipart_done = True
+
+    def _abort(self) -> None:
+        store, client = self._store, self._store.client
+        self._buffer = bytearray()
+        if self._upload_id is not None and not self._multipart_done:
+            # NoSuchUpload: already gone (completed, or aborted by an earlier attempt that timed out).
+            with store._errors("abort_multipart_upload", self.staging_key, ignore=("NoSuchUpload",)):
+                client.abort_multipart_upload(Bucket=store.bucket, Key=self._key, UploadId=self._upload_id)
+            self._multipart_done = True
+        if self._object_may_exist:
+            store.delete(self.staging_key)
+            self._object_may_exist = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    *,
+    connect_timeout: float = 5,
+    read_timeout: float = 60,
+    max_attempts: int = 5,
+) -> Any:
+    """boto3 S3 client with timeouts and retries set in botocore Config (retries mode 'standard'), signature v4.
+
+    Credentials come from the standard AWS variables / config chain (boto3 default). With a custom
+    endpoint (MinIO, nanio, Ceph, R2, …) path-style addressing is used.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        signature_version="s3v4",
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def storage_from_url(
+    url: str, *, endpoint_url: str | None = None, part_size: int = 8 << 20, public_endpoint_url: str | None = None
+) -> BlobStore:
+    """'s3://bucket' or 's3://bucket/prefix' -> S3Store (endpoint from the argument, else AWS_ENDPOINT_URL_S3, else
+    AWS_ENDPOINT_URL, else AWS default; presigned URLs for ``public_endpoint_url`` when given);
+    'file:///abs/dir', 'file://relative/dir' or a plain path -> LocalStore.
+    Anything else -> ValueError naming the accepted forms."""
+    accepted = "expected 's3://bucket[/prefix]', 'file:///absolute/dir', 'file://relative/dir' or a plain path"
+    if not url.strip():
+        raise ValueError(f"empty storage URL: {accepted}")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return LocalStore(Path(url))
+    if scheme.lower() == "file":
+        if not rest:
+            raise ValueError(f"storage URL {url!r} names no directory: {accepted}")
+        return LocalStore(Path(unquote(rest)))
+    if scheme.lower() == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"storage URL {url!r} names no bucket: {accepted}")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        presign = make_s3_client(public_endpoint_url) if public_endpoint_url else None
+        return S3Store(make_s3_client(endpoint), bucket, prefix, part_size=part_size, presign_client=presign)
+    raise ValueError(f"unsupported storage URL {url!r}: {accepted}")

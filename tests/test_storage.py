@@ -1,0 +1,541 @@
+"""broker.storage: the same behaviour from LocalStore and from S3Store against a real S3-protocol server."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.storage import (
+    BlobNotFound,
+    BlobStore,
+    LocalStore,
+    S3Store,
+    StorageError,
+    make_s3_client,
+    storage_from_url,
+)
+from tests.services import S3Server, free_port
+
+PART = 5 << 20
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+    if request.param == "local":
+        yield LocalStore(tmp_path / "blobs")
+    else:
+        server: S3Server = request.getfixturevalue("s3_server")
+        bucket: str = request.getfixturevalue("s3_bucket")
+        yield S3Store(server.client(), bucket, prefix="m2kt/", part_size=PART)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def uneven_chunks(data: bytes) -> Iterator[memoryview]:
+    """100 KiB chunks mixed with odd sizes, as memoryviews."""
+    sizes = [100 << 10, 1, 4093, 65537, (100 << 10) + 7, 333_333]
+    view, offset, i = memoryview(data), 0, 0
+    while offset < len(data):
+        size = sizes[i % len(sizes)]
+        yield view[offset : offset + size]
+        offset += size
+        i += 1
+
+
+def put(store: BlobStore, key: str, data: bytes) -> None:
+    upload = store.stage()
+    upload.write(data)
+    upload.complete()
+    store.promote(upload.staging_key, key)
+
+
+def read_all(store: BlobStore, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> bytes:
+    return b"".join(store.read(key, start, end, chunk_size=chunk_size))
+
+
+def keys(store: BlobStore, prefix: str = "") -> list[str]:
+    return [info.key for info in store.list(prefix)]
+
+
+def s3_multipart_etag(data: bytes, part_size: int) -> str:
+    parts = [data[i : i + part_size] for i in range(0, len(data), part_size)]
+    digest = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest()
+    return f'"{digest}-{len(parts)}"'
+
+
+# ---- round trips ---------------------------------------------------------------------------------
+
+
+def test_large_upload_in_uneven_chunks_round_trips_through_promote(store: BlobStore) -> None:
+    data = payload(12 << 20)
+    upload = store.stage()
+    assert upload.staging_key.startswith("incoming/") and len(upload.staging_key) == len("incoming/") + 32
+    for piece in uneven_chunks(data):
+        upload.write(piece)
+    assert upload.bytes_written == len(data)
+    upload.complete()
+    if isinstance(store, S3Store):
+        # Staged as a multipart upload whose parts are exactly part_size long (the last one shorter).
+        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + upload.staging_key)
+        assert head["ETag"] == s3_multipart_etag(data, PART)
+    assert not store.exists("packets/big.m2kt")
+
+    store.promote(upload.staging_key, "packets/big.m2kt")
+
+    digest = hashlib.sha256()
+    for chunk in store.read("packets/big.m2kt"):
+        digest.update(chunk)
+    assert digest.digest() == hashlib.sha256(data).digest()
+    assert store.size("packets/big.m2kt") == len(data)
+    assert store.exists("packets/big.m2kt")
+    assert not store.exists(upload.staging_key)
+    assert keys(store, "incoming/") == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="zero-bytes"),
+        pytest.param(b"x", id="one-byte"),
+        pytest.param(payload(100_000), id="100-kB"),
+        pytest.param(payload(PART), id="exactly-one-part"),
+        pytest.param(payload(2 * PART), id="exactly-two-parts"),
+    ],
+)
+def test_object_round_trips(store: BlobStore, data: bytes) -> None:
+    put(store, "packets/obj.m2kt", data)
+    assert read_all(store, "packets/obj.m2kt") == data
+    assert store.size("packets/obj.m2kt") == len(data)
+    assert keys(store) == ["packets/obj.m2kt"]
+
+
+def test_write_accepts_any_buffer_as_bytes(store: BlobStore) -> None:
+    import array
+
+    words = array.array("I", [1, 2, 3])
+    upload = store.stage()
+    upload.write(memoryview(words))  # a non-byte memoryview is taken as its raw bytes
+    upload.write(bytearray(b"!"))
+    upload.complete()
+    store.promote(upload.staging_key, "k")
+    assert read_all(store, "k") == words.tobytes() + b"!"
+    assert upload.bytes_written == 13
+
+
+# ---- ranges --------------------------------------------------------------------------------------
+
+SIZE = 1000
+DATA = payload(SIZE, seed=7)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        pytest.param(0, 4, DATA[0:4], id="head"),
+        pytest.param(5, None, DATA[5:], id="from-5-to-end"),
+        pytest.param(SIZE - 1, SIZE, DATA[-1:], id="last-byte"),
+        pytest.param(100, 300, DATA[100:300], id="middle"),
+        pytest.param(0, None, DATA, id="everything"),
+        pytest.param(0, SIZE, DATA, id="everything-explicit"),
+        pytest.param(990, 5000, DATA[990:], id="end-past-size-is-clamped"),
+        pytest.param(SIZE, None, b"", id="start-at-size-is-empty"),
+        pytest.param(5000, None, b"", id="start-past-size-is-empty"),
+        pytest.param(7, 7, b"", id="empty-range"),
+    ],
+)
+def test_read_returns_the_byte_range_end_exclusive(
+    store: BlobStore, start: int, end: int | None, expected: bytes
+) -> None:
+    put(store, "r", DATA)
+    assert read_all(store, "r", start, end) == expected
+
+
+def test_read_yields_chunks_no_larger_than_chunk_size(store: BlobStore) -> None:
+    put(store, "r", DATA)
+    chunks = list(store.read("r", 10, None, chunk_size=64))
+    assert b"".join(chunks) == DATA[10:]
+    assert max(len(c) for c in chunks) <= 64
+
+
+def test_range_read_of_empty_object_is_empty(store: BlobStore) -> None:
+    put(store, "empty", b"")
+    assert read_all(store, "empty", 0, 10) == b""
+    assert read_all(store, "empty", 3, None) == b""
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [pytest.param(0, None, id="whole"), pytest.param(5, 10, id="range"), pytest.param(3, 3, id="empty")],
+)
+def test_read_of_missing_key_raises_before_iteration(store: BlobStore, start: int, end: int | None) -> None:
+    with pytest.raises(BlobNotFound):
+        store.read("packets/missing.m2kt", start, end)  # not iterated: the call itself raises
+
+
+@pytest.mark.parametrize(("start", "end"), [pytest.param(-1, None, id="negative"), pytest.param(5, 4, id="reversed")])
+def test_read_rejects_invalid_ranges(store: BlobStore, start: int, end: int | None) -> None:
+    put(store, "r", DATA)
+    with pytest.raises(ValueError):
+        store.read("r", start, end)
+
+
+def test_size_of_missing_key_raises_blob_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        store.size("nope")
+    assert not store.exists("nope")
+
+
+def test_abandoned_read_stream_can_be_closed(store: BlobStore) -> None:
+    put(store, "big", payload(3 << 20))
+    stream = store.read("big", chunk_size=1 << 20)
+    assert len(next(stream)) == 1 << 20
+    stream.close()  # type: ignore[attr-defined]
+    assert list(stream) == []
+
+
+# ---- abort ---------------------------------------------------------------------------------------
+
+
+def assert_nothing_stored(store: BlobStore) -> None:
+    assert keys(store) == []
+    if isinstance(store, S3Store):
+        uploads = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+        assert uploads == []
+
+
+@pytest.mark.parametrize("size", [pytest.param(1000, id="below-one-part"), pytest.param(PART + 1000, id="multipart")])
+@pytest.mark.parametrize("when", ["before-complete", "after-complete", "after-promote"])
+def test_abort_removes_everything_staged_and_is_idempotent(store: BlobStore, size: int, when: str) -> None:
+    upload = store.stage()
+    upload.write(payload(size))
+    if when != "before-complete":
+        upload.complete()
+    if when == "after-promote":
+        store.promote(upload.staging_key, "final")
+    upload.abort()
+    upload.abort()
+    if when == "after-promote":
+        assert keys(store) == ["final"]  # abort never touches a promoted object
+        store.delete("final")
+    assert_nothing_stored(store)
+
+
+def test_write_or_complete_after_abort_or_complete_is_refused(store: BlobStore) -> None:
+    upload = store.stage()
+    upload.write(b"abc")
+    upload.complete()
+    with pytest.raises(RuntimeError):
+        upload.write(b"more")
+    with pytest.raises(RuntimeError):
+        upload.complete()
+    upload.abort()
+    with pytest.raises(RuntimeError):
+        upload.write(b"more")
+
+
+def test_staged_upload_as_context_manager_aborts_unless_completed(store: BlobStore) -> None:
+    with pytest.raises(KeyError), store.stage() as failed:
+        failed.write(b"abc")
+        raise KeyError("the caller failed")
+    with store.stage() as unfinished:
+        unfinished.write(b"abc")
+    with store.stage() as finished:
+        finished.write(b"kept")
+        finished.complete()
+    assert keys(store, "incoming/") == [finished.staging_key]
+
+
+# ---- promote -------------------------------------------------------------------------------------
+
+
+def test_promote_onto_existing_final_key_keeps_it_and_removes_staging(store: BlobStore) -> None:
+    put(store, "packets/p.m2kt", b"first")
+    second = store.stage()
+    second.write(b"second")
+    second.complete()
+    store.promote(second.staging_key, "packets/p.m2kt")
+    assert read_all(store, "packets/p.m2kt") == b"first"
+    assert keys(store) == ["packets/p.m2kt"]
+
+
+def test_promote_of_missing_staging_key_raises_blob_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        store.promote("incoming/" + "0" * 32, "packets/x.m2kt")
+    assert not store.exists("packets/x.m2kt")
+    assert keys(store) == []
+
+
+def test_repeating_a_promote_that_succeeded_is_harmless(store: BlobStore) -> None:
+    upload = store.stage()
+    upload.write(b"data")
+    upload.complete()
+    store.promote(upload.staging_key, "packets/x.m2kt")
+    store.promote(upload.staging_key, "packets/x.m2kt")
+    assert keys(store) == ["packets/x.m2kt"]
+    assert read_all(store, "packets/x.m2kt") == b"data"
+
+
+# ---- delete / list -------------------------------------------------------------------------------
+
+
+def test_delete_is_idempotent(store: BlobStore) -> None:
+    put(store, "packets/a.m2kt", b"a")
+    store.delete("packets/a.m2kt")
+    store.delete("packets/a.m2kt")
+    store.delete("never/existed")
+    assert not store.exists("packets/a.m2kt")
+    assert keys(store) == []
+
+
+def test_list_returns_keys_under_prefix_in_order_with_sizes(store: BlobStore) -> None:
+    blobs = {"packets/b.m2kt": b"bb", "packets/a.m2kt": b"a", "packets/a/deeper": b"ddd", "packetsX": b"", "z": b"zz"}
+    for key, data in blobs.items():
+        put(store, key, data)
+
+    everything = list(store.list())
+    assert [(i.key, i.size) for i in everything] == sorted((k, len(v)) for k, v in blobs.items())
+    assert all(i.modified.tzinfo is not None and i.modified.utcoffset() == UTC.utcoffset(None) for i in everything)
+    assert keys(store, "packets/") == ["packets/a.m2kt", "packets/a/deeper", "packets/b.m2kt"]
+    assert keys(store, "packets") == ["packets/a.m2kt", "packets/a/deeper", "packets/b.m2kt", "packetsX"]
+    assert keys(store, "packets/a") == ["packets/a.m2kt", "packets/a/deeper"]
+    assert keys(store, "packets/a/") == ["packets/a/deeper"]
+    assert keys(store, "nothing/here") == []
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../b", "a/..", "/etc/passwd", "a//b", "./a", ""])
+def test_unsafe_keys_are_rejected(store: BlobStore, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.exists(key)
+    with pytest.raises(ValueError):
+        store.read(key)
+    with pytest.raises(ValueError):
+        store.delete(key)
+    upload = store.stage()
+    upload.write(b"x")
+    upload.complete()
+    with pytest.raises(ValueError):
+        store.promote(upload.staging_key, key)
+    upload.abort()
+
+
+def test_local_store_keeps_files_inside_its_root(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path / "blobs")
+    put(local, "packets/ab/cd.m2kt", b"x")
+    assert (tmp_path / "blobs" / "packets" / "ab" / "cd.m2kt").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs"]
+    assert [p.name for p in (tmp_path / "blobs" / "incoming").iterdir()] == []
+
+
+# ---- presigned URLs ------------------------------------------------------------------------------
+
+
+def test_presigned_get_serves_the_object_directly(store: BlobStore) -> None:
+    put(store, "packets/p.m2kt", DATA)
+    url = store.presigned_get("packets/p.m2kt", 60)
+    if isinstance(store, LocalStore):
+        assert url is None
+        return
+    assert url is not None
+    response = httpx.get(url)
+    assert response.status_code == 200 and response.content == DATA
+    ranged = httpx.get(url, headers={"Range": "bytes=10-19"})
+    assert ranged.status_code == 206 and ranged.content == DATA[10:20]
+
+
+# ---- readiness, description ----------------------------------------------------------------------
+
+
+def test_check_passes_on_a_usable_store(store: BlobStore) -> None:
+    store.check()
+
+
+def test_description_names_where_blobs_live(store: BlobStore, tmp_path: Path) -> None:
+    if isinstance(store, LocalStore):
+        assert store.description == (tmp_path / "blobs").as_uri()
+    else:
+        assert isinstance(store, S3Store)
+        assert store.description == f"s3://{store.bucket}/m2kt at {store.client.meta.endpoint_url}"
+
+
+def test_s3_check_of_missing_bucket_raises_storage_error(s3_server: S3Server) -> None:
+    missing = S3Store(s3_server.client(), "m2kt-no-such-bucket")
+    with pytest.raises(StorageError, match="does not exist") as info:
+        missing.check()
+    assert not isinstance(info.value, BlobNotFound)
+
+
+def test_s3_part_size_below_s3_minimum_is_rejected() -> None:
+    with pytest.raises(ValueError, match="part_size"):
+        S3Store(object(), "bucket", part_size=(5 << 20) - 1)
+
+
+# ---- storage_from_url ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dummy")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "dummy")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "endpoint", "bucket", "prefix"),
+    [
+        pytest.param("s3://bucket", {}, None, "bucket", "", id="bucket"),
+        pytest.param("s3://bucket/", {}, None, "bucket", "", id="bucket-slash"),
+        pytest.param("s3://bucket/pre/fix", {}, None, "bucket", "pre/fix/", id="bucket-prefix"),
+        pytest.param("s3://bucket/pre/fix/", {}, None, "bucket", "pre/fix/", id="bucket-prefix-slash"),
+        pytest.param(
+            "s3://b", {"AWS_ENDPOINT_URL": "http://generic:1"}, "http://generic:1", "b", "", id="env-generic-endpoint"
+        ),
+        pytest.param(
+            "s3://b",
+            {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"},
+            "http://s3only:2",
+            "b",
+            "",
+            id="env-s3-endpoint-wins",
+        ),
+    ],
+)
+def test_storage_from_url_builds_s3_store(
+    aws_env: pytest.MonkeyPatch, url: str, env: dict[str, str], endpoint: str | None, bucket: str, prefix: str
+) -> None:
+    for name, value in env.items():
+        aws_env.setenv(name, value)
+    s3 = storage_from_url(url, part_size=6 << 20)
+    assert isinstance(s3, S3Store)
+    assert (s3.bucket, s3.prefix, s3.part_size) == (bucket, prefix, 6 << 20)
+    if endpoint is None:
+        assert "amazonaws.com" in s3.client.meta.endpoint_url
+    else:
+        assert s3.client.meta.endpoint_url == endpoint
+
+
+def test_storage_from_url_endpoint_argument_beats_environment(aws_env: pytest.MonkeyPatch) -> None:
+    aws_env.setenv("AWS_ENDPOINT_URL_S3", "http://from-env:1")
+    s3 = storage_from_url("s3://bucket/p", endpoint_url="http://127.0.0.1:9000")
+    assert s3.description == "s3://bucket/p at http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("url", "relative"),
+    [
+        pytest.param("file://{tmp}/blobs", "blobs", id="file-absolute"),
+        pytest.param("{tmp}/blobs", "blobs", id="plain-absolute-path"),
+        pytest.param("file://rel/dir", "rel/dir", id="file-relative"),
+        pytest.param("rel/dir", "rel/dir", id="plain-relative-path"),
+        pytest.param("file://{tmp}/with%20space", "with space", id="file-percent-encoded"),
+    ],
+)
+def test_storage_from_url_builds_local_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, relative: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    local = storage_from_url(url.format(tmp=tmp_path))
+    assert isinstance(local, LocalStore)
+    assert local.root == tmp_path / relative
+    assert (tmp_path / relative / "incoming").is_dir()
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x", "gs://bucket", "s3://", "s3:///prefix", "file://", "", "  "])
+def test_storage_from_url_rejects_other_forms(url: str) -> None:
+    with pytest.raises(ValueError, match="s3://bucket"):
+        storage_from_url(url)
+
+
+# ---- S3 unreachable ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable(aws_env: pytest.MonkeyPatch) -> S3Store:
+    client = make_s3_client(f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout=1, read_timeout=1)
+    return S3Store(client, "bucket", "m2kt/", part_size=PART)
+
+
+def _stage_small(s3: S3Store) -> None:
+    upload = s3.stage()
+    upload.write(b"abc")
+    upload.complete()
+
+
+def _stage_multipart(s3: S3Store) -> None:
+    s3.stage().write(bytes(PART))
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        pytest.param(lambda s3: s3.check(), id="check"),
+        pytest.param(_stage_small, id="stage-write-complete"),
+        pytest.param(_stage_multipart, id="stage-write-first-part"),
+        pytest.param(lambda s3: s3.read("packets/k"), id="read"),
+        pytest.param(lambda s3: s3.read("packets/k", 5, 10), id="read-range"),
+        pytest.param(lambda s3: s3.exists("packets/k"), id="exists"),
+        pytest.param(lambda s3: s3.size("packets/k"), id="size"),
+        pytest.param(lambda s3: s3.delete("packets/k"), id="delete"),
+        pytest.param(lambda s3: list(s3.list("packets/")), id="list"),
+        pytest.param(lambda s3: s3.promote("incoming/x", "packets/k"), id="promote"),
+    ],
+)
+def test_unreachable_s3_raises_storage_error(unreachable: S3Store, operation) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(StorageError) as info:
+        operation(unreachable)
+    assert not isinstance(info.value, BlobNotFound)
+    assert "127.0.0.1" in str(info.value) or "bucket" in str(info.value)
+
+
+def test_unreachable_s3_abort_raises_storage_error_and_can_be_retried(unreachable: S3Store) -> None:
+    upload = unreachable.stage()
+    upload.write(b"abc")
+    with pytest.raises(StorageError):
+        upload.complete()
+    with pytest.raises(StorageError):
+        upload.abort()  # the staging object may exist: abort must say it could not delete it
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+
+def test_s3_staging_memory_stays_below_three_parts(s3_server: S3Server, s3_bucket: str) -> None:
+    s3 = S3Store(s3_server.client(), s3_bucket, part_size=PART)
+    chunk = payload(64 << 10)
+    total = 64 << 20
+    s3.check()  # warm the client (credentials, endpoint resolution) outside the measurement
+    tracemalloc.start()
+    try:
+        upload = s3.stage()
+        for _ in range(total // len(chunk)):
+            upload.write(chunk)
+        upload.complete()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * PART, f"peak {peak / 2**20:.1f} MiB"
+    assert s3.size(upload.staging_key) == total
+    upload.abort()
+    assert keys(s3) == []
+
+
+def test_presigned_urls_can_name_a_public_endpoint(s3_server, s3_bucket: str) -> None:
+    """Behind a proxy or in compose, clients reach S3 at another host than the broker does."""
+    public = make_s3_client("http://storage.example.test:9000")
+    store = S3Store(s3_server.client(), s3_bucket, presign_client=public)
+    url = store.presigned_get("packets/x.m2kt", 60)
+    assert url is not None and url.startswith("http://storage.example.test:9000/")
