@@ -99,7 +99,7 @@ def start_nanio(
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # never piped unread: a full pipe would block the server
     )
     try:
         wait_for_port(port, proc)
