@@ -3,9 +3,14 @@
 Exit codes (stable, for scripts):
 
 * 0 — success (for ``verify``: the packet is valid);
-* 1 — the packet was refused (malformed or failed verification); one line says why;
+* 1 — a packet was refused (malformed, failed verification here, or refused by the broker's checks);
 * 2 — usage error (bad options or arguments);
-* 3 — a file could not be used (missing, unreadable, bad key file).
+* 3 — a file could not be used (missing, unreadable, bad key file);
+* 4 — the broker refused the request (authentication, permission, not found, conflict);
+* 5 — the broker is unreachable or unavailable (after retries);
+* 6 — a ``subscribe --exec`` handler failed (that packet is not acknowledged).
+
+Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from client.keys import KeyFileError, generate_keypair, load_verify_key
 from client.manifest import manifest_json_schema
 from client.packet import PacketError, PacketHeader, packet_id, read_header, verify_packet
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FILE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FILE, EXIT_BROKER, EXIT_UNAVAILABLE, EXIT_HANDLER = 0, 1, 2, 3, 4, 5, 6
 
 app = typer.Typer(
     name="m2kt",
@@ -43,7 +48,7 @@ else:  # pragma: no cover - exercised only without the extra
 
     @broker_app.callback(invoke_without_command=True)
     def _missing_broker() -> None:
-        _fail(EXIT_USAGE, "the broker is not installed here: pip install 'm2kt[broker]'")
+        fail(EXIT_USAGE, "the broker is not installed here: pip install 'm2kt[broker]'")
 
 
 app.add_typer(broker_app, name="broker")
@@ -52,7 +57,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail(code: int, message: str) -> NoReturn:
+def fail(code: int, message: str) -> NoReturn:
     err.print(message, markup=False)
     raise typer.Exit(code)
 
@@ -65,11 +70,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
+    broker: Annotated[
+        str | None, typer.Option("--broker", envvar="M2KT_URL", help="Broker URL (default: from `m2kt login`).")
+    ] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="M2KT_TOKEN", help="API token.")] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """M2KT command line."""
+    ctx.obj = {"broker": broker, "token": token}
 
 
 @app.command()
@@ -81,11 +92,11 @@ def keygen(
 ) -> None:
     """Generate an Ed25519 signing key pair (private key written with mode 0600)."""
     if fmt not in ("pem", "raw"):
-        _fail(EXIT_USAGE, f"--format must be 'pem' or 'raw', not {fmt!r}")
+        fail(EXIT_USAGE, f"--format must be 'pem' or 'raw', not {fmt!r}")
     try:
         paths = generate_keypair(out_dir, name, fmt=fmt, overwrite=force)  # type: ignore[arg-type]
     except (KeyFileError, OSError) as exc:
-        _fail(EXIT_FILE, f"keygen failed: {exc}")
+        fail(EXIT_FILE, f"keygen failed: {exc}")
     out.print(f"private key: {paths.private}")
     out.print(f"public key:  {paths.public}")
     out.print(f"fingerprint: {paths.fingerprint}")
@@ -111,9 +122,9 @@ def packet_inspect(
     try:
         header = read_header(file)
     except OSError as exc:
-        _fail(EXIT_FILE, f"{file}: {exc.strerror or exc}")
+        fail(EXIT_FILE, f"{file}: {exc.strerror or exc}")
     except PacketError as exc:
-        _fail(EXIT_REFUSED, f"malformed: {exc.code}: {exc.message}")
+        fail(EXIT_REFUSED, f"malformed: {exc.code}: {exc.message}")
     info = _describe(header, file)
     if as_json:
         out.print(json.dumps(info, indent=2, sort_keys=True), markup=False)
@@ -165,13 +176,13 @@ def packet_verify(
     try:
         keys = [load_verify_key(k) for k in key]
     except KeyFileError as exc:
-        _fail(EXIT_FILE, f"key: {exc}")
+        fail(EXIT_FILE, f"key: {exc}")
     try:
         result = verify_packet(file, keys)
     except OSError as exc:
-        _fail(EXIT_FILE, f"{file}: {exc.strerror or exc}")
+        fail(EXIT_FILE, f"{file}: {exc.strerror or exc}")
     except PacketError as exc:
-        _fail(EXIT_REFUSED, f"invalid: {exc.code}: {exc.message}")
+        fail(EXIT_REFUSED, f"invalid: {exc.code}: {exc.message}")
     m = result.manifest
     out.print(
         f"valid: {file} topic={m.topic} concepts={len(m.concepts)} signed-by={result.key.fingerprint[:16]}…",
@@ -184,6 +195,8 @@ def packet_schema() -> None:
     """Print the JSON Schema of the signed manifest (m2kt.manifest)."""
     sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")
 
+
+import client.cli_remote  # noqa: E402,F401 - registers the broker-facing commands on `app`
 
 if __name__ == "__main__":  # pragma: no cover
     app()
