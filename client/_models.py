@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from client.manifest import Manifest
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -139,8 +141,10 @@ class FetchedPacket:
     """A packet verified on this machine and moved into place."""
 
     path: Path
-    record: PacketRecord
+    id: str
+    manifest: Manifest  # as signed by the teacher, verified here
     key_fingerprint: str
+    size: int
 
 
 @dataclass(frozen=True)

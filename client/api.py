@@ -94,8 +94,10 @@ class _Base:
         trusted_fingerprints: set[str] | frozenset[str] | None,
         prefer_redirect: bool,
         quiet: bool,
+        fsync: bool = False,
     ) -> None:
         self.base_url, self._token = _resolve(base_url, token)
+        self.fsync = fsync
         self.retry = retry or RetryPolicy()
         self.trusted = frozenset(trusted_fingerprints) if trusted_fingerprints is not None else None
         self.prefer_redirect = prefer_redirect
@@ -133,7 +135,9 @@ class BrokerClient(_Base):
     ...         use(delivery.path)                               # acknowledged when the loop continues
 
     ``transport`` (an ``httpx.BaseTransport``) replaces the network, for tests. ``base_url`` and
-    ``token`` default to ``M2KT_URL`` / ``M2KT_TOKEN`` or what ``m2kt login`` stored.
+    ``token`` default to ``M2KT_URL`` / ``M2KT_TOKEN`` or what ``m2kt login`` stored. ``fsync``
+    makes fetched files durable before they are moved into place; it is off by default because a
+    packet is verified again whenever it is opened for use, so a file torn by a crash is refused.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class BrokerClient(_Base):
         trusted_fingerprints: set[str] | frozenset[str] | None = None,
         prefer_redirect: bool = True,
         quiet: bool = False,
+        fsync: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
@@ -156,6 +161,7 @@ class BrokerClient(_Base):
             trusted_fingerprints=trusted_fingerprints,
             prefer_redirect=prefer_redirect,
             quiet=quiet,
+            fsync=fsync,
         )
         self._sleep = sleep
         limits = httpx.Timeout(timeout, connect=10)
@@ -278,15 +284,13 @@ class BrokerClient(_Base):
         return self._keys[fingerprint]
 
     def fetch(self, packet_id: str, dest: PathLike) -> FetchedPacket:
-        """Download, verify (id, digest, signature, finiteness) and only then move into ``dest``."""
-        record = self.packet(packet_id)
-        key = self.verify_key_for(record.key_fingerprint)
+        """Download, verify (id, digest, signature against the registered key, finiteness) and only
+        then move into ``dest`` (a file path, or a directory for ``<id>.m2kt``)."""
         final = destination(packet_id, dest)
         attempt = 0
         while True:
             try:
-                self._download(packet_id, record.size, key, final)
-                return FetchedPacket(final, record, key.fingerprint)
+                return self._download(packet_id, final)
             except httpx.TransportError as exc:
                 error: M2KTError = TransportError(f"download {packet_id[:16]}…: {exc!r}")
             except ServiceUnavailable as exc:
@@ -297,26 +301,28 @@ class BrokerClient(_Base):
             self._sleep(wait)
             attempt += 1
 
-    def _download(self, packet_id: str, size: int, key: VerifyKey, final: Path) -> None:
+    def _download(self, packet_id: str, final: Path) -> FetchedPacket:
         tmp = temporary_path(final)
         verifier = StreamVerifier(expected_id=packet_id)
+        key: VerifyKey | None = None
         try:
-            with (
-                self._open_blob(packet_id) as response,
-                open(tmp, "wb") as out,
-                transfer_progress(f"fetch {packet_id[:12]}", size, quiet=self.quiet) as advance,
-            ):
-                for chunk in response.iter_bytes(CHUNK):
-                    if verifier.feed(chunk) is not None:
-                        verify_signature(verifier.header, key)  # type: ignore[arg-type]
-                    out.write(chunk)
-                    advance(len(chunk))
+            with self._open_blob(packet_id) as response, open(tmp, "wb") as out:
+                size = int(response.headers.get("content-length", 0)) or None
+                with transfer_progress(f"fetch {packet_id[:12]}", size, quiet=self.quiet) as advance:
+                    for chunk in response.iter_bytes(CHUNK):
+                        header = verifier.feed(chunk)
+                        if header is not None:  # check the signature before the body has arrived
+                            key = self.verify_key_for(header.manifest.key_fingerprint)
+                            verify_signature(header, key)
+                        out.write(chunk)
+                        advance(len(chunk))
                 result = verifier.finish()
-                out.flush()
-                os.fsync(out.fileno())
-            if result.header.manifest.key_fingerprint != key.fingerprint:  # pragma: no cover - signature pins it
-                raise VerificationError("key_mismatch", "the packet names another key than its record")
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            assert key is not None
             os.replace(tmp, final)
+            return FetchedPacket(final, packet_id, result.header.manifest, key.fingerprint, result.size)
         except PacketError as exc:
             raise VerificationError(exc.code, exc.message) from None
         finally:
@@ -410,6 +416,7 @@ class AsyncBrokerClient(_Base):
         trusted_fingerprints: set[str] | frozenset[str] | None = None,
         prefer_redirect: bool = True,
         quiet: bool = False,
+        fsync: bool = False,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         super().__init__(
@@ -419,6 +426,7 @@ class AsyncBrokerClient(_Base):
             trusted_fingerprints=trusted_fingerprints,
             prefer_redirect=prefer_redirect,
             quiet=quiet,
+            fsync=fsync,
         )
         self._sleep = sleep
         limits = httpx.Timeout(timeout, connect=10)
@@ -534,14 +542,11 @@ class AsyncBrokerClient(_Base):
         return self._keys[fingerprint]
 
     async def fetch(self, packet_id: str, dest: PathLike) -> FetchedPacket:
-        record = await self.packet(packet_id)
-        key = await self.verify_key_for(record.key_fingerprint)
         final = destination(packet_id, dest)
         attempt = 0
         while True:
             try:
-                await self._download(packet_id, record.size, key, final)
-                return FetchedPacket(final, record, key.fingerprint)
+                return await self._download(packet_id, final)
             except httpx.TransportError as exc:
                 error: M2KTError = TransportError(f"download {packet_id[:16]}…: {exc!r}")
             except ServiceUnavailable as exc:
@@ -552,9 +557,10 @@ class AsyncBrokerClient(_Base):
             await self._sleep(wait)
             attempt += 1
 
-    async def _download(self, packet_id: str, size: int, key: VerifyKey, final: Path) -> None:
+    async def _download(self, packet_id: str, final: Path) -> FetchedPacket:
         tmp = temporary_path(final)
         verifier = StreamVerifier(expected_id=packet_id)
+        key: VerifyKey | None = None
         path = f"/v1/packets/{calls._q(packet_id)}/blob"
         params = {"redirect": 1} if self.prefer_redirect else None
         try:
@@ -570,21 +576,27 @@ class AsyncBrokerClient(_Base):
                 if response.status_code >= 400:
                     await response.aread()
                     raise _error(response)
+                size = int(response.headers.get("content-length", 0)) or None
                 with (
                     open(tmp, "wb") as out,
                     transfer_progress(f"fetch {packet_id[:12]}", size, quiet=self.quiet) as advance,
                 ):
                     async for chunk in response.aiter_bytes(CHUNK):
-                        if verifier.feed(chunk) is not None:
-                            verify_signature(verifier.header, key)  # type: ignore[arg-type]
+                        header = verifier.feed(chunk)
+                        if header is not None:
+                            key = await self.verify_key_for(header.manifest.key_fingerprint)
+                            verify_signature(header, key)
                         await asyncio.to_thread(out.write, chunk)
                         advance(len(chunk))
-                    verifier.finish()
-                    out.flush()
-                    os.fsync(out.fileno())
+                    result = verifier.finish()
+                    if self.fsync:
+                        out.flush()
+                        os.fsync(out.fileno())
             finally:
                 await response.aclose()
+            assert key is not None
             os.replace(tmp, final)
+            return FetchedPacket(final, packet_id, result.header.manifest, key.fingerprint, result.size)
         except PacketError as exc:
             raise VerificationError(exc.code, exc.message) from None
         finally:

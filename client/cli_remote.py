@@ -142,8 +142,10 @@ def fetch(
             _dump(
                 {
                     "path": str(fetched.path),
+                    "id": fetched.id,
+                    "size": fetched.size,
                     "signed_by": fetched.key_fingerprint,
-                    "record": fetched.record.model_dump(mode="json"),
+                    "manifest": fetched.manifest.model_dump(mode="json"),
                 }
             ),
             markup=False,

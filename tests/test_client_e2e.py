@@ -55,7 +55,7 @@ def test_publish_then_fetch_verified(live_broker: LiveBroker, nodes, tmp_path: P
 
     token = student_token(live_broker)
     for redirect in (True, False):
-        student = client(token, prefer_redirect=redirect)
+        student = client(token, prefer_redirect=redirect, fsync=not redirect)
         inbox = tmp_path / f"inbox-{redirect}"
         fetched = student.fetch(record.id, f"{inbox}/")
         assert fetched.path == inbox / f"{record.id}.m2kt"
