@@ -27,7 +27,8 @@ def nodes(live_broker: LiveBroker, kind: str):  # type: ignore[no-untyped-def]
     made = []
 
     def client(token: str, **kwargs):  # type: ignore[no-untyped-def]
-        c = make_client(kind, base_url=live_broker.url, token=token, quiet=True, **kwargs)
+        kwargs.setdefault("base_url", live_broker.url)
+        c = make_client(kind, token=token, quiet=True, **kwargs)
         made.append(c)
         return c
 
@@ -64,8 +65,9 @@ def test_publish_then_fetch_verified(live_broker: LiveBroker, nodes, tmp_path: P
         assert sorted(p.name for p in inbox.iterdir()) == [f"{record.id}.m2kt"]  # no temporary files
 
 
-def test_two_subscribers_each_receive_every_packet_once_in_order(live_broker: LiveBroker, nodes,
-                                                                  tmp_path: Path) -> None:
+def test_two_subscribers_each_receive_every_packet_once_in_order(
+    live_broker: LiveBroker, nodes, tmp_path: Path
+) -> None:
     teacher, client = nodes
     topic = unique("fanout")
     publisher = client(teacher.token)
@@ -130,7 +132,9 @@ class _FlipBlob:
     """Man in the middle: flips one byte of every packet body (broker stream or presigned S3)."""
 
     def _flip(self, request: httpx.Request, response: httpx.Response, body: bytes) -> httpx.Response:
-        if response.status_code == 200 and (request.url.path.endswith("/blob") or "X-Amz-Signature" in str(request.url)):
+        if response.status_code == 200 and (
+            request.url.path.endswith("/blob") or "X-Amz-Signature" in str(request.url)
+        ):
             data = bytearray(body)
             data[-1] ^= 0x01  # a tensor byte
             body = bytes(data)
@@ -151,8 +155,9 @@ class AsyncFlipTransport(_FlipBlob, httpx.AsyncHTTPTransport):
 
 
 @pytest.mark.parametrize("redirect", [True, False], ids=["presigned", "through-broker"])
-def test_man_in_the_middle_is_caught_and_leaves_no_file(live_broker: LiveBroker, nodes, kind: str, tmp_path: Path,
-                                                        redirect: bool) -> None:
+def test_man_in_the_middle_is_caught_and_leaves_no_file(
+    live_broker: LiveBroker, nodes, kind: str, tmp_path: Path, redirect: bool
+) -> None:
     teacher, client = nodes
     topic = unique("mitm")
     pid = client(teacher.token).publish(write(tmp_path, teacher, topic, 0), topic).id
@@ -166,3 +171,52 @@ def test_man_in_the_middle_is_caught_and_leaves_no_file(live_broker: LiveBroker,
         for _ in victim.subscribe(topic, "victim", dest=inbox, once=True):
             pass
     assert list(inbox.iterdir()) == []  # nothing at the destination, no temporary file either
+
+
+def test_subscription_survives_a_broker_restart(
+    live_broker: LiveBroker, broker_database: str, broker_bucket: str, s3_server, nodes, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from tests.broker_harness import BrokerProcess, s3_env
+
+    teacher, client = nodes
+    env = {
+        "M2KT_DATABASE_URL": broker_database,
+        "M2KT_STORAGE_URL": f"s3://{broker_bucket}",
+        "M2KT_DATA_DIR": str(tmp_path),
+        **s3_env(s3_server),
+    }
+    broker = BrokerProcess(env, log_path=tmp_path / "b1.log").start()
+    topic = unique("restart")
+    publisher = client(teacher.token)
+    ids = [publisher.publish(write(tmp_path, teacher, topic, s), topic).id for s in range(2)]
+    subscriber = make_client_for(client, student_token(live_broker), broker.url)
+    got: list[str] = []
+
+    def consume() -> None:
+        for delivery in subscriber.subscribe(topic, "survivor", dest=tmp_path / "in", wait=1):
+            got.append(delivery.packet_id)
+            if len(got) == 4:
+                return
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    broker.stop()  # the subscriber is mid long-poll: it now sees connection errors and backs off
+    ids += [publisher.publish(write(tmp_path, teacher, topic, s), topic).id for s in range(2, 4)]
+    restarted = BrokerProcess(env, port=broker.port, log_path=tmp_path / "b2.log").start()
+    try:
+        reader.join(60)
+        assert got == ids
+    finally:
+        restarted.stop()
+
+
+def make_client_for(factory, token: str, url: str):  # type: ignore[no-untyped-def]
+    from client import RetryPolicy
+
+    return factory(token, base_url=url, retry=RetryPolicy(attempts=3, backoff=0.2, max_backoff=1.0))
