@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,7 +41,7 @@ from benchmarks.broker_memory import (  # noqa: E402
     write_big_packet,
 )
 from broker.db import upgrade  # noqa: E402
-from client import BrokerClient  # noqa: E402
+from client import BrokerClient, SigningKey  # noqa: E402
 from tests.broker_harness import BrokerProcess, create_database, drop_database, register_node, s3_env  # noqa: E402
 from tests.services import DEFAULT_DATABASE_URL  # noqa: E402
 
@@ -60,6 +61,55 @@ def timed(fn: Callable[[], object], repeat: int, sampler_pid: int | None = None)
             best = min(best, time.perf_counter() - t0)
         growth = max(growth, rss.growth)
     return best, growth
+
+
+def measure(
+    size_mib: int,
+    tmp: Path,
+    topic: str,
+    key: SigningKey,
+    s3c: Any,
+    bucket: str,
+    broker_pid: int,
+    repeat: int,
+    publisher: BrokerClient,
+    redirected: BrokerClient,
+    streamed: BrokerClient,
+) -> list[tuple[int, str, float, float, int]]:
+    """One size: raw boto3 up/down, then publish and both kinds of fetch through the broker."""
+    path = tmp / f"p{size_mib}.m2kt"
+    write_big_packet(path, tmp / "scratch", size_mib * MiB, topic, key)
+    mb = path.stat().st_size / 1e6
+    raw_key = f"raw/{uuid.uuid4().hex}"
+    t_raw_up, _ = timed(lambda: s3c.upload_file(str(path), bucket, raw_key), repeat)
+    t_raw_down, _ = timed(lambda: s3c.download_file(bucket, raw_key, str(tmp / "raw.down")), repeat)
+    # Publishing the same bytes again returns the stored record, so each timed publish gets a
+    # packet of its own (another signed copy of the same size).
+    copies = [path] + [tmp / f"p{size_mib}-{i}.m2kt" for i in range(1, repeat)]
+    for extra in copies[1:]:
+        write_big_packet(extra, tmp / "scratch", size_mib * MiB, topic, key)
+    ids: list[str] = []
+    pending = list(copies)
+    t_up, g_up = timed(lambda: ids.append(publisher.publish(pending.pop(0), topic).id), repeat, broker_pid)
+
+    def fetch(client: BrokerClient, into: str) -> None:
+        out = tmp / into
+        if out.exists():
+            for f in out.iterdir():
+                f.unlink()
+        client.fetch(ids[0], f"{out}/")
+
+    t_redirect, g_redirect = timed(lambda: fetch(redirected, "in-redirect"), repeat, broker_pid)
+    t_stream, g_stream = timed(lambda: fetch(streamed, "in-stream"), repeat, broker_pid)
+    for copy in copies:
+        copy.unlink()
+    return [
+        (size_mib, "raw boto3 upload_file", mb / t_raw_up, 1.0, 0),
+        (size_mib, "publish via broker (SDK)", mb / t_up, t_raw_up / t_up, g_up),
+        (size_mib, "raw boto3 download_file", mb / t_raw_down, 1.0, 0),
+        (size_mib, "fetch, presigned redirect (SDK, verified)", mb / t_redirect, t_raw_down / t_redirect, g_redirect),
+        (size_mib, "fetch through broker (SDK, verified)", mb / t_stream, t_raw_down / t_stream, g_stream),
+    ]
 
 
 def main() -> None:
@@ -107,49 +157,19 @@ def main() -> None:
             redirected.fetch(publisher.publish(warm, topic).id, tmp / "warm-in/")
 
             for size_mib in args.sizes:
-                path = tmp / f"p{size_mib}.m2kt"
-                write_big_packet(path, tmp / "scratch", size_mib * MiB, topic, teacher.key)
-                size = path.stat().st_size
-                mb = size / 1e6
-                key = f"raw/{uuid.uuid4().hex}"
-                t_raw_up, _ = timed(lambda: s3c.upload_file(str(path), bucket, key), args.repeat)
-                t_raw_down, _ = timed(lambda: s3c.download_file(bucket, key, str(tmp / "raw.down")), args.repeat)
-                # The first publish stores the packet; repeats of the same bytes return the same record,
-                # so each timed publish gets a packet of its own (a re-signed copy: same size).
-                copies = [path] + [tmp / f"p{size_mib}-{i}.m2kt" for i in range(1, args.repeat)]
-                for extra in copies[1:]:
-                    write_big_packet(extra, tmp / "scratch", size_mib * MiB, topic, teacher.key)
-                ids: list[str] = []
-                pending = list(copies)
-                t_up, g_up = timed(
-                    lambda: ids.append(publisher.publish(pending.pop(0), topic).id), args.repeat, broker.proc.pid
+                rows += measure(
+                    size_mib,
+                    tmp,
+                    topic,
+                    teacher.key,
+                    s3c,
+                    bucket,
+                    broker.proc.pid,
+                    args.repeat,
+                    publisher,
+                    redirected,
+                    streamed,
                 )
-                pid = ids[0]
-
-                def fetch(client: BrokerClient, into: str) -> None:
-                    out = tmp / into
-                    if out.exists():
-                        for f in out.iterdir():
-                            f.unlink()
-                    client.fetch(pid, f"{out}/")
-
-                t_redirect, g_redirect = timed(lambda: fetch(redirected, "in-redirect"), args.repeat, broker.proc.pid)
-                t_stream, g_stream = timed(lambda: fetch(streamed, "in-stream"), args.repeat, broker.proc.pid)
-                for copy in copies:
-                    copy.unlink()
-                rows += [
-                    (size_mib, "raw boto3 upload_file", mb / t_raw_up, 1.0, 0),
-                    (size_mib, "publish via broker (SDK)", mb / t_up, t_raw_up / t_up, g_up),
-                    (size_mib, "raw boto3 download_file", mb / t_raw_down, 1.0, 0),
-                    (
-                        size_mib,
-                        "fetch, presigned redirect (SDK, verified)",
-                        mb / t_redirect,
-                        t_raw_down / t_redirect,
-                        g_redirect,
-                    ),
-                    (size_mib, "fetch through broker (SDK, verified)", mb / t_stream, t_raw_down / t_stream, g_stream),
-                ]
                 print(f"… {size_mib} MiB done", file=sys.stderr)
             for c in (publisher, redirected, streamed):
                 c.close()

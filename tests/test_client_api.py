@@ -22,12 +22,47 @@ from client import (
 from client._retry import parse_retry_after
 
 PUBLIC = {
-    "AsyncBrokerClient", "AuthError", "BrokerClient", "BrokerError", "Conflict", "Delivery", "Event", "EventPage",
-    "FetchedPacket", "KeyRecord", "Lineage", "M2KTError", "MalformedRequest", "Manifest", "ManifestBody", "NotFound",
-    "Packet", "PacketError", "PacketFormatError", "PacketRecord", "PacketVerificationError", "PermissionDenied",
-    "RateLimited", "Receipt", "RetryPolicy", "ServiceUnavailable", "SigningKey", "SubscriptionRecord", "TooLarge",
-    "TopicRecord", "TransportError", "ValidationError", "VerificationError", "VerifyKey", "__version__",
-    "generate_keypair", "load_signing_key", "load_verify_key", "open_packet", "verify_packet", "write_packet",
+    "AsyncBrokerClient",
+    "AuthError",
+    "BrokerClient",
+    "BrokerError",
+    "Conflict",
+    "Delivery",
+    "Event",
+    "EventPage",
+    "FetchedPacket",
+    "KeyRecord",
+    "Lineage",
+    "M2KTError",
+    "MalformedRequest",
+    "Manifest",
+    "ManifestBody",
+    "NotFound",
+    "Packet",
+    "PacketError",
+    "PacketFormatError",
+    "PacketRecord",
+    "PacketVerificationError",
+    "PermissionDenied",
+    "RateLimited",
+    "Receipt",
+    "RetryPolicy",
+    "ServiceUnavailable",
+    "SigningKey",
+    "SubscriptionRecord",
+    "TooLarge",
+    "TopicRecord",
+    "TransportError",
+    "ValidationError",
+    "VerificationError",
+    "VerifyKey",
+    "__version__",
+    "generate_keypair",
+    "load_signing_key",
+    "load_verify_key",
+    "open_packet",
+    "verify_packet",
+    "write_packet",
 }
 
 
@@ -35,8 +70,17 @@ def test_public_names_are_pinned() -> None:
     assert set(client.__all__) == PUBLIC
     for name in client.__all__:
         assert getattr(client, name) is not None
-    assert all(issubclass(getattr(client, n), M2KTError) for n in
-               ("AuthError", "NotFound", "ValidationError", "TransportError", "VerificationError", "ServiceUnavailable"))
+    assert all(
+        issubclass(getattr(client, n), M2KTError)
+        for n in (
+            "AuthError",
+            "NotFound",
+            "ValidationError",
+            "TransportError",
+            "VerificationError",
+            "ServiceUnavailable",
+        )
+    )
 
 
 ME = {"node": "n", "role": "student", "scopes": ["read"], "token_expires_at": None}
@@ -70,8 +114,9 @@ def run(kind: str, script: Script, method: str, *args: object, policy: RetryPoli
         async def sleep(s: float) -> None:
             slept.append(s)
 
-        async with AsyncBrokerClient("http://broker", "t", transport=httpx.MockTransport(script), retry=policy,
-                                     sleep=sleep) as c:
+        async with AsyncBrokerClient(
+            "http://broker", "t", transport=httpx.MockTransport(script), retry=policy, sleep=sleep
+        ) as c:
             return await getattr(c, method)(*args), slept
 
     return asyncio.run(go())
@@ -83,9 +128,11 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 def test_idempotent_calls_retry_and_honour_retry_after(kind: str) -> None:
-    script = Script((503, {"Retry-After": "2"}, {"code": "storage_unavailable", "message": "s3 down"}),
-                    (429, {"Retry-After": "1"}, {"code": "rate_limited", "message": "slow down"}),
-                    (200, {}, ME))
+    script = Script(
+        (503, {"Retry-After": "2"}, {"code": "storage_unavailable", "message": "s3 down"}),
+        (429, {"Retry-After": "1"}, {"code": "rate_limited", "message": "slow down"}),
+        (200, {}, ME),
+    )
     result, slept = run(kind, script, "me")
     assert result.node == "n" and slept == [2.0, 1.0] and len(script.requests) == 3
     assert script.requests[0].headers["authorization"] == "Bearer t"
