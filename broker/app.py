@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,33 @@ def prepare_database(settings: Settings) -> None:
         engine.dispose()
 
 
+class RequestMetrics:
+    """Counts requests by method, route template and status — as plain ASGI, so a streamed upload's
+    ~2,000 body messages pass straight through (a BaseHTTPMiddleware wraps each one in a task group)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+
+
 def create_app(settings: Settings | None = None, *, storage: BlobStore | None = None) -> FastAPI:
     """Build the broker. Nothing connects until start-up, which checks the schema first."""
     settings = settings or Settings()
@@ -139,11 +166,5 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
     for module in (ops, nodes, keys, topics, packets, subscriptions, admin):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        path = getattr(request.scope.get("route"), "path", "unmatched")
-        state.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app

@@ -1,8 +1,13 @@
 """Blob storage for packet files: one small interface, a local-directory and an S3 implementation.
 
-Uploads are staged under ``incoming/<uuid4 hex>`` and only become visible under their final key
-(a content digest) through :meth:`BlobStore.promote`. Everything here is synchronous; the broker
-calls it from worker threads. A store may be shared between threads, a :class:`StagedUpload` may not.
+Uploads are staged and only become visible under their final key (a content digest) once they
+are complete and promoted. Local uploads are written under ``incoming/<uuid4 hex>`` and renamed by
+:meth:`BlobStore.promote`. An S3 upload that is given its final key up front
+(``store.stage(final_key)``) is a multipart upload on that key: it is invisible until
+:meth:`StagedUpload.complete`, so nothing is copied afterwards and promote() only checks it is
+there. Everything here is synchronous; the broker calls it from worker threads. A store may be
+shared between threads, a :class:`StagedUpload` may not (S3 sends its parts from a few helper
+threads of its own).
 
 Failures of the storage itself (unreachable, timed out, refused, disk errors) raise
 :class:`StorageError`; a missing key raises :class:`BlobNotFound`. Backend exceptions never leak.
@@ -16,6 +21,7 @@ import stat
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +44,7 @@ STAGING_PREFIX = "incoming/"
 MIN_PART_SIZE = 5 << 20  # S3's minimum size for every part but the last
 MAX_PARTS = 10_000  # S3's maximum number of parts in one multipart upload
 MAX_COPY_OBJECT_SIZE = 5 << 30  # the largest object a single CopyObject may copy
+PARTS_IN_FLIGHT = 3  # S3 parts sending at once per staged upload: memory ≈ (this + 1) × part_size
 
 
 class StorageError(Exception):
@@ -111,27 +118,40 @@ class _ChunkStream(Iterator[bytes]):
 
 
 class StagedUpload(ABC):
-    """Bytes streamed to a private staging key, never visible under a final key until promote().
+    """Bytes streamed to a staging key, never visible under the final key before complete().
 
     Use as a context manager to abort automatically unless :meth:`complete` succeeded::
 
-        with store.stage() as upload:
+        with store.stage(key) as upload:
             for chunk in body:
                 upload.write(chunk)
-            upload.complete()
-        store.promote(upload.staging_key, digest)
+            upload.complete()           # call only once the content is known to be right
+        store.promote(upload.staging_key, key)
+
+    Without a final key the staging key is a private ``incoming/<uuid4 hex>``. With one, a store
+    may stage straight onto it (S3): ``staging_key == final_key``, the object appears under it on
+    complete() — which therefore must only be called for content that belongs there — and
+    promote() is a no-op. Because final keys are content digests that other uploads (and rows)
+    may share, abort() never deletes an object under a final key: it only drops what was not
+    completed yet.
     """
 
     staging_key: str
+    final_key: str | None
     bytes_written: int
 
-    def __init__(self, staging_key: str) -> None:
+    def __init__(self, staging_key: str, final_key: str | None = None) -> None:
         self.staging_key = staging_key
+        self.final_key = final_key
         self.bytes_written = 0
         self._state = "open"  # open -> completed | failed -> aborted
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        """Append bytes. Buffers at most about one part (S3) before sending it."""
+        """Append bytes (copied: the buffer may be reused once this returns).
+
+        S3 buffers one part and sends full parts from helper threads, up to PARTS_IN_FLIGHT at
+        once; write() blocks only while that many are in flight. A failed part is reported by a
+        later write() or by complete()."""
         self._require_open("write to")
         view = _byte_view(chunk)
         if view.nbytes:
@@ -188,8 +208,12 @@ class BlobStore(ABC):
     """Keys are "/"-separated relative paths such as ``packets/ab/abcdef…``."""
 
     @abstractmethod
-    def stage(self) -> StagedUpload:
-        """Start an upload to a fresh staging key ``incoming/<uuid4 hex>``."""
+    def stage(self, final_key: str | None = None) -> StagedUpload:
+        """Start an upload to a fresh staging key ``incoming/<uuid4 hex>``, or, where the store can,
+        straight onto ``final_key`` (S3: a multipart upload, invisible until complete()).
+
+        Either way, promote(upload.staging_key, final_key) after complete() makes it available.
+        """
 
     @abstractmethod
     def promote(self, staging_key: str, final_key: str) -> None:
@@ -197,6 +221,8 @@ class BlobStore(ABC):
 
         Final keys are content digests: if final_key already exists, it is kept and the staged copy dropped
         (so repeating a promote that succeeded is fine). Otherwise a missing staging key raises BlobNotFound.
+        When staging_key == final_key (an upload staged onto its final key) this only checks the object is
+        there (BlobNotFound otherwise).
         """
 
     @abstractmethod
@@ -269,8 +295,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _LocalStagedUpload(StagedUpload):
-    def __init__(self, store: LocalStore, staging_key: str) -> None:
-        super().__init__(staging_key)
+    def __init__(self, store: LocalStore, staging_key: str, final_key: str | None) -> None:
+        super().__init__(staging_key, final_key)
         self._path = store._path(staging_key)
         self._part_path = self._path.with_name(self._path.name + ".part")
         with _local_errors("stage", staging_key):
@@ -313,11 +339,18 @@ class LocalStore(BlobStore):
         _check_key(key)
         return self.root.joinpath(*key.split("/"))
 
-    def stage(self) -> StagedUpload:
-        return _LocalStagedUpload(self, _new_staging_key())
+    def stage(self, final_key: str | None = None) -> StagedUpload:
+        """Always written under ``incoming/`` (a rename is cheap); final_key is only checked here."""
+        if final_key is not None:
+            _check_key(final_key)
+        return _LocalStagedUpload(self, _new_staging_key(), final_key)
 
     def promote(self, staging_key: str, final_key: str) -> None:
         staged, final = self._path(staging_key), self._path(final_key)
+        if staging_key == final_key:
+            if not final.is_file():
+                raise BlobNotFound(f"promote {final_key!r}: no such blob")
+            return
         with _local_errors("promote", final_key):
             if final.is_file():
                 staged.unlink(missing_ok=True)
@@ -423,20 +456,31 @@ class S3Store(BlobStore):
     """Blobs as objects in one bucket, under an optional key prefix."""
 
     def __init__(
-        self, client: Any, bucket: str, prefix: str = "", *, part_size: int = 8 << 20, presign_client: Any = None
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        part_size: int = 8 << 20,
+        parts_in_flight: int = PARTS_IN_FLIGHT,
+        presign_client: Any = None,
     ) -> None:
         """``presign_client`` signs ``presigned_get`` URLs for the endpoint clients reach (e.g. a public
-        host, when the broker talks to storage on an internal one); by default, ``client`` does."""
+        host, when the broker talks to storage on an internal one); by default, ``client`` does.
+        ``parts_in_flight`` parts of a staged upload are sent at once (1: one after the other)."""
         if not bucket:
             raise ValueError("bucket must not be empty")
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum part size)")
+        if parts_in_flight < 1:
+            raise ValueError("parts_in_flight must be at least 1")
         prefix = prefix.lstrip("/")
         self.client = client
         self.presign_client = presign_client or client
         self.bucket = bucket
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.part_size = part_size
+        self.parts_in_flight = parts_in_flight
         # Mirror s3transfer: with botocore's default checksum policy, multipart uploads declare CRC32.
         config = getattr(getattr(client, "meta", None), "config", None)
         self._checksum = getattr(config, "request_checksum_calculation", None) == "when_supported"
@@ -467,13 +511,18 @@ class S3Store(BlobStore):
             raise BlobNotFound(f"S3 {operation}: {self._url(key)} does not exist") from exc
         raise StorageError(f"S3 {operation} of {self._url(key)} failed: {code or status} {message}".rstrip()) from exc
 
-    def stage(self) -> StagedUpload:
-        return _S3StagedUpload(self, _new_staging_key())
+    def stage(self, final_key: str | None = None) -> StagedUpload:
+        if final_key is None:
+            return _S3StagedUpload(self, _new_staging_key(), None)
+        return _S3StagedUpload(self, final_key, final_key)
 
     def promote(self, staging_key: str, final_key: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
         source, target = self._key(staging_key), self._key(final_key)
+        if staging_key == final_key:  # staged onto its final key: complete() already made it visible
+            self._head(final_key)
+            return
         if not self.exists(final_key):
             # Managed copy: one CopyObject up to 5 GiB, multipart UploadPartCopy above that.
             config = TransferConfig(multipart_threshold=MAX_COPY_OBJECT_SIZE, multipart_chunksize=512 << 20)
@@ -581,84 +630,152 @@ class S3Store(BlobStore):
 
 
 class _S3StagedUpload(StagedUpload):
-    """Buffers up to part_size bytes; starts a multipart upload only once a full part exists."""
+    """Buffers one part; starts a multipart upload once a full part exists and sends the parts from a
+    few helper threads while the caller goes on writing. Smaller uploads are one put_object in complete().
+    At most parts_in_flight parts are sending while one more fills; the buffers of sent parts are reused.
 
-    def __init__(self, store: S3Store, staging_key: str) -> None:
-        super().__init__(staging_key)
+    Staged onto a final key, the multipart upload is on that key: invisible until completed, and abort()
+    never deletes the object there (it is content-addressed, so it may be another upload's as well).
+    """
+
+    def __init__(self, store: S3Store, staging_key: str, final_key: str | None) -> None:
+        super().__init__(staging_key, final_key)
         self._store = store
         self._key = store._key(staging_key)
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # grows while it fills, unless it is a reused part buffer
+        self._filled = 0  # bytes of _buffer in use
+        self._spare: list[bytearray] = []  # buffers of parts that were sent
         self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
+        self._next_part = 1
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._in_flight: set[Future[tuple[dict[str, Any], bytearray]]] = set()
+        self._pool: ThreadPoolExecutor | None = None
         self._multipart_done = False
         self._object_may_exist = False
 
     def _write(self, view: memoryview) -> None:
+        self._collect(block=False)  # report a failed part as soon as it is known
         part_size = self._store.part_size
         while view:
-            take = min(len(view), part_size - len(self._buffer))
-            self._buffer += view[:take]
+            start = self._filled
+            take = min(len(view), part_size - start)
+            if start + take <= len(self._buffer):  # a reused buffer: copy in place
+                self._buffer[start : start + take] = view[:take]
+            else:
+                self._buffer += view[:take]
+            self._filled = start + take
             view = view[take:]
-            if len(self._buffer) == part_size:
-                self._upload_part()
+            if self._filled == part_size:
+                self._send_part()
 
-    def _upload_part(self) -> None:
+    def _take_buffer(self) -> bytearray:
+        """The bytes written so far; a reused (or new) buffer takes their place."""
+        body = self._buffer
+        del body[self._filled :]  # no-op for a full part
+        self._buffer = self._spare.pop() if self._spare else bytearray()
+        self._filled = 0
+        return body
+
+    def _send_part(self) -> None:
+        """Hand the buffer to a helper thread as the next part; waits while parts_in_flight are sending."""
         store, client = self._store, self._store.client
-        number = len(self._parts) + 1
+        number = self._next_part
         if number > MAX_PARTS:
             raise StorageError(
                 f"S3 upload to {store._url(self.staging_key)} exceeds {MAX_PARTS} parts of {store.part_size} bytes"
             )
-        extra = {"ChecksumAlgorithm": "CRC32"} if store._checksum else {}
         if self._upload_id is None:
+            extra = {"ChecksumAlgorithm": "CRC32"} if store._checksum else {}
             with store._errors("create_multipart_upload", self.staging_key):
                 created = client.create_multipart_upload(Bucket=store.bucket, Key=self._key, **extra)
             self._upload_id = str(created["UploadId"])
+        while len(self._in_flight) >= store.parts_in_flight:
+            self._collect(block=True)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(store.parts_in_flight, thread_name_prefix="m2kt-s3-part")
+        body = self._take_buffer()
+        self._in_flight.add(self._pool.submit(self._upload_part, self._upload_id, number, body))
+        self._next_part = number + 1
+
+    def _upload_part(self, upload_id: str, number: int, body: bytearray) -> tuple[dict[str, Any], bytearray]:
+        """Runs in a helper thread: only reads what does not change once the multipart upload exists."""
+        store = self._store
+        extra = {"ChecksumAlgorithm": "CRC32"} if store._checksum else {}
         with store._errors(f"upload_part {number}", self.staging_key):
-            response = client.upload_part(
-                Bucket=store.bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=self._buffer,
-                **extra,
+            response = store.client.upload_part(
+                Bucket=store.bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=body, **extra
             )
         part = {"ETag": response["ETag"], "PartNumber": number}
         if "ChecksumCRC32" in response:
             part["ChecksumCRC32"] = response["ChecksumCRC32"]
-        self._parts.append(part)
-        self._buffer = bytearray()
+        return part, body  # botocore is done with body: it may be reused
+
+    def _collect(self, *, block: bool) -> None:
+        """Record finished parts (with block, wait for at least one); re-raise the first failure."""
+        if not self._in_flight:
+            return
+        if block:
+            done, _ = wait(self._in_flight, return_when=FIRST_COMPLETED)
+        else:
+            done = {future for future in self._in_flight if future.done()}
+        for future in done:
+            self._in_flight.discard(future)
+            part, body = future.result()
+            self._parts[part["PartNumber"]] = part
+            if len(body) == self._store.part_size and len(self._spare) < self._store.parts_in_flight:
+                self._spare.append(body)
+
+    def _drain(self) -> None:
+        """Let parts already sending finish (their errors no longer matter) and stop the helper threads."""
+        if self._in_flight:
+            wait(self._in_flight)
+            for future in self._in_flight:
+                future.exception()  # retrieved: it was reported, or is moot after an abort
+            self._in_flight.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._spare.clear()
 
     def _complete(self) -> None:
         store, client = self._store, self._store.client
-        self._object_may_exist = True
         if self._upload_id is None:
+            self._object_may_exist = True
+            body = self._take_buffer()
             with store._errors("put_object", self.staging_key):
-                client.put_object(Bucket=store.bucket, Key=self._key, Body=self._buffer)
-            self._buffer = bytearray()
+                client.put_object(Bucket=store.bucket, Key=self._key, Body=body)
             return
-        if self._buffer:
-            self._upload_part()
+        if self._filled:
+            self._send_part()
+        while self._in_flight:
+            self._collect(block=True)
+        self._drain()
+        self._object_may_exist = True
+        parts = [self._parts[n] for n in sorted(self._parts)]
         with store._errors("complete_multipart_upload", self.staging_key):
             client.complete_multipart_upload(
-                Bucket=store.bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
+                Bucket=store.bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
             )
         self._multipart_done = True
 
     def _abort(self) -> None:
         store, client = self._store, self._store.client
-        self._buffer = bytearray()
+        self._buffer, self._filled = bytearray(), 0
+        self._drain()  # a part still sending could outlive the abort and leave storage behind
         if self._upload_id is not None and not self._multipart_done:
             # NoSuchUpload: already gone (completed, or aborted by an earlier attempt that timed out).
             with store._errors("abort_multipart_upload", self.staging_key, ignore=("NoSuchUpload",)):
                 client.abort_multipart_upload(Bucket=store.bucket, Key=self._key, UploadId=self._upload_id)
             self._multipart_done = True
-        if self._object_may_exist:
+        if self._object_may_exist and self.final_key is None:
             store.delete(self.staging_key)
-            self._object_may_exist = False
+        self._object_may_exist = False
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------

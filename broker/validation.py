@@ -3,8 +3,9 @@
 :class:`StreamingPacket` consumes an upload in chunks exactly once: it parses the header as
 soon as its bytes are in (so a bad signature or unknown key is refused after a few KiB, not
 after the whole body), then hashes the whole file (the packet id) and the data section (the
-signed digest), checks floats are finite, and keeps a copy of the ``concepts`` tensor — the
-only tensor the broker's own safety check reads.
+signed digest) — the latter in a helper thread, so the two run side by side — checks floats
+are finite, and keeps a copy of the ``concepts`` tensor — the only tensor the broker's own
+safety check reads.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class StreamingPacket:
         self.limits = ReadLimits(max_header_bytes=max_header_bytes, max_data_bytes=max_packet_bytes)
         self.size = 0
         self.header: PacketHeader | None = None
+        self.header_sha256: str | None = None  # of the 8-byte length prefix and the header, once parsed
         self._file_sha = hashlib.sha256()
         self._prefix = bytearray()
         self._checker: DataChecker | None = None
@@ -44,7 +46,11 @@ class StreamingPacket:
         self._concepts_range = (0, 0)
 
     def feed(self, chunk: bytes | memoryview) -> PacketHeader | None:
-        """Consume a chunk; returns the header on the call that completes it, else None."""
+        """Consume a chunk; returns the header on the call that completes it, else None.
+
+        The data section is hashed in a helper thread that may still read ``chunk`` after this returns:
+        it must stay unchanged until the next feed(), finish() or close() returns (``bytes`` always do).
+        """
         view = memoryview(chunk).cast("B")
         self.size += len(view)
         if self.size > self.max_packet_bytes:
@@ -63,8 +69,9 @@ class StreamingPacket:
             raise self._header_error()
         if len(self._prefix) < 8 + n:
             return None
+        head = bytes(self._prefix[: 8 + n])
         try:
-            header = parse_header(bytes(self._prefix[: 8 + n]), file_size=None, limits=self.limits)
+            header = parse_header(head, file_size=None, limits=self.limits)
         except PacketError as exc:
             raise from_packet_error(exc) from None
         if header.file_size > self.max_packet_bytes:
@@ -73,6 +80,7 @@ class StreamingPacket:
                 code="packet_too_large",
             )
         self.header = header
+        self.header_sha256 = hashlib.sha256(head).hexdigest()
         self._start_data(header)
         rest = memoryview(self._prefix)[8 + n :]
         if len(rest):
@@ -89,7 +97,8 @@ class StreamingPacket:
         return ValidationFailed("the header was refused")  # pragma: no cover
 
     def _start_data(self, header: PacketHeader) -> None:
-        self._checker = DataChecker(header, threaded=False)
+        # Threaded: the data digest runs beside the file digest (feed() hands it immutable chunks).
+        self._checker = DataChecker(header, threaded=True)
         spec = next(t for t in header.tensors if t.name == "concepts")
         size = spec.data_offsets[1] - spec.data_offsets[0]
         if size > self.max_concepts_bytes:

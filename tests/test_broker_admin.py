@@ -85,6 +85,7 @@ def test_stats_readyz_and_metrics(live_broker: LiveBroker, tmp_path: Path) -> No
         "m2kt_packets_accepted_total",
     ):
         assert name in metrics
+    assert 'route="/v1/topics/{topic}/packets",status="201"' in metrics  # labelled by route template
 
 
 def test_openapi_documents_every_route(live_broker: LiveBroker) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from pathlib import Path
 
 import httpx
 
+from broker.services.upload import blob_key
 from tests.broker_harness import BrokerProcess, packet_bytes, register_node
 
 
@@ -28,7 +30,10 @@ def test_one_command_gives_a_working_broker(tmp_path: Path) -> None:
         r = teacher.http.post("/v1/topics/demo.arith/packets", content=data)
         assert r.status_code == 201, r.text
         packet_id = hashlib.sha256(data).hexdigest()
-        assert (data_dir / "blobs" / "packets" / f"{packet_id}.m2kt").read_bytes() == data
+        (n,) = struct.unpack("<Q", data[:8])
+        key = blob_key(hashlib.sha256(data[8 + n :]).hexdigest(), hashlib.sha256(data[: 8 + n]).hexdigest())
+        assert (data_dir / "blobs" / key).read_bytes() == data
+        assert list((data_dir / "blobs" / "incoming").iterdir()) == []
         assert teacher.http.get(f"/v1/packets/{packet_id}/blob").content == data
         assert (data_dir / "m2kt.db").exists()
     finally:

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from broker.models import AuditEvent, Packet
+from broker.services.upload import blob_key
 from client.keys import SigningKey
 from client.manifest import Manifest
 from client.packet import _header_bytes
@@ -84,6 +85,102 @@ def test_upload_then_fetch_round_trip(live_broker: LiveBroker, teacher: Node, st
 
     events = student.http.get(f"/v1/topics/{topic}/packets").json()
     assert [(e["seq"], e["kind"], e["packet"]["id"]) for e in events["items"]] == [(1, "published", packet_id)]
+
+
+MiB = 1 << 20
+
+
+def key_of(data: bytes) -> str:
+    """The storage key of these packet bytes: the data digest the manifest claims, the header's digest."""
+    (n,) = struct.unpack("<Q", data[:8])
+    import json
+
+    claimed = Manifest.model_validate_json(json.loads(data[8 : 8 + n])["__metadata__"]["m2kt.manifest"]).data_sha256
+    return blob_key(claimed, hashlib.sha256(data[: 8 + n]).hexdigest())
+
+
+def pending_uploads(broker: LiveBroker, key: str) -> list[str]:
+    """Unfinished S3 multipart uploads on ``key``."""
+    storage = broker.state.storage  # type: ignore[attr-defined]
+    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+    return [u["UploadId"] for u in uploads if u["Key"] == storage.prefix + key]
+
+
+def big_packet(tmp: Path, node: Node, topic: str, mib: int = 12) -> bytes:
+    """Several 5 MiB parts in the live broker's storage."""
+    rng = np.random.default_rng(11)
+    tensors = {**make_tensors(), "attention": rng.random((mib * MiB // 4 // 1024, 1024), dtype=np.float32)}
+    return packet_bytes(tmp, node.key, topic, tensors=tensors)
+
+
+def test_multipart_upload_goes_straight_to_its_final_key_once(
+    live_broker: LiveBroker, teacher: Node, tmp_path: Path
+) -> None:
+    topic = unique("big")
+    data = big_packet(tmp_path, teacher, topic)
+    packet_id = hashlib.sha256(data).hexdigest()
+    key = key_of(data)
+    r = upload(teacher, topic, data)
+    assert r.status_code == 201, r.text
+    with live_broker.state.sessions() as session:  # type: ignore[attr-defined]
+        row = session.get(Packet, packet_id)
+        assert row is not None and row.storage_key == key
+    storage = live_broker.state.storage  # type: ignore[attr-defined]
+    assert [b.key for b in storage.list(key.split("-")[0])] == [key]  # no copy, nothing in incoming/
+    assert [b.key for b in storage.list("incoming/")] == []
+    assert pending_uploads(live_broker, key) == []
+
+    again = upload(teacher, topic, data)  # the same bytes to the same key: one blob, the same record
+    assert (again.status_code, again.json()) == (200, r.json())
+    assert [b.key for b in storage.list(key.split("-")[0])] == [key]
+    assert pending_uploads(live_broker, key) == []
+    assert teacher.http.get(f"/v1/packets/{packet_id}/blob").content == data
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("flip-data", id="bad-digest-found-at-the-end"),
+        pytest.param("truncated", id="body-ends-early"),
+    ],
+)
+def test_refused_multipart_upload_leaves_no_blob_and_no_unfinished_upload(
+    live_broker: LiveBroker, teacher: Node, tmp_path: Path, case: str
+) -> None:
+    topic = unique("bigrefuse")
+    good = big_packet(tmp_path, teacher, topic)
+    data = good[:-1] + bytes([good[-1] ^ 1]) if case == "flip-data" else good[: -3 * MiB]
+    before = leftovers(live_broker)
+    r = upload(teacher, topic, data)
+    expected = (422, "digest_mismatch") if case == "flip-data" else (400, "truncated")
+    assert (r.status_code, r.json()["code"]) == expected, r.text
+    assert_nothing_left(live_broker, before, hashlib.sha256(data).hexdigest())
+    assert pending_uploads(live_broker, key_of(good)) == []
+
+
+def test_reupload_of_a_packet_stored_under_the_older_key_keeps_one_blob(
+    live_broker: LiveBroker, teacher: Node, tmp_path: Path
+) -> None:
+    """Rows written before blobs were named by their digests point at ``packets/<id>.m2kt``."""
+    topic = unique("oldkey")
+    data = packet_bytes(tmp_path, teacher.key, topic, seed=5)
+    packet_id = hashlib.sha256(data).hexdigest()
+    assert upload(teacher, topic, data).status_code == 201
+    storage = live_broker.state.storage  # type: ignore[attr-defined]
+    old_key = f"packets/{packet_id}.m2kt"
+    staged = storage.stage(old_key)
+    staged.write(data)
+    staged.complete()
+    storage.promote(staged.staging_key, old_key)
+    with live_broker.state.sessions.begin() as session:  # type: ignore[attr-defined]
+        row = session.get(Packet, packet_id)
+        row.storage_key = old_key
+    storage.delete(key_of(data))
+
+    r = upload(teacher, topic, data)
+    assert r.status_code == 200, r.text
+    assert storage.exists(old_key) and not storage.exists(key_of(data))
+    assert teacher.http.get(f"/v1/packets/{packet_id}/blob").content == data
 
 
 def _resign(data: bytes, key: SigningKey, *, manifest_changes: dict | None = None, data_changes=None) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from broker.storage import (
+    PARTS_IN_FLIGHT,
     BlobNotFound,
     BlobStore,
     LocalStore,
@@ -205,11 +208,18 @@ def test_abandoned_read_stream_can_be_closed(store: BlobStore) -> None:
 # ---- abort ---------------------------------------------------------------------------------------
 
 
-def assert_nothing_stored(store: BlobStore) -> None:
-    assert keys(store) == []
+def assert_nothing_pending(store: BlobStore) -> None:
+    """No unfinished S3 multipart upload, no file left in a local store's incoming/."""
     if isinstance(store, S3Store):
         uploads = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
         assert uploads == []
+    else:
+        assert keys(store, "incoming/") == []
+
+
+def assert_nothing_stored(store: BlobStore) -> None:
+    assert keys(store) == []
+    assert_nothing_pending(store)
 
 
 @pytest.mark.parametrize("size", [pytest.param(1000, id="below-one-part"), pytest.param(PART + 1000, id="multipart")])
@@ -282,6 +292,142 @@ def test_repeating_a_promote_that_succeeded_is_harmless(store: BlobStore) -> Non
     store.promote(upload.staging_key, "packets/x.m2kt")
     assert keys(store) == ["packets/x.m2kt"]
     assert read_all(store, "packets/x.m2kt") == b"data"
+
+
+# ---- staging onto the final key -------------------------------------------------------------------
+
+
+def test_stage_with_final_key_is_invisible_until_complete_and_promote(store: BlobStore) -> None:
+    data = payload(2 * PART + 12345)
+    upload = store.stage("packets/final.m2kt")
+    assert upload.final_key == "packets/final.m2kt"
+    for piece in uneven_chunks(data):
+        upload.write(piece)
+    assert not store.exists("packets/final.m2kt")
+    assert keys(store, "packets/") == []
+    upload.complete()
+    if isinstance(store, S3Store):
+        # Straight onto the final key: complete() made it visible, nothing was copied, promote only checks.
+        assert upload.staging_key == "packets/final.m2kt"
+        assert store.exists("packets/final.m2kt")
+        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + "packets/final.m2kt")
+        assert head["ETag"] == s3_multipart_etag(data, PART)
+    else:
+        assert upload.staging_key.startswith("incoming/")
+        assert not store.exists("packets/final.m2kt")
+    store.promote(upload.staging_key, "packets/final.m2kt")
+    assert read_all(store, "packets/final.m2kt") == data
+    assert keys(store) == ["packets/final.m2kt"]
+    upload.abort()  # after complete: never removes the blob under its final key
+    assert keys(store) == ["packets/final.m2kt"]
+    assert_nothing_pending(store)
+
+
+@pytest.mark.parametrize("size", [pytest.param(1000, id="below-one-part"), pytest.param(3 * PART + 7, id="multipart")])
+def test_abort_of_final_key_upload_before_complete_leaves_nothing(store: BlobStore, size: int) -> None:
+    upload = store.stage("packets/refused.m2kt")
+    upload.write(payload(size))
+    upload.abort()
+    upload.abort()
+    assert_nothing_stored(store)
+
+
+def test_final_key_upload_over_an_existing_blob_of_the_same_content(store: BlobStore) -> None:
+    """Content-addressed keys: a second upload of the same bytes ends with the one blob, intact."""
+    data = payload(PART + 99)
+    put(store, "packets/same.m2kt", data)
+    again = store.stage("packets/same.m2kt")
+    again.write(data)
+    again.complete()
+    store.promote(again.staging_key, "packets/same.m2kt")
+    assert keys(store) == ["packets/same.m2kt"]
+    assert read_all(store, "packets/same.m2kt") == data
+    assert_nothing_pending(store)
+
+
+def test_promote_of_a_final_key_upload_that_is_missing_raises_blob_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        store.promote("packets/never.m2kt", "packets/never.m2kt")
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", ""])
+def test_stage_refuses_an_unsafe_final_key(store: BlobStore, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.stage(key)
+
+
+# ---- S3 parts in flight --------------------------------------------------------------------------
+
+
+class RecordingClient:
+    """Wraps a boto3 client: counts upload_part calls running at once (each made to take a while),
+    and can fail one part number."""
+
+    def __init__(self, client, *, delay: float = 0.05, fail_part: int | None = None) -> None:  # type: ignore[no-untyped-def]
+        self._client = client
+        self._delay = delay
+        self._fail_part = fail_part
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+        self.part_numbers: list[int] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._client, name)
+
+    def upload_part(self, **kwargs):  # type: ignore[no-untyped-def]
+        from botocore.exceptions import ClientError
+
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.part_numbers.append(kwargs["PartNumber"])
+        try:
+            time.sleep(self._delay)
+            if kwargs["PartNumber"] == self._fail_part:
+                raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+            return self._client.upload_part(**kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, PARTS_IN_FLIGHT])
+def test_s3_parts_upload_concurrently_and_assemble_in_order(
+    s3_server: S3Server, s3_bucket: str, in_flight: int
+) -> None:
+    client = RecordingClient(s3_server.client())
+    store = S3Store(client, s3_bucket, prefix="m2kt/", part_size=PART, parts_in_flight=in_flight)
+    data = payload(7 * PART + 4321, seed=3)
+    upload = store.stage("packets/many.m2kt")
+    for piece in uneven_chunks(data):
+        upload.write(piece)
+    upload.complete()
+    store.promote(upload.staging_key, "packets/many.m2kt")
+    assert client.most_running == in_flight  # write() went on while parts were sending, never more at once
+    assert sorted(client.part_numbers) == list(range(1, 9))
+    head = store.client.head_object(Bucket=s3_bucket, Key="m2kt/packets/many.m2kt")
+    assert head["ETag"] == s3_multipart_etag(data, PART)  # 8 parts, in order, exactly part_size long
+    assert read_all(store, "packets/many.m2kt") == data
+    assert_nothing_pending(store)
+
+
+@pytest.mark.parametrize("final", [pytest.param(False, id="staging-key"), pytest.param(True, id="final-key")])
+def test_s3_failed_part_is_a_storage_error_and_abort_cleans_up(
+    s3_server: S3Server, s3_bucket: str, final: bool
+) -> None:
+    client = RecordingClient(s3_server.client(), delay=0.01, fail_part=2)
+    store = S3Store(client, s3_bucket, part_size=PART, parts_in_flight=3)
+    upload = store.stage("packets/broken.m2kt" if final else None)
+    with pytest.raises(StorageError, match="upload_part 2") as info:
+        for piece in uneven_chunks(payload(6 * PART)):
+            upload.write(piece)
+        upload.complete()
+    assert not isinstance(info.value, BlobNotFound)
+    with pytest.raises(RuntimeError):
+        upload.complete()  # after a failure only abort() is allowed
+    upload.abort()
+    assert_nothing_stored(store)
 
 
 # ---- delete / list -------------------------------------------------------------------------------
@@ -513,24 +659,31 @@ def test_unreachable_s3_abort_raises_storage_error_and_can_be_retried(unreachabl
 # ---- memory --------------------------------------------------------------------------------------
 
 
-def test_s3_staging_memory_stays_below_three_parts(s3_server: S3Server, s3_bucket: str) -> None:
-    s3 = S3Store(s3_server.client(), s3_bucket, part_size=PART)
+@pytest.mark.parametrize("in_flight", [1, PARTS_IN_FLIGHT])
+@pytest.mark.parametrize("final", [pytest.param(False, id="staging-key"), pytest.param(True, id="final-key")])
+def test_s3_staging_memory_stays_within_parts_in_flight_plus_one(
+    s3_server: S3Server, s3_bucket: str, in_flight: int, final: bool
+) -> None:
+    """Parts sending at once, plus the one filling: (in_flight + 1) × part_size, whatever the object's size."""
+    s3 = S3Store(s3_server.client(), s3_bucket, part_size=PART, parts_in_flight=in_flight)
     chunk = payload(64 << 10)
     total = 64 << 20
     s3.check()  # warm the client (credentials, endpoint resolution) outside the measurement
     tracemalloc.start()
     try:
-        upload = s3.stage()
+        upload = s3.stage("packets/mem.m2kt" if final else None)
         for _ in range(total // len(chunk)):
             upload.write(chunk)
         upload.complete()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 3 * PART, f"peak {peak / 2**20:.1f} MiB"
+    assert peak < (in_flight + 1) * PART + (2 << 20), f"peak {peak / 2**20:.1f} MiB"
     assert s3.size(upload.staging_key) == total
+    s3.delete(upload.staging_key)
     upload.abort()
     assert keys(s3) == []
+    assert_nothing_pending(s3)
 
 
 def test_presigned_urls_can_name_a_public_endpoint(s3_server, s3_bucket: str) -> None:

@@ -2,17 +2,28 @@
 
 Order is what makes failures leave nothing behind:
 
-1. the body streams into a *staging* object (``incoming/…``) in ~1 MiB steps, each run in a worker
-   thread (hashing, S3 part uploads); the header is checked as soon as it has arrived;
-2. any refusal aborts the staging object — no row was written, no blob is left;
-3. on success the blob is promoted to ``packets/<id>.m2kt`` and only then is the row committed,
-   so a row never points at a missing blob. A crash between 3's two steps leaves a blob without a
-   row, which garbage collection removes after a grace period; a crash before leaves only staging.
+1. the body is read in ~1 MiB batches, each handed to a worker thread (hashing, staging) while the
+   next batch is read. The header, in the first batch(es), is checked as soon as it has arrived;
+   only then does staging start, under the blob's final key
+   ``packets/<data sha256>-<sha256 of length prefix + header>.m2kt`` — the signed data digest
+   (verified before step 3) and the digest of the header bytes as received, so the key names
+   exactly one file content. On S3 that is a multipart upload on the final key, whose parts are
+   sent while the body is still arriving and which stays invisible until completed; locally it
+   is a file under ``incoming/``;
+2. any refusal aborts the staged upload — no row was written, no blob is left;
+3. on success the upload is completed (S3: the object appears, nothing is copied) and promoted
+   (local: renamed into ``packets/``), and only then is the row committed with that key, so a row
+   never points at a missing blob. A crash between 3's steps leaves a blob without a row, which
+   garbage collection removes after a grace period; a crash before leaves only an unfinished
+   multipart upload or a file in ``incoming/``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,8 +57,13 @@ from client.keys import VerifyKey
 BATCH = 1 << 20  # bytes handed to a worker thread at a time
 
 
-def storage_key(packet_id: str) -> str:
-    return f"packets/{packet_id}.m2kt"
+def blob_key(data_sha256: str, header_sha256: str) -> str:
+    """Where a packet's bytes go: named by digests known once its header has arrived.
+
+    The data digest is the one the signed manifest claims (checked before the blob is completed),
+    the header digest is of the bytes received; together they fix the whole file, so one key is
+    one content, and uploads of the same packet write the same bytes to the same key."""
+    return f"packets/{data_sha256}-{header_sha256}.m2kt"
 
 
 @dataclass
@@ -86,18 +102,52 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
     return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
 
 
-def _feed(
-    state: BrokerState,
-    caller: Caller,
-    topic: str,
-    stream: StreamingPacket,
-    staged: StagedUpload,
-    chunk: bytes,
-    checked: list[_Checked],
-) -> None:
-    if stream.feed(chunk) is not None:
-        checked.append(_check_header(state, caller, topic, stream))
-    staged.write(chunk)
+class _Receiver:
+    """One upload's bytes, fed in order from worker threads, one batch at a time.
+
+    Bytes before the end of the header are kept (a few KiB, at most the header limit plus a batch);
+    once the header is checked, staging starts under the final key and everything goes to it.
+    A lock keeps close() (abort) from running while a batch is still being fed."""
+
+    def __init__(self, state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket) -> None:
+        self.state = state
+        self.caller = caller
+        self.topic = topic
+        self.stream = stream
+        self.checked: _Checked | None = None
+        self.key: str | None = None
+        self.staged: StagedUpload | None = None
+        self.promoted = False
+        self._early: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def feed(self, chunk: bytes) -> None:
+        with self._lock:
+            header = self.stream.feed(chunk)
+            if self.staged is not None:
+                self.staged.write(chunk)
+                return
+            self._early.append(chunk)
+            if header is None:
+                return
+            self.checked = _check_header(self.state, self.caller, self.topic, self.stream)
+            assert self.stream.header_sha256 is not None
+            self.key = blob_key(header.manifest.data_sha256, self.stream.header_sha256)
+            self.staged = self.state.storage.stage(self.key)
+            early, self._early = self._early, []
+            for piece in early:
+                self.staged.write(piece)
+
+    def close(self) -> None:
+        """Stop the hashing helper and, unless the blob was promoted, abort the staged upload."""
+        with self._lock:
+            self._early = []
+            self.stream.close()
+            if self.staged is not None and not self.promoted:
+                try:
+                    self.staged.abort()
+                except StorageError:
+                    pass  # an unfinished multipart upload or a file in incoming/: garbage collection removes it
 
 
 def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
@@ -127,7 +177,9 @@ def _commit(
     checked: _Checked,
     report: SafetyReport,
     status: PacketStatus,
-) -> tuple[PacketOut, bool]:
+    key: str,
+) -> tuple[PacketOut, bool, str]:
+    """Insert the row for the blob at ``key``; returns (record, created, the row's storage key)."""
     verdict = {
         "verdict": "pass" if report.passed else "flagged",
         "action": "accepted" if status is PacketStatus.accepted else "quarantined",
@@ -142,7 +194,7 @@ def _commit(
             with state.sessions.begin() as session:
                 existing = session.get(Packet, received.packet_id)
                 if existing is not None:
-                    return packet_out(session, existing), False
+                    return packet_out(session, existing), False, existing.storage_key
                 topic = get_or_create_topic(session, topic_name, caller.node_id)
                 packet = Packet(
                     id=received.packet_id,
@@ -154,7 +206,7 @@ def _commit(
                     manifest=manifest.model_dump(mode="json"),
                     safety=verdict,
                     status=status,
-                    storage_key=storage_key(received.packet_id),
+                    storage_key=key,
                 )
                 session.add(packet)
                 session.flush()  # the packet row before the edges that reference it
@@ -164,7 +216,7 @@ def _commit(
                 else:
                     audit.record(session, caller.node_id, "packet.quarantined_on_upload", packet.id, safety=verdict)
                 session.refresh(packet)
-                return packet_out(session, packet), True
+                return packet_out(session, packet), True, key
         except IntegrityError:
             if attempt:  # the same packet committed concurrently: the second try returns it
                 raise
@@ -172,15 +224,38 @@ def _commit(
 
 
 async def _chunks(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Re-chunk the request body into ~BATCH-sized pieces."""
-    buf = bytearray()
+    """Re-chunk the request body into ~BATCH-sized pieces (fresh bytes objects, copied once)."""
+    parts: list[bytes] = []
+    size = 0
     async for part in body:
-        buf += part
-        if len(buf) >= BATCH:
-            yield bytes(buf)
-            buf.clear()
-    if buf:
-        yield bytes(buf)
+        if part:
+            parts.append(part)
+            size += len(part)
+        if size >= BATCH:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _receive(receiver: _Receiver, body: AsyncIterator[bytes]) -> None:
+    """Feed the body to ``receiver`` in a worker thread, one batch at a time and in order, while the
+    next batch is read from the request."""
+    job: asyncio.Future[None] | None = None
+    try:
+        async for chunk in _chunks(body):
+            if job is not None:
+                await job
+            job = asyncio.ensure_future(run_in_threadpool(receiver.feed, chunk))
+        if job is not None:
+            await job
+    finally:
+        # When reading the body failed, the batch being fed no longer matters: receiver.close() waits for it.
+        if job is not None:
+            if job.done():
+                _ = job.cancelled() or job.exception()  # retrieved (it may be the error being raised)
+            else:
+                job.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def receive_packet(
@@ -201,19 +276,16 @@ async def receive_packet(
         max_header_bytes=settings.max_header_bytes,
         max_concepts_bytes=settings.max_concepts_bytes,
     )
-    staged: StagedUpload | None = None
-    promoted = False
+    receiver = _Receiver(state, caller, topic, stream)
     try:
-        staged = await run_in_threadpool(state.storage.stage)
-        checked: list[_Checked] = []
         try:
-            async for chunk in _chunks(body):
-                await run_in_threadpool(_feed, state, caller, topic, stream, staged, chunk, checked)
+            await _receive(receiver, body)
         except ClientDisconnect:
             raise Malformed("the client disconnected before the upload finished", code="upload_incomplete") from None
         received = await run_in_threadpool(stream.finish)
-        assert checked, "finish() returns only after the header was checked"
-        report = await run_in_threadpool(_safety, state, received, checked[0])
+        checked, key, staged = receiver.checked, receiver.key, receiver.staged
+        assert checked is not None and key is not None and staged is not None, "finish() returns only after the header"
+        report = await run_in_threadpool(_safety, state, received, checked)
         status = PacketStatus.accepted
         if not report.passed:
             if settings.safety_action == "reject":
@@ -226,9 +298,15 @@ async def receive_packet(
                 raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
             status = PacketStatus.quarantined
         await run_in_threadpool(staged.complete)
-        await run_in_threadpool(state.storage.promote, staged.staging_key, storage_key(received.packet_id))
-        promoted = True
-        record, created = await run_in_threadpool(_commit, state, caller, topic, received, checked[0], report, status)
+        await run_in_threadpool(state.storage.promote, staged.staging_key, key)
+        receiver.promoted = True
+        record, created, row_key = await run_in_threadpool(
+            _commit, state, caller, topic, received, checked, report, status, key
+        )
+        if row_key != key:
+            # The packet was stored before, under an older naming: keep one blob, the row's.
+            with contextlib.suppress(StorageError):
+                await run_in_threadpool(state.storage.delete, key)
     except BrokerError as exc:
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
@@ -247,12 +325,7 @@ async def receive_packet(
     except OperationalError as exc:
         raise DependencyDown(f"the database is unavailable: {exc.orig or exc}", code="database_unavailable") from exc
     finally:
-        stream.close()
-        if staged is not None and not promoted:
-            try:
-                await run_in_threadpool(staged.abort)
-            except StorageError:
-                pass  # left in incoming/: garbage collection removes it
+        await run_in_threadpool(receiver.close)
     state.metrics.bytes_in.inc(received.size)
     state.metrics.packets_accepted.labels(record.status.value).inc()
     state.metrics.upload_seconds.observe(time.perf_counter() - started)
