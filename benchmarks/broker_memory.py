@@ -43,7 +43,8 @@ from client.keys import SigningKey  # noqa: E402
 from client.packet import write_packet  # noqa: E402
 from tests.broker_harness import BrokerProcess, create_database, drop_database, register_node, s3_env  # noqa: E402
 from tests.conftest import make_body  # noqa: E402
-from tests.services import DEFAULT_DATABASE_URL, S3Server, free_port, wait_for_port  # noqa: E402
+from tests.services import DEFAULT_DATABASE_URL, S3Server  # noqa: E402
+from tests.services import start_nanio as start_test_nanio  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 1 * MiB  # upload chunk read from the file
@@ -133,36 +134,8 @@ def prefault(nbytes: int) -> None:
 
 
 def start_nanio(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
-    """nanio on a free loopback port; its stderr goes to a file (a pipe nobody reads could fill up)."""
-    exe = str(Path(sys.executable).with_name("nanio"))
-    access, secret = "m2kt-bench", "m2kt-bench-" + secrets.token_hex(8)
-    port = free_port()
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [
-            exe,
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        env=dict(os.environ, NANIO_ACCESS_KEY=access, NANIO_SECRET_KEY=secret),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    log.close()
-    try:
-        wait_for_port(port, proc)
-    except Exception:
-        proc.kill()
-        raise
-    return proc, S3Server(f"http://127.0.0.1:{port}", access, secret)
+    """nanio on a free loopback port, with a random secret; its stderr goes to ``log_path``."""
+    return start_test_nanio(data_dir, "m2kt-bench", "m2kt-bench-" + secrets.token_hex(8), log_path=log_path)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -77,12 +77,20 @@ class S3Server:
 
 
 def start_nanio(
-    data_dir: Path, access_key: str = "m2kt-test", secret_key: str = "m2kt-test-secret", port: int | None = None
+    data_dir: Path,
+    access_key: str = "m2kt-test",
+    secret_key: str = "m2kt-test-secret",
+    port: int | None = None,
+    log_path: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], S3Server]:
-    """Start nanio (a file-backed S3 server) on a loopback port (a free one unless given)."""
+    """Start nanio (a file-backed S3 server) on a loopback port (a free one unless given).
+
+    Its stderr goes to ``log_path`` or nowhere — never to a pipe nobody reads, which could fill up
+    and block the server."""
     exe = shutil.which("nanio") or str(Path(sys.executable).with_name("nanio"))
     port = port or free_port()
     env = dict(os.environ, NANIO_ACCESS_KEY=access_key, NANIO_SECRET_KEY=secret_key)
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
         [
             exe,
@@ -99,8 +107,10 @@ def start_nanio(
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # never piped unread: a full pipe would block the server
+        stderr=log,
     )
+    if log_path:
+        log.close()  # type: ignore[union-attr]
     try:
         wait_for_port(port, proc)
     except Exception:

@@ -57,8 +57,9 @@ def test_admin_teacher_student_workflow(live_broker: LiveBroker, env: dict[str, 
 
     # login stores the student's token; later commands need no --token
     student = json.loads(m2kt("node", "add", unique("s"), "--role", "student", "--json", token=admin, env=env).output)
-    login = runner.invoke(app, ["login", live_broker.url, "--token", student["token"]["token"]],
-                          env={"M2KT_CONFIG": env["M2KT_CONFIG"]})
+    login = runner.invoke(
+        app, ["login", live_broker.url, "--token", student["token"]["token"]], env={"M2KT_CONFIG": env["M2KT_CONFIG"]}
+    )
     assert login.exit_code == 0 and "logged in" in login.output
     plain = {"M2KT_CONFIG": env["M2KT_CONFIG"]}
     listed = json.loads(runner.invoke(app, ["packets", topic, "--json"], env=plain).output)
@@ -83,8 +84,11 @@ def test_admin_teacher_student_workflow(live_broker: LiveBroker, env: dict[str, 
 
 
 def test_unreachable_broker_exits_5(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["--broker", f"http://127.0.0.1:{free_port()}", "--token", "x", "topics"],
-                           env={"M2KT_CONFIG": str(tmp_path / "c.json")})
+    result = runner.invoke(
+        app,
+        ["--broker", f"http://127.0.0.1:{free_port()}", "--token", "x", "topics"],
+        env={"M2KT_CONFIG": str(tmp_path / "c.json")},
+    )
     assert result.exit_code == EXIT_UNAVAILABLE and "broker unavailable" in result.output
 
 
@@ -100,8 +104,9 @@ if mode == "fail":
 """
 
 
-def test_subscriber_killed_mid_stream_resumes_without_loss(live_broker: LiveBroker, env: dict[str, str],
-                                                           tmp_path: Path) -> None:
+def test_subscriber_killed_mid_stream_resumes_without_loss(
+    live_broker: LiveBroker, env: dict[str, str], tmp_path: Path
+) -> None:
     teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
     student = register_node(live_broker.url, live_broker.admin_token, "student", with_key=False)
     topic = unique("killsub")
@@ -114,8 +119,13 @@ def test_subscriber_killed_mid_stream_resumes_without_loss(live_broker: LiveBrok
     log = tmp_path / "handled.log"
     proc_env = {**os.environ, **env, "M2KT_TOKEN": student.token}
     cmd = [M2KT, "subscribe", topic, "--name", "w", "--out", str(tmp_path / "in"), "--quiet"]
-    proc = subprocess.Popen([*cmd, "--exec", f"{sys.executable} {handler} {log} hang"], env=proc_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*cmd, "--exec", f"{sys.executable} {handler} {log} hang"],
+        env=proc_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while (not log.exists() or len(log.read_text().split()) < 3) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -123,12 +133,22 @@ def test_subscriber_killed_mid_stream_resumes_without_loss(live_broker: LiveBrok
     proc.wait()
     assert [n.removesuffix(".m2kt") for n in log.read_text().split()] == ids[:3]
 
-    resumed = subprocess.run([*cmd, "--once", "--exec", f"{sys.executable} {handler} {log} ok"], env=proc_env,
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [*cmd, "--once", "--exec", f"{sys.executable} {handler} {log} ok"],
+        env=proc_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     handled = [n.removesuffix(".m2kt") for n in log.read_text().split()]
     assert handled == ids[:3] + ids[2:]  # the 3rd again (never acknowledged), then the rest: none lost
 
-    failing = subprocess.run([*cmd[:4], "w2", *cmd[5:], "--once", "--exec", f"{sys.executable} {handler} {log} fail"],
-                             env=proc_env, capture_output=True, text=True, timeout=120)
+    failing = subprocess.run(
+        [*cmd[:4], "w2", *cmd[5:], "--once", "--exec", f"{sys.executable} {handler} {log} fail"],
+        env=proc_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failing.returncode == EXIT_HANDLER and "not acknowledged" in failing.stderr
