@@ -10,15 +10,13 @@ safety check reads.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker.errors import BrokerError, TooLarge, ValidationFailed, from_packet_error
+from broker.errors import TooLarge, from_packet_error
 from client.keys import VerifyKey
-from client.packet import DTYPES, DataChecker, PacketError, PacketHeader, ReadLimits, parse_header, verify_signature
+from client.packet import DTYPES, PacketError, PacketHeader, ReadLimits, StreamVerifier, verify_signature
 
 
 @dataclass
@@ -30,113 +28,82 @@ class Received:
 
 
 class StreamingPacket:
-    """Feed upload bytes in order; the header is available as soon as it has arrived."""
+    """Feed upload bytes in order; the header is available as soon as it has arrived.
+
+    The packet checks are :class:`client.packet.StreamVerifier`'s; this adds the broker's size
+    limits, keeps the ``concepts`` bytes for the safety check, and turns refusals into 4xx errors.
+    A chunk may still be hashed in a helper thread after feed() returns: it must stay unchanged
+    until the next feed(), finish() or close() returns (``bytes`` always do).
+    """
 
     def __init__(self, *, max_packet_bytes: int, max_header_bytes: int, max_concepts_bytes: int) -> None:
         self.max_packet_bytes = max_packet_bytes
         self.max_concepts_bytes = max_concepts_bytes
-        self.limits = ReadLimits(max_header_bytes=max_header_bytes, max_data_bytes=max_packet_bytes)
-        self.size = 0
-        self.header: PacketHeader | None = None
-        self.header_sha256: str | None = None  # of the 8-byte length prefix and the header, once parsed
-        self._file_sha = hashlib.sha256()
-        self._prefix = bytearray()
-        self._checker: DataChecker | None = None
-        self._concepts: bytearray | None = None
+        limits = ReadLimits(max_header_bytes=max_header_bytes, max_data_bytes=max_packet_bytes)
+        self._stream = StreamVerifier(limits=limits, on_data=self._capture)
+        self._concepts = bytearray()
         self._concepts_range = (0, 0)
 
-    def feed(self, chunk: bytes | memoryview) -> PacketHeader | None:
-        """Consume a chunk; returns the header on the call that completes it, else None.
+    @property
+    def size(self) -> int:
+        return self._stream.size
 
-        The data section is hashed in a helper thread that may still read ``chunk`` after this returns:
-        it must stay unchanged until the next feed(), finish() or close() returns (``bytes`` always do).
-        """
-        view = memoryview(chunk).cast("B")
-        self.size += len(view)
-        if self.size > self.max_packet_bytes:
+    @property
+    def header(self) -> PacketHeader | None:
+        return self._stream.header
+
+    @property
+    def header_sha256(self) -> str | None:
+        """sha256 of the 8-byte length prefix and the header, once parsed."""
+        return self._stream.header_sha256
+
+    def feed(self, chunk: bytes | memoryview) -> PacketHeader | None:
+        """Consume a chunk; returns the header on the call that completes it, else None."""
+        if self.size + len(chunk) > self.max_packet_bytes:
             raise TooLarge(
                 f"the packet exceeds the broker's limit of {self.max_packet_bytes} bytes", code="packet_too_large"
             )
-        self._file_sha.update(view)
-        if self.header is not None:
-            self._data(view)
-            return None
-        self._prefix += view
-        if len(self._prefix) < 8:
-            return None
-        (n,) = struct.unpack_from("<Q", self._prefix, 0)
-        if n > self.limits.max_header_bytes:
-            raise self._header_error()
-        if len(self._prefix) < 8 + n:
-            return None
-        head = bytes(self._prefix[: 8 + n])
         try:
-            header = parse_header(head, file_size=None, limits=self.limits)
+            header = self._stream.feed(chunk)
         except PacketError as exc:
             raise from_packet_error(exc) from None
-        if header.file_size > self.max_packet_bytes:
-            raise TooLarge(
-                f"the packet declares {header.file_size} bytes; the broker's limit is {self.max_packet_bytes}",
-                code="packet_too_large",
-            )
-        self.header = header
-        self.header_sha256 = hashlib.sha256(head).hexdigest()
-        self._start_data(header)
-        rest = memoryview(self._prefix)[8 + n :]
-        if len(rest):
-            self._data(bytes(rest))
-        self._prefix = bytearray()
+        if header is not None:
+            if header.file_size > self.max_packet_bytes:
+                raise TooLarge(
+                    f"the packet declares {header.file_size} bytes; the broker's limit is {self.max_packet_bytes}",
+                    code="packet_too_large",
+                )
         return header
 
-    def _header_error(self) -> BrokerError:
-        """The error parse_header gives for this length prefix (too large, before buffering it)."""
-        try:
-            parse_header(bytes(self._prefix[:8]), limits=self.limits)
-        except PacketError as exc:
-            return from_packet_error(exc)
-        return ValidationFailed("the header was refused")  # pragma: no cover
-
-    def _start_data(self, header: PacketHeader) -> None:
-        # Threaded: the data digest runs beside the file digest (feed() hands it immutable chunks).
-        self._checker = DataChecker(header, threaded=True)
-        spec = next(t for t in header.tensors if t.name == "concepts")
-        size = spec.data_offsets[1] - spec.data_offsets[0]
-        if size > self.max_concepts_bytes:
-            raise TooLarge(
-                f"the concepts tensor has {size} bytes; the broker checks at most {self.max_concepts_bytes}",
-                code="concepts_too_large",
-            )
-        self._concepts = bytearray()
-        self._concepts_range = spec.data_offsets
-
-    def _data(self, view: bytes | memoryview) -> None:
-        assert self._checker is not None and self._concepts is not None
-        start = self._checker.position
+    def _capture(self, offset: int, piece: memoryview) -> None:
+        """Keep the bytes of the ``concepts`` tensor (StreamVerifier calls this for each data piece)."""
+        if offset == 0:
+            assert self.header is not None
+            spec = next(t for t in self.header.tensors if t.name == "concepts")
+            size = spec.data_offsets[1] - spec.data_offsets[0]
+            if size > self.max_concepts_bytes:
+                raise TooLarge(
+                    f"the concepts tensor has {size} bytes; the broker checks at most {self.max_concepts_bytes}",
+                    code="concepts_too_large",
+                )
+            self._concepts_range = spec.data_offsets
         lo, hi = self._concepts_range
-        a, b = max(lo, start), min(hi, start + len(view))
+        a, b = max(lo, offset), min(hi, offset + len(piece))
         if a < b:
-            self._concepts += view[a - start : b - start]
-        self._checker.update(view)
+            self._concepts += piece[a - offset : b - offset]
 
     def finish(self) -> Received:
         """Check the body is complete, the digest matches and floats are finite."""
-        if self.header is None or self._checker is None:
-            try:
-                parse_header(bytes(self._prefix), limits=self.limits)
-            except PacketError as exc:
-                raise from_packet_error(exc) from None
-            raise ValidationFailed("the upload ended inside the header", code="truncated")  # pragma: no cover
         try:
-            self._checker.finish()
+            result = self._stream.finish()
         except PacketError as exc:
             raise from_packet_error(exc) from None
-        spec = next(t for t in self.header.tensors if t.name == "concepts")
-        concepts = np.frombuffer(bytes(self._concepts or b""), DTYPES[spec.dtype].numpy).reshape(tuple(spec.shape))
-        return Received(self._file_sha.hexdigest(), self.size, self.header, concepts.astype(np.float32))
+        spec = next(t for t in result.header.tensors if t.name == "concepts")
+        concepts = np.frombuffer(bytes(self._concepts), DTYPES[spec.dtype].numpy).reshape(tuple(spec.shape))
+        return Received(result.packet_id, result.size, result.header, concepts.astype(np.float32))
 
     def close(self) -> None:
-        if self._checker is not None:
-            self._checker.close()
+        self._stream.close()
 
 
 def check_signature(header: PacketHeader, key: VerifyKey) -> None:

@@ -696,11 +696,20 @@ class StreamVerifier:
     to :meth:`feed` must stay unchanged until the following ``feed`` or ``finish`` returns.
     """
 
-    def __init__(self, *, limits: ReadLimits = DEFAULT_LIMITS, expected_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        limits: ReadLimits = DEFAULT_LIMITS,
+        expected_id: str | None = None,
+        on_data: Callable[[int, memoryview], None] | None = None,
+    ) -> None:
+        """``on_data(offset, piece)`` sees every piece of the data section with its offset in it."""
         self.limits = limits
         self.expected_id = expected_id
+        self.on_data = on_data
         self.size = 0
         self.header: PacketHeader | None = None
+        self.header_sha256: str | None = None  # of the length prefix and the header, once parsed
         self._file_sha = _BackgroundSha256()
         self._prefix = bytearray()
         self._checker: DataChecker | None = None
@@ -713,7 +722,7 @@ class StreamVerifier:
         self.size += len(view)
         self._file_sha.update(view)
         if self._checker is not None:
-            self._checker.update(view)
+            self._data(view)
             return None
         self._prefix += view
         if len(self._prefix) < 8:
@@ -723,14 +732,22 @@ class StreamVerifier:
             parse_header(bytes(self._prefix[:8]), limits=self.limits)  # raises header_too_large
         if len(self._prefix) < 8 + n:
             return None
-        header = parse_header(bytes(self._prefix[: 8 + n]), limits=self.limits)
+        head = bytes(self._prefix[: 8 + n])
+        header = parse_header(head, limits=self.limits)
         self.header = header
+        self.header_sha256 = hashlib.sha256(head).hexdigest()
         self._checker = DataChecker(header, threaded=header.data_size >= _THREAD_MIN_BYTES)
         rest = bytes(self._prefix[8 + n :])
         self._prefix = bytearray()
         if rest:
-            self._checker.update(rest)
+            self._data(memoryview(rest))
         return header
+
+    def _data(self, view: memoryview) -> None:
+        assert self._checker is not None
+        if self.on_data is not None:
+            self.on_data(self._checker.position, view)
+        self._checker.update(view)
 
     def finish(self) -> StreamResult:
         """Raise PacketError unless the bytes were one complete, intact packet (and the expected one)."""
