@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,13 +36,12 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from broker.db import upgrade  # noqa: E402
+from benchmarks._stack import broker_stack  # noqa: E402
 from client.keys import SigningKey  # noqa: E402
 from client.packet import write_packet  # noqa: E402
-from tests.broker_harness import BrokerProcess, create_database, drop_database, register_node, s3_env  # noqa: E402
+from tests.broker_harness import register_node  # noqa: E402
 from tests.conftest import make_body  # noqa: E402
-from tests.services import DEFAULT_DATABASE_URL, S3Server  # noqa: E402
-from tests.services import start_nanio as start_test_nanio  # noqa: E402
+from tests.services import DEFAULT_DATABASE_URL  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 1 * MiB  # upload chunk read from the file
@@ -131,21 +128,6 @@ def prefault(nbytes: int) -> None:
     pages = np.empty(nbytes, np.uint8)
     pages[::4096] = 1
     del pages
-
-
-def start_nanio(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
-    """nanio on a free loopback port, with a random secret; its stderr goes to ``log_path``."""
-    return start_test_nanio(data_dir, "m2kt-bench", "m2kt-bench-" + secrets.token_hex(8), log_path=log_path)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_big_packet(path: Path, scratch: Path, size: int, topic: str, key: SigningKey) -> None:
@@ -236,105 +218,76 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    nanio: subprocess.Popen[bytes] | None = None
-    broker: BrokerProcess | None = None
-    database: str | None = None
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="m2kt-bench-") as tmp_name:
         tmp = Path(tmp_name)
         broker_log = args.broker_log or tmp / "broker.log"
         try:
-            (tmp / "s3").mkdir()
-            nanio, s3 = start_nanio(tmp / "s3", tmp / "nanio.log")
-            s3c = s3.client()
-            bucket = f"m2kt-bench-{uuid.uuid4().hex[:10]}"
-            s3c.create_bucket(Bucket=bucket)
+            with broker_stack(tmp, args.database_url, broker_log) as stack:
+                broker, s3c, bucket, admin_token = stack.broker, stack.s3c, stack.bucket, stack.admin_token
+                assert broker.proc is not None
+                nanio_pid = stack.nanio_pid
+                teacher = register_node(broker.url, admin_token, "teacher")
+                assert teacher.key is not None
+                topic = f"bench.mem-{uuid.uuid4().hex[:8]}"
 
-            database = create_database(args.database_url)
-            upgrade(database)
+                if not args.no_warmup:  # first-request imports and pools, so the baseline is a warm broker
+                    small = tmp / "warmup.m2kt"
+                    write_big_packet(small, tmp / "warmup.scratch", 2 * MiB, topic, teacher.key)
+                    r = upload(broker.url, teacher.token, topic, small)
+                    if r.status_code != 201:
+                        raise RuntimeError(f"warm-up upload answered {r.status_code}: {r.text[:500]}")
+                    download(broker.url, teacher.token, r.json()["id"], tmp / "warmup.down")
+                    small.unlink()
+                    (tmp / "warmup.down").unlink()
 
-            admin_token = "m2kt_bench_" + secrets.token_urlsafe(24)
-            (tmp / "broker-data").mkdir()
-            broker = BrokerProcess(
-                env={
-                    "M2KT_DATABASE_URL": database,
-                    "M2KT_STORAGE_URL": f"s3://{bucket}",
-                    "M2KT_BOOTSTRAP_ADMIN_TOKEN": admin_token,
-                    "M2KT_DATA_DIR": str(tmp / "broker-data"),
-                    **s3_env(s3),
-                },
-                log_path=broker_log,
-            ).start()
-            assert broker.proc is not None
-            ready = httpx.get(broker.url + "/readyz", timeout=30)
-            if ready.status_code != 200:
-                raise RuntimeError(f"/readyz answered {ready.status_code}: {ready.text}")
-            teacher = register_node(broker.url, admin_token, "teacher")
-            assert teacher.key is not None
-            topic = f"bench.mem-{uuid.uuid4().hex[:8]}"
+                path = tmp / "bench.m2kt"
+                write_big_packet(path, tmp / "traces.scratch", args.size_mib * MiB, topic, teacher.key)
+                size = path.stat().st_size
+                digest = sha256_file(path)
 
-            if not args.no_warmup:  # first-request imports and pools, so the baseline is a warm broker
-                small = tmp / "warmup.m2kt"
-                write_big_packet(small, tmp / "warmup.scratch", 2 * MiB, topic, teacher.key)
-                r = upload(broker.url, teacher.token, topic, small)
+                # Reference: boto3 to the same nanio bucket, same file (page-cached, like the broker's read).
+                if args.prefault:
+                    prefault(3 * size)
+                with CPUTimes(broker.proc.pid, nanio_pid) as raw_cpu:
+                    t0 = time.perf_counter()
+                    s3c.upload_file(str(path), bucket, "raw/bench.m2kt")
+                    t_raw_up = time.perf_counter() - t0
+
+                if args.prefault:
+                    prefault(3 * size)
+                with RSSSampler(broker.proc.pid) as up_rss, CPUTimes(broker.proc.pid, nanio_pid) as up_cpu:
+                    t0 = time.perf_counter()
+                    r = upload(broker.url, teacher.token, topic, path)
+                    t_up = time.perf_counter() - t0
                 if r.status_code != 201:
-                    raise RuntimeError(f"warm-up upload answered {r.status_code}: {r.text[:500]}")
-                download(broker.url, teacher.token, r.json()["id"], tmp / "warmup.down")
-                small.unlink()
-                (tmp / "warmup.down").unlink()
+                    raise RuntimeError(f"upload answered {r.status_code} (expected 201): {r.text[:500]}")
+                packet_id = r.json()["id"]
+                if packet_id != digest:
+                    raise RuntimeError(f"the broker's packet id {packet_id} is not the file's sha256 {digest}")
 
-            path = tmp / "bench.m2kt"
-            write_big_packet(path, tmp / "traces.scratch", args.size_mib * MiB, topic, teacher.key)
-            size = path.stat().st_size
-            digest = sha256_file(path)
+                down = tmp / "down.m2kt"
+                with RSSSampler(broker.proc.pid) as down_rss:
+                    t0 = time.perf_counter()
+                    got = download(broker.url, teacher.token, packet_id, down)
+                    t_down = time.perf_counter() - t0
+                broker_ok = got == size and sha256_file(down) == digest
+                down.unlink()
 
-            # Reference: boto3 to the same nanio bucket, same file (page-cached, like the broker's read).
-            if args.prefault:
-                prefault(3 * size)
-            with CPUTimes(broker.proc.pid, nanio.pid) as raw_cpu:
+                raw_down = tmp / "raw-down.m2kt"
                 t0 = time.perf_counter()
-                s3c.upload_file(str(path), bucket, "raw/bench.m2kt")
-                t_raw_up = time.perf_counter() - t0
-
-            if args.prefault:
-                prefault(3 * size)
-            with RSSSampler(broker.proc.pid) as up_rss, CPUTimes(broker.proc.pid, nanio.pid) as up_cpu:
-                t0 = time.perf_counter()
-                r = upload(broker.url, teacher.token, topic, path)
-                t_up = time.perf_counter() - t0
-            if r.status_code != 201:
-                raise RuntimeError(f"upload answered {r.status_code} (expected 201): {r.text[:500]}")
-            packet_id = r.json()["id"]
-            if packet_id != digest:
-                raise RuntimeError(f"the broker's packet id {packet_id} is not the file's sha256 {digest}")
-
-            down = tmp / "down.m2kt"
-            with RSSSampler(broker.proc.pid) as down_rss:
-                t0 = time.perf_counter()
-                got = download(broker.url, teacher.token, packet_id, down)
-                t_down = time.perf_counter() - t0
-            broker_ok = got == size and sha256_file(down) == digest
-            down.unlink()
-
-            raw_down = tmp / "raw-down.m2kt"
-            t0 = time.perf_counter()
-            s3c.download_file(bucket, "raw/bench.m2kt", str(raw_down))
-            t_raw_down = time.perf_counter() - t0
-            raw_ok = sha256_file(raw_down) == digest
-            raw_down.unlink()
-            if not (broker_ok and raw_ok):
-                raise RuntimeError(f"downloaded bytes differ from the file: broker ok={broker_ok}, boto3 ok={raw_ok}")
+                s3c.download_file(bucket, "raw/bench.m2kt", str(raw_down))
+                t_raw_down = time.perf_counter() - t0
+                raw_ok = sha256_file(raw_down) == digest
+                raw_down.unlink()
+                if not (broker_ok and raw_ok):
+                    raise RuntimeError(
+                        f"downloaded bytes differ from the file: broker ok={broker_ok}, boto3 ok={raw_ok}"
+                    )
         except BaseException:
             if broker_log.exists():  # the log dies with the temp dir: show its end
                 tail = broker_log.read_text(errors="replace").splitlines()[-40:]
                 print("broker log (last lines):\n" + "\n".join("    " + ln for ln in tail), file=sys.stderr)
             raise
-        finally:
-            if broker is not None:
-                broker.stop()
-            if nanio is not None:
-                stop_process(nanio)
-            if database is not None:
-                drop_database(database)
         problems = log_problems(broker_log)
 
     mb = size / 1e6

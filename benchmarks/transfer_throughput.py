@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -33,16 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._stack import broker_stack  # noqa: E402
 from benchmarks.broker_memory import (  # noqa: E402
     MiB,
     RSSSampler,
-    start_nanio,
-    stop_process,
     write_big_packet,
 )
-from broker.db import upgrade  # noqa: E402
 from client import BrokerClient, SigningKey  # noqa: E402
-from tests.broker_harness import BrokerProcess, create_database, drop_database, register_node, s3_env  # noqa: E402
+from tests.broker_harness import register_node  # noqa: E402
 from tests.services import DEFAULT_DATABASE_URL  # noqa: E402
 
 
@@ -123,27 +120,8 @@ def main() -> None:
     rows: list[tuple[int, str, float, float, int]] = []  # size, operation, MB/s, ratio, rss growth
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="m2kt-xfer-") as tmp_name:
         tmp = Path(tmp_name)
-        nanio = broker = database = None
-        try:
-            (tmp / "s3").mkdir()
-            nanio, s3 = start_nanio(tmp / "s3", tmp / "nanio.log")
-            s3c = s3.client()
-            bucket = f"m2kt-xfer-{uuid.uuid4().hex[:8]}"
-            s3c.create_bucket(Bucket=bucket)
-            database = create_database(args.database_url)
-            upgrade(database)
-            admin = "m2kt_bench_" + secrets.token_urlsafe(24)
-            (tmp / "data").mkdir()
-            broker = BrokerProcess(
-                env={
-                    "M2KT_DATABASE_URL": database,
-                    "M2KT_STORAGE_URL": f"s3://{bucket}",
-                    "M2KT_BOOTSTRAP_ADMIN_TOKEN": admin,
-                    "M2KT_DATA_DIR": str(tmp / "data"),
-                    **s3_env(s3),
-                },
-                log_path=tmp / "broker.log",
-            ).start()
+        with broker_stack(tmp, args.database_url, tmp / "broker.log") as stack:
+            broker, s3c, bucket, admin = stack.broker, stack.s3c, stack.bucket, stack.admin_token
             assert broker.proc is not None
             teacher = register_node(broker.url, admin, "teacher")
             student = register_node(broker.url, admin, "student", with_key=False)
@@ -173,13 +151,6 @@ def main() -> None:
                 print(f"… {size_mib} MiB done", file=sys.stderr)
             for c in (publisher, redirected, streamed):
                 c.close()
-        finally:
-            if broker is not None:
-                broker.stop()
-            if nanio is not None:
-                stop_process(nanio)
-            if database is not None:
-                drop_database(database)
 
     print(f"\nbest of {args.repeat}; broker process on Postgres + nanio (loopback); {os.cpu_count()} CPU(s)\n")
     print(f"| {'MiB':>4} | {'operation':<42} | {'MB/s':>7} | {'× raw':>6} | {'broker RSS +MiB':>15} |")
