@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -39,7 +39,6 @@ class Call(Generic[T]):
     json: Any = None
     idempotent: bool = True  # safe to retry: GETs, PUTs, content-addressed or monotonic POSTs
     timeout: float | None = None  # overrides the client's read timeout (long-polls)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def parse(self, payload: Any) -> T:
         if self.model is None:
