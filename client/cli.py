@@ -196,6 +196,7 @@ def packet_schema() -> None:
     sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")
 
 
+import client.cli_node  # noqa: E402,F401 - registers the model commands (pack) on `app`
 import client.cli_remote  # noqa: E402,F401 - registers the broker-facing commands on `app`
 
 if __name__ == "__main__":  # pragma: no cover

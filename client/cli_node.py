@@ -1,0 +1,132 @@
+"""``m2kt`` commands that run models on this node: ``pack`` (teacher side).
+
+torch and the model code are imported inside the commands, so ``m2kt --help`` and the
+packet/broker commands work on an install without the ``node`` extra.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from client.cli import EXIT_FILE, EXIT_USAGE, app, fail, out
+from client.keys import KeyFileError, load_signing_key
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        fail(EXIT_USAGE, "this command runs models: install the node extra (pip install 'm2kt[node]')")
+
+
+@contextmanager
+def probe_progress(description: str, *, quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callable[[int], None]]]:
+    """Yields ``(on_plan, advance)``: a rich bar over probes on a terminal, nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        yield (lambda plan: None), (lambda n: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def on_plan(plan: Any) -> None:
+            progress.update(task, total=len(plan.texts))
+
+        yield on_plan, (lambda n: progress.advance(task, n))
+
+
+@app.command()
+def pack(
+    model: Annotated[
+        str, typer.Option("--model", help="Saved model directory (TinyTransformer or transformers), or 'minilm'.")
+    ],
+    spec_file: Annotated[Path, typer.Option("--spec", help="Packet spec (YAML or JSON).")],
+    key: Annotated[Path, typer.Option("--key", help="Private signing key file.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Packet file to write (default <topic>.m2kt).")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (overrides the spec).")
+    ] = None,
+    node: Annotated[str | None, typer.Option("--node", help="The teacher's broker node id, for the manifest.")] = None,
+    created_at: Annotated[
+        datetime | None, typer.Option("--created-at", help="Timestamp for the manifest (reproducible packets).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Extract concepts, attention and traces from a model into a signed packet (Algorithm 1)."""
+    _require_torch()
+    from dataclasses import replace
+
+    from client.packet import PacketError, packet_id, read_header
+    from client.teacher import SpecError, build_packet, load_spec
+    from client.teacher.adapters import pick_device
+    from client.teacher.loading import load_model
+
+    try:
+        signing_key = load_signing_key(key)
+    except KeyFileError as exc:
+        fail(EXIT_FILE, f"key: {exc}")
+    if not spec_file.is_file():
+        fail(EXIT_FILE, f"spec: {spec_file}: no such file")
+    try:
+        spec = load_spec(spec_file)
+        if device is not None:
+            spec = replace(spec, device=device)
+        needs_logits = spec.concepts.method == "attribution" or (spec.traces.enabled and spec.traces.source == "decode")
+        loaded = load_model(model, device=pick_device(spec.device), logits=needs_logits)
+        if spec.model_name is None:
+            spec = replace(spec, model_name=loaded.name)
+        if created_at is not None and created_at.tzinfo is None:
+            fail(EXIT_USAGE, "--created-at needs a timezone, e.g. 2026-01-01T00:00:00+00:00")
+        with probe_progress("probing the teacher", quiet=quiet) as (on_plan, advance):
+            path = build_packet(
+                loaded.model,
+                spec,
+                signing_key,
+                out_file,
+                tokenizer=loaded.tokenizer,
+                teacher_node=node,
+                created_at=created_at,
+                progress=advance,
+                on_plan=on_plan,
+            )
+    except SpecError as exc:
+        fail(EXIT_USAGE, f"spec: {exc}")
+    except PacketError as exc:  # pragma: no cover - the builder writes valid packets
+        fail(EXIT_USAGE, f"packet: {exc.code}: {exc.message}")
+    except OSError as exc:
+        fail(EXIT_FILE, f"{exc.filename or out_file}: {exc.strerror or exc}")
+    header = read_header(path)
+    m = header.manifest
+    out.print(f"packet   {path}  ({header.file_size:,} bytes)", markup=False)
+    out.print(f"id       {packet_id(path)}", markup=False)
+    out.print(
+        f"topic    {m.topic} · {len(m.concepts)} {m.extraction.concepts.method} concepts · d_T={m.teacher.d_model}",
+        markup=False,
+    )
+    out.print(
+        f"data     {m.data_usage.probe_count} probes · {m.data_usage.teacher_forward_passes} teacher forward passes · "
+        f"{m.data_usage.labelled_examples} labelled examples",
+        markup=False,
+    )
+    flagged = [c.label for c in m.concepts if m.safety.threshold is not None and c.safety_score >= m.safety.threshold]
+    out.print(
+        f"safety   {m.safety.scorer}: {len(flagged)} concept(s) at or above {m.safety.threshold}"
+        + (f" ({', '.join(flagged)})" if flagged else ""),
+        markup=False,
+    )

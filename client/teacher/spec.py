@@ -1,0 +1,357 @@
+"""What to extract from a teacher: the packet spec, read from YAML/JSON or built in Python.
+
+A spec says which layer to read, which probe inputs to run, how to turn hidden states into
+concepts (named probes, clustering or gradient attribution), and whether to add attention
+maps, reasoning traces, the abstraction graph and safety scores. It is checked twice before
+any heavy work: on its own when it is parsed (:func:`PacketSpec.from_dict`), and against the
+model when extraction starts (:func:`client.teacher.build.check_spec`). Every problem is a
+:class:`SpecError` naming the field and what is wrong.
+
+Example (YAML)::
+
+    topic: arith.mod23
+    layer: blocks.1
+    position: last
+    concepts:
+      method: named
+      named:
+        - {label: "op:add", inputs: ["3 add 5 =", "7 add 1 ="]}
+        - {label: "op:sub", inputs: ["3 sub 5 =", "7 sub 1 ="]}
+    attention: {pool: heads}
+    traces: {source: layers}
+    graph: {method: similarity, threshold: 0.5}
+    safety: {threshold: 0.8, flagged: [{label: "op:mul", inputs: ["2 mul 3 ="]}]}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from client.manifest import TOPIC_PATTERN
+
+__all__ = [
+    "AttentionSpec",
+    "AttributionSpec",
+    "ClusteringSpec",
+    "ConceptsSpec",
+    "GraphSpec",
+    "NamedProbe",
+    "PacketSpec",
+    "SafetySpec",
+    "SpecError",
+    "TracesSpec",
+    "load_spec",
+]
+
+Position = int | Literal["last", "mean"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run; the message names the field and the problem."""
+
+
+def _fail(where: str, problem: str) -> SpecError:
+    return SpecError(f"{where}: {problem}")
+
+
+def _check_position(where: str, value: Any) -> Position:
+    if value in ("last", "mean"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _fail(where, f"position must be 'last', 'mean' or an integer token index, not {value!r}")
+
+
+@dataclass(frozen=True)
+class NamedProbe:
+    """A labelled concept: its probe inputs (never outputs or labels of those inputs)."""
+
+    label: str
+    inputs: tuple[str, ...]
+    position: Position | None = None  # overrides PacketSpec.position for this concept
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise SpecError("a named probe needs a non-empty 'label'")
+        if isinstance(self.inputs, str) or not isinstance(self.inputs, Sequence):
+            raise _fail(f"concept {self.label!r}", "'inputs' must be a list of probe inputs")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not self.inputs:
+            raise _fail(f"concept {self.label!r}", "the probe set is empty; give at least one input")
+        for item in self.inputs:
+            if not isinstance(item, str) or not item.strip():
+                raise _fail(f"concept {self.label!r}", f"probe input {item!r} must be a non-empty string")
+        if self.position is not None:
+            _check_position(f"concept {self.label!r}", self.position)
+
+
+@dataclass(frozen=True)
+class ClusteringSpec:
+    """k-means (k-means++ initialisation, seeded) over hidden states of all probe inputs."""
+
+    k: int = 4
+    iterations: int = 100
+    restarts: int = 4
+    tolerance: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise SpecError(f"concepts.clustering.k must be >= 1, not {self.k}")
+        if self.iterations < 1 or self.restarts < 1:
+            raise SpecError("concepts.clustering.iterations and restarts must be >= 1")
+
+
+@dataclass(frozen=True)
+class AttributionSpec:
+    """Integrated gradients toward target output tokens; the top-attributed concepts are kept.
+
+    ``mode: dimensions`` ranks hidden dimensions at the spec's layer: a target's concept is the
+    attribution vector (hidden state × mean path gradient, averaged over probes) with all but
+    the ``top`` dimensions zeroed. ``mode: tokens`` ranks input tokens (IG on the input
+    embeddings): a target's concept is the mean hidden state, at the spec's layer, of the most
+    attributed token of each probe. ``targets`` are output tokens, or ``predicted`` (one
+    target per token the teacher predicts on the probes — the teacher's own outputs, no labels).
+    """
+
+    targets: tuple[str, ...] | Literal["predicted"] = "predicted"
+    mode: Literal["dimensions", "tokens"] = "dimensions"
+    steps: int = 16
+    top: int = 8
+    max_concepts: int = 16
+
+    def __post_init__(self) -> None:
+        if self.targets != "predicted":
+            if isinstance(self.targets, str) or not self.targets:
+                raise SpecError("concepts.attribution.targets must be 'predicted' or a non-empty list of tokens")
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.mode not in ("dimensions", "tokens"):
+            raise SpecError(f"concepts.attribution.mode must be 'dimensions' or 'tokens', not {self.mode!r}")
+        if self.steps < 1 or self.top < 1 or self.max_concepts < 1:
+            raise SpecError("concepts.attribution.steps, top and max_concepts must be >= 1")
+
+
+@dataclass(frozen=True)
+class ConceptsSpec:
+    method: Literal["named", "clustering", "attribution"] = "named"
+    named: tuple[NamedProbe, ...] = ()
+    clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
+    attribution: AttributionSpec = field(default_factory=AttributionSpec)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("named", "clustering", "attribution"):
+            raise SpecError(f"concepts.method must be 'named', 'clustering' or 'attribution', not {self.method!r}")
+        object.__setattr__(self, "named", tuple(self.named))
+        labels = [p.label for p in self.named]
+        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+        if dupes:
+            raise SpecError(f"concepts.named: labels must be unique; repeated: {', '.join(dupes)}")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Attention maps: per concept (mean over its probes) or per probe, optionally pooled."""
+
+    enabled: bool = True
+    per: Literal["concept", "probe"] = "concept"
+    pool: Literal["none", "heads", "layers", "all"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.per not in ("concept", "probe"):
+            raise SpecError(f"attention.per must be 'concept' or 'probe', not {self.per!r}")
+        if self.pool not in ("none", "heads", "layers", "all"):
+            raise SpecError(f"attention.pool must be one of none, heads, layers, all; not {self.pool!r}")
+
+
+@dataclass(frozen=True)
+class TracesSpec:
+    """Reasoning traces: m states per probe, through the layers or through greedy decoding steps."""
+
+    enabled: bool = True
+    source: Literal["layers", "decode"] = "layers"
+    steps: int | None = None  # decode: number of generated steps (required); layers: all readable layers
+
+    def __post_init__(self) -> None:
+        if self.source not in ("layers", "decode"):
+            raise SpecError(f"traces.source must be 'layers' or 'decode', not {self.source!r}")
+        if self.source == "decode" and (self.steps is None or self.steps < 1):
+            raise SpecError("traces.steps must be >= 1 when traces.source is 'decode'")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The abstraction graph: concept pairs whose similarity (or co-activation) passes a threshold."""
+
+    enabled: bool = True
+    method: Literal["similarity", "coactivation"] = "similarity"
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.method not in ("similarity", "coactivation"):
+            raise SpecError(f"graph.method must be 'similarity' or 'coactivation', not {self.method!r}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise SpecError(f"graph.threshold must be in [-1, 1], not {self.threshold}")
+
+
+@dataclass(frozen=True)
+class SafetySpec:
+    """Teacher-side safety scoring against flagged concept directions.
+
+    Flagged directions come from probe sets run through the teacher (``flagged``) and/or a
+    safetensors file holding a ``directions`` tensor of shape [F, d_T] (``flagged_file``).
+    """
+
+    scorer: str = "cosine-flagged"
+    threshold: float = 0.8
+    flagged: tuple[NamedProbe, ...] = ()
+    flagged_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise SpecError(f"safety.threshold must be in [0, 1], not {self.threshold}")
+        object.__setattr__(self, "flagged", tuple(self.flagged))
+
+
+@dataclass(frozen=True)
+class PacketSpec:
+    topic: str
+    concepts: ConceptsSpec
+    layer: str | None = None  # default: the model's last readable layer
+    position: Position = "last"
+    probes: tuple[str, ...] = ()  # extra unlabelled probe inputs (clustering, attribution)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    traces: TracesSpec = field(default_factory=TracesSpec)
+    graph: GraphSpec = field(default_factory=GraphSpec)
+    safety: SafetySpec = field(default_factory=SafetySpec)
+    model_name: str | None = None
+    parents: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: Literal["float32", "float16"] = "float32"  # dtype of the float tensors in the packet
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topic, str) or not re.fullmatch(TOPIC_PATTERN, self.topic):
+            raise SpecError(
+                f"topic {self.topic!r} is not a valid topic name (lowercase letters, digits, '.', '_', '-')"
+            )
+        _check_position("position", self.position)
+        object.__setattr__(self, "probes", tuple(self.probes))
+        object.__setattr__(self, "parents", tuple(self.parents))
+        if self.batch_size < 1:
+            raise SpecError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.dtype not in ("float32", "float16"):
+            raise SpecError(f"dtype must be 'float32' or 'float16', not {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise SpecError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
+        method = self.concepts.method
+        if method == "named" and not self.concepts.named:
+            raise SpecError("concepts.named is empty: the 'named' method needs at least one labelled probe set")
+        if method != "named" and not (self.concepts.named or self.probes):
+            raise SpecError(f"the probe set is empty: '{method}' needs probe inputs in 'probes' or 'concepts.named'")
+        if method == "clustering" and self.concepts.clustering.k > len(self.probe_inputs()):
+            raise SpecError(
+                f"concepts.clustering.k = {self.concepts.clustering.k} but there are only "
+                f"{len(self.probe_inputs())} probe inputs"
+            )
+
+    def probe_inputs(self) -> list[str]:
+        """All distinct probe inputs in a fixed order: named concepts' inputs first, then ``probes``."""
+        seen: dict[str, None] = {}
+        for probe in self.concepts.named:
+            seen.update(dict.fromkeys(probe.inputs))
+        seen.update(dict.fromkeys(self.probes))
+        return list(seen)
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PacketSpec:
+        """Build from parsed YAML/JSON; unknown keys and wrong types are :class:`SpecError`."""
+        if not isinstance(data, Mapping):
+            raise SpecError("the spec must be a mapping (YAML/JSON object)")
+        data = dict(data)
+        try:
+            concepts = dict(_section(data, "concepts", required=True))
+            concepts["named"] = tuple(_named(p, "concepts.named") for p in concepts.get("named") or ())
+            concepts["clustering"] = _build(ClusteringSpec, _section(concepts, "clustering"), "concepts.clustering")
+            concepts["attribution"] = _build(AttributionSpec, _section(concepts, "attribution"), "concepts.attribution")
+            data["concepts"] = _build(ConceptsSpec, concepts, "concepts")
+            safety = dict(_section(data, "safety"))
+            safety["flagged"] = tuple(_named(p, "safety.flagged") for p in safety.get("flagged") or ())
+            data["safety"] = _build(SafetySpec, safety, "safety")
+            for name, kind in (("attention", AttentionSpec), ("traces", TracesSpec), ("graph", GraphSpec)):
+                section = data.get(name)
+                if section is False:
+                    data[name] = kind(enabled=False)
+                else:
+                    data[name] = _build(kind, _section(data, name), name)
+            return _build(cls, data, "spec")
+        except TypeError as exc:  # a value of the wrong type reached a comparison
+            raise SpecError(f"spec: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _section(data: Mapping[str, Any], name: str, *, required: bool = False) -> Mapping[str, Any]:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise SpecError(f"'{name}' is missing")
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"'{name}' must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _named(item: Any, where: str) -> NamedProbe:
+    if not isinstance(item, Mapping):
+        raise SpecError(f"{where}: each entry must be a mapping with 'label' and 'inputs'")
+    return _build(NamedProbe, item, where)
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for name in ("k", "iterations", "restarts", "steps", "top", "max_concepts", "seed", "batch_size"):
+        if (
+            name in values
+            and values[name] is not None
+            and (not isinstance(values[name], int) or isinstance(values[name], bool))
+        ):
+            raise SpecError(f"{where}.{name} must be an integer, not {values[name]!r}")
+    try:
+        return cls(**values)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+def load_spec(path: str | Path) -> PacketSpec:
+    """Read a spec from a ``.yaml``/``.yml`` or ``.json`` file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return PacketSpec.from_dict(data or {})
