@@ -130,3 +130,43 @@ def pack(
         + (f" ({', '.join(flagged)})" if flagged else ""),
         markup=False,
     )
+
+
+@app.command("train-tiny")
+def train_tiny_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to save the model into (safetensors + JSON).")],
+    p: Annotated[int, typer.Option("--p", help="Modulus of the task a OP b = over Z_p.")] = 23,
+    operators: Annotated[str, typer.Option("--operators", help="Comma-separated operations (add, sub, mul, ...).")]
+    = "add,sub",
+    d_model: Annotated[int, typer.Option("--d-model")] = 64,
+    layers: Annotated[int, typer.Option("--layers")] = 2,
+    heads: Annotated[int, typer.Option("--heads")] = 4,
+    steps: Annotated[int, typer.Option("--steps")] = 600,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Train a small TinyTransformer teacher on a built-in symbolic task (about a minute on a CPU)."""
+    _require_torch()
+    from client.symbolic import OPERATIONS, ModularTask
+    from client.teacher.adapters import pick_device
+    from client.teacher.tiny_model import TinyConfig, TrainConfig, save_tiny, train_tiny
+
+    names = [o.strip() for o in operators.split(",") if o.strip()]
+    unknown = [o for o in names if o not in OPERATIONS]
+    if not names or unknown:
+        fail(EXIT_USAGE, f"--operators: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(OPERATIONS)}")
+    try:
+        task = ModularTask(p=p, operators={o: o for o in names})
+        config = TinyConfig.for_task(task, d_model=d_model, n_layers=layers, n_heads=heads)
+        train = TrainConfig(steps=steps, seed=seed, device=str(pick_device(device)))
+    except ValueError as exc:
+        fail(EXIT_USAGE, str(exc))
+    model, metrics = train_tiny(task, config, train)
+    path = save_tiny(model, out_dir)
+    out.print(
+        f"trained  {config.d_model}-wide, {config.n_layers} layers on a OP b = over Z_{p} ({', '.join(names)}) "
+        f"in {metrics['seconds']:.1f} s on {metrics['device']}",
+        markup=False,
+    )
+    out.print(f"accuracy train {metrics['train_accuracy']:.3f} · held-out {metrics['test_accuracy']:.3f}", markup=False)
+    out.print(f"saved    {path}", markup=False)

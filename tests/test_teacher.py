@@ -550,6 +550,28 @@ def test_cli_pack_writes_a_verifiable_packet(teacher, tmp_path: Path) -> None:
     assert "readable layers: embed, blocks.0, blocks.1" in bad.output
 
 
+def test_cli_train_tiny_saves_a_loadable_model(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-tiny", "--out", str(tmp_path / "t"), "--p", "7", "--steps", "20",
+                                 "--d-model", "16", "--heads", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "held-out" in result.output and (tmp_path / "t" / "m2kt_tiny.json").is_file()
+    from client.teacher.loading import load_model
+
+    loaded = load_model(str(tmp_path / "t"))
+    assert loaded.model.config.d_model == 16 and loaded.tokenizer is None
+    bad = runner.invoke(app, ["train-tiny", "--out", str(tmp_path / "u"), "--operators", "add,pow"])
+    assert bad.exit_code == 2 and "unknown pow" in bad.output
+
+
+def test_readme_spec_example_parses(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## The teacher side")[1]
+    (tmp_path / "spec.yaml").write_text(section.split("```yaml\n")[1].split("```")[0])
+    spec = load_spec(tmp_path / "spec.yaml")
+    assert spec.concepts.named[0].label == "result:7" and spec.attention.pool == "heads"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_extraction_on_cuda_matches_cpu(teacher) -> None:  # pragma: no cover - GPU machines only
     _, model, train, _ = teacher
