@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -26,6 +27,9 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `tests` (the shared probe data) lives at the repository root
+    sys.path.insert(0, str(ROOT))
 
 from client.keys import SigningKey  # noqa: E402
 from client.symbolic import ModularTask  # noqa: E402
@@ -40,49 +44,11 @@ from client.teacher import (  # noqa: E402
     extract,
 )
 from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny  # noqa: E402
+from tests.teacher_data import TOPICS, purity  # noqa: E402
 
 OPS = {"add": "add", "sub": "sub"}
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = SigningKey.from_seed(bytes(32))
-
-TOPICS = {
-    "animals": [
-        "a dog barks at night",
-        "the cat sleeps on the sofa",
-        "a horse runs in the field",
-        "birds fly south in winter",
-        "the cow eats grass",
-        "a rabbit hides in its burrow",
-        "the lion hunts a zebra",
-        "fish swim in the river",
-        "an owl hoots in the dark",
-        "the puppy chews a bone",
-    ],
-    "finance": [
-        "the stock market fell sharply",
-        "interest rates rose again",
-        "she took out a bank loan",
-        "bonds and equities rallied",
-        "the company reported quarterly profits",
-        "inflation hit savings",
-        "investors sold their shares",
-        "the central bank cut rates",
-        "the fund lost money",
-        "mortgage payments went up",
-    ],
-    "weather": [
-        "heavy rain is expected today",
-        "a sunny afternoon at the beach",
-        "a snow storm hits tonight",
-        "strong winds are blowing",
-        "thunder and lightning overnight",
-        "the forecast says fog",
-        "a heat wave this week",
-        "hail damaged the cars",
-        "clouds gathered over the hills",
-        "a cold front moves in",
-    ],
-}
 
 
 def pooled_states(adapter, texts: list[str], layer: str, position: str) -> torch.Tensor:
@@ -97,14 +63,6 @@ def pooled_states(adapter, texts: list[str], layer: str, position: str) -> torch
             last = mask.sum(1) - 1
             rows.append(states[torch.arange(len(ids)), last].cpu())
     return torch.cat(rows)
-
-
-def purity(assignment: list[int], truth: list[int]) -> float:
-    total = 0
-    for cluster in set(assignment):
-        members = [t for a, t in zip(assignment, truth, strict=True) if a == cluster]
-        total += max(members.count(t) for t in set(members))
-    return total / len(truth)
 
 
 def evaluate(model, tokenizer, named, held_out, truth, layer: str, position: str, probes_extra=()) -> dict:

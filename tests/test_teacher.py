@@ -38,6 +38,7 @@ from client.teacher.build import read_probe_texts
 from client.teacher.concepts import _integrated_gradients, layer_baseline
 from client.teacher.probing import run_probes
 from client.teacher.tiny_model import TinyConfig, TinyTransformer, TrainConfig, save_tiny, train_tiny
+from tests.teacher_data import TOPICS, purity
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,14 +95,6 @@ def states_at(model, texts: list[str], layer: str) -> torch.Tensor:
 
 def nearest_centroid(centroids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return torch.cdist(states, centroids).argmin(dim=1)
-
-
-def purity(assignment: list[int], truth: list[int]) -> float:
-    total = 0
-    for cluster in set(assignment):
-        members = [t for a, t in zip(assignment, truth, strict=True) if a == cluster]
-        total += max(members.count(t) for t in set(members))
-    return total / len(truth)
 
 
 # ----------------------------------------------------------------------------- concepts carry the task
@@ -298,40 +291,6 @@ def minilm():
     return AutoModel.from_pretrained(path, local_files_only=True).eval(), AutoTokenizer.from_pretrained(
         path, local_files_only=True
     )
-
-
-TOPICS = {
-    "animals": [
-        "a dog barks at night",
-        "the cat sleeps on the sofa",
-        "a horse runs in the field",
-        "birds fly south in winter",
-        "the cow eats grass",
-        "a rabbit hides in its burrow",
-        "the lion hunts a zebra",
-        "fish swim in the river",
-    ],
-    "finance": [
-        "the stock market fell sharply",
-        "interest rates rose again",
-        "she took out a bank loan",
-        "bonds and equities rallied",
-        "the company reported quarterly profits",
-        "inflation hit savings",
-        "investors sold their shares",
-        "the central bank cut rates",
-    ],
-    "weather": [
-        "heavy rain is expected today",
-        "a sunny afternoon at the beach",
-        "a snow storm hits tonight",
-        "strong winds are blowing",
-        "thunder and lightning overnight",
-        "the forecast says fog",
-        "a heat wave this week",
-        "hail damaged the cars",
-    ],
-}
 
 
 def test_minilm_offline_named_and_clustered_topics(minilm, signing_key: SigningKey, tmp_path: Path) -> None:
@@ -552,8 +511,24 @@ def test_cli_pack_writes_a_verifiable_packet(teacher, tmp_path: Path) -> None:
 
 def test_cli_train_tiny_saves_a_loadable_model(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["train-tiny", "--out", str(tmp_path / "t"), "--p", "7", "--steps", "20",
-                                 "--d-model", "16", "--heads", "2", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train-tiny",
+            "--out",
+            str(tmp_path / "t"),
+            "--p",
+            "7",
+            "--steps",
+            "20",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "held-out" in result.output and (tmp_path / "t" / "m2kt_tiny.json").is_file()
     from client.teacher.loading import load_model
