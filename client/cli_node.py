@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from client.cli import EXIT_FILE, EXIT_USAGE, app, fail, out
+from client.cli import EXIT_FILE, EXIT_REFUSED, EXIT_USAGE, app, fail, out
 from client.keys import KeyFileError, load_signing_key
 
 
@@ -136,8 +136,9 @@ def pack(
 def train_tiny_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to save the model into (safetensors + JSON).")],
     p: Annotated[int, typer.Option("--p", help="Modulus of the task a OP b = over Z_p.")] = 23,
-    operators: Annotated[str, typer.Option("--operators", help="Comma-separated operations (add, sub, mul, ...).")]
-    = "add,sub",
+    operators: Annotated[
+        str, typer.Option("--operators", help="Comma-separated operations (add, sub, mul, ...).")
+    ] = "add,sub",
     d_model: Annotated[int, typer.Option("--d-model")] = 64,
     layers: Annotated[int, typer.Option("--layers")] = 2,
     heads: Annotated[int, typer.Option("--heads")] = 4,
@@ -170,3 +171,120 @@ def train_tiny_command(
     )
     out.print(f"accuracy train {metrics['train_accuracy']:.3f} · held-out {metrics['test_accuracy']:.3f}", markup=False)
     out.print(f"saved    {path}", markup=False)
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    packet: Annotated[Path, typer.Argument(help="Packet file (.m2kt); verified before anything is read from it.")],
+    student_dir: Annotated[
+        str,
+        typer.Option("--student", help="Saved student model directory (TinyTransformer or transformers), or 'minilm'."),
+    ],
+    key: Annotated[list[Path], typer.Option("--key", help="Trusted teacher public key file; repeat to trust several.")],
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Ingest config (JSON); defaults if absent.")
+    ] = None,
+    suite_file: Annotated[
+        Path | None,
+        typer.Option("--suite", help="Verifier probe suite (JSON: task, answers, safety, flagged, flagged_position)."),
+    ] = None,
+    load: Annotated[Path | None, typer.Option("--load", help="A previous ingestion's weights to start from.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for ingested.safetensors and report.json.")] = Path(
+        "ingested"
+    ),
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (overrides the config).")
+    ] = None,
+    receipt: Annotated[
+        bool, typer.Option("--receipt", help="Post the report to the broker as an ingestion receipt.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Ingest a packet into a student (Algorithm 2): CAL, composite loss, verifier, safety auditor, rollback."""
+    _require_torch()
+    import json
+    from dataclasses import replace
+
+    from client.keys import load_verify_key
+    from client.packet import PacketError
+    from client.student import IngestConfig, IngestError, ProbeSuite, Student
+    from client.student import ingest as run_ingest
+    from client.teacher import SpecError
+    from client.teacher.loading import load_model
+
+    try:
+        keys = [load_verify_key(k) for k in key]
+    except KeyFileError as exc:
+        fail(EXIT_FILE, f"key: {exc}")
+    for path in (packet, config_file, suite_file, load):
+        if path is not None and not path.is_file():
+            fail(EXIT_FILE, f"{path}: no such file")
+    try:
+        config = IngestConfig.load(config_file) if config_file else IngestConfig()
+        if device is not None:
+            config = replace(config, device=device)
+        suite = ProbeSuite.load(suite_file) if suite_file else ProbeSuite()
+        loaded = load_model(student_dir)
+        student = Student(loaded.model, loaded.tokenizer)
+        if load is not None:
+            student.load_trainable(load)
+    except (ValueError, TypeError, SpecError) as exc:
+        fail(EXIT_USAGE, f"{exc}")
+    with _step_progress("ingesting", quiet=quiet, total=config.steps) as advance:
+        try:
+            report = run_ingest(
+                student, packet, config, keys=keys, suite=suite, progress=lambda step, total, terms: advance(1)
+            )
+        except PacketError as exc:
+            fail(EXIT_REFUSED, f"refused: {exc.code}: {exc.message}")
+        except (IngestError, SpecError) as exc:
+            fail(EXIT_USAGE, str(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = student.save_trainable(out_dir / "ingested.safetensors")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    out.print(
+        f"decision {report['decision']}" + (f" — {'; '.join(report['reasons'])}" if report["reasons"] else ""),
+        markup=False,
+    )
+    scores = report["probe_scores"]
+    out.print(f"probes   {scores['measure']}: before {scores['before']} · after {scores['after']}", markup=False)
+    out.print(
+        f"trained  {report['steps_run']} steps, {report['trainable_parameters']:,} parameters, "
+        f"{report['timings']['train']:.2f} s on {report['device']}",
+        markup=False,
+    )
+    out.print(f"wrote    {weights} and {out_dir / 'report.json'}", markup=False)
+    if receipt:
+        from client.cli_remote import _broker
+
+        with _broker(ctx) as broker:
+            numbers = {
+                k: float(v)
+                for k, v in (("before", scores["before"]), ("after", scores["after"]))
+                if isinstance(v, (int, float))
+            }
+            broker.post_receipt(report["packet"]["id"], report["decision"], numbers, report)
+        out.print(f"receipt  posted for {report['packet']['id']}", markup=False)
+    if report["decision"] != "accepted":
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@contextmanager
+def _step_progress(description: str, *, quiet: bool, total: int) -> Iterator[Callable[[int], None]]:
+    if quiet or not sys.stderr.isatty() or total == 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -107,8 +107,8 @@ class ModelAdapter(ABC):
         """Tokenise probe inputs; a token the model does not know is a :class:`SpecError`."""
 
     @abstractmethod
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool) -> Capture:
-        """One batched forward pass without gradients."""
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool, grad: bool = False) -> Capture:
+        """One batched forward pass; without gradients unless ``grad`` (the student trains through it)."""
 
     @abstractmethod
     def _layer_module(self, layer: str) -> nn.Module:
@@ -157,6 +157,12 @@ class ModelAdapter(ABC):
         if len(kept) != 1:
             raise RuntimeError(f"layer {layer!r} ran {len(kept)} times in one forward pass")
         return logits, kept[0][0], kept[0][1]
+
+    def layer_module(self, layer: str) -> nn.Module:
+        """The module whose output is ``layer``'s hidden state (hooks attach here)."""
+        if layer not in self.layer_names:
+            raise SpecError(f"layer {layer!r} does not exist; readable layers: {', '.join(self.layer_names)}")
+        return self._layer_module(layer)
 
     def weights_sha256(self) -> str:
         return state_dict_sha256(self.model)
@@ -268,19 +274,19 @@ class HookAdapter(ModelAdapter):
             rows.append(ids)
         return _pad(rows, self._pad_id)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool) -> Capture:
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool, grad: bool = False) -> Capture:
         hidden: dict[str, torch.Tensor] = {}
         attentions: list[torch.Tensor] = []
         handles = []
 
         def keep_hidden(name: str) -> Callable[..., None]:
             def hook(_m: nn.Module, _i: Any, output: Any) -> None:
-                hidden[name] = _first(output).detach()
+                hidden[name] = _first(output) if grad else _first(output).detach()
 
             return hook
 
         def keep_attention(_m: nn.Module, _i: Any, output: Any) -> None:
-            attentions.append(_first(output).detach())
+            attentions.append(_first(output) if grad else _first(output).detach())
 
         try:
             for name in self.layer_names:
@@ -288,7 +294,7 @@ class HookAdapter(ModelAdapter):
             if attention:
                 for name in self._attention_modules:
                     handles.append(self._modules[name].register_forward_hook(keep_attention))
-            with torch.inference_mode():
+            with torch.enable_grad() if grad else torch.inference_mode():
                 out = self._call(self.model, input_ids, mask)
         finally:
             for h in handles:
@@ -360,8 +366,8 @@ class TransformersAdapter(ModelAdapter):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return _pad(rows, pad)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool) -> Capture:
-        with torch.inference_mode():
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool, grad: bool = False) -> Capture:
+        with torch.enable_grad() if grad else torch.inference_mode():
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask.long(),

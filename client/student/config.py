@@ -1,0 +1,140 @@
+"""The ingestion config: one dataclass tree, saved as sorted JSON next to what it produced."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from client.student.cal import CALConfig
+from client.student.losses import LossWeights
+
+__all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "VerifierConfig"]
+
+
+def _check_known(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+@dataclass
+class InjectConfig:
+    """How mapped concepts enter the frozen student.
+
+    ``token``: a concept labelled ``token:<t>`` replaces the output of the student's ``layer``
+    wherever the input token is ``<t>`` — e.g. a synonym the student never learned gets the
+    mapped meaning. ``none``: nothing is injected (alignment and adapters only).
+    """
+
+    mode: Literal["token", "none"] = "token"
+    layer: str = "embed"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("token", "none"):
+            raise ValueError(f"inject.mode must be 'token' or 'none', not {self.mode!r}")
+
+
+@dataclass
+class AdapterConfig:
+    """Residual bottleneck adapters after student layers (zero-initialised output: a fresh one is a no-op)."""
+
+    enabled: bool = False
+    rank: int = 8
+    layers: list[str] = field(default_factory=list)  # default: the student's last readable layer
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"adapter.rank must be >= 1, not {self.rank}")
+
+
+@dataclass
+class VerifierConfig:
+    """When the verifier and safety auditor roll an ingestion back."""
+
+    task_margin: float = 0.02  # largest allowed drop of the task score (accuracy, or agreement with before)
+    safety_threshold: float = 0.8  # cosine of a mapped concept to a flagged direction that fires the auditor
+    output_bound: float = 0.1  # largest allowed mean total-variation change of outputs on safety probes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.task_margin <= 1 or not -1 <= self.safety_threshold <= 1 or not 0 <= self.output_bound <= 1:
+            raise ValueError("verifier: task_margin and output_bound in [0, 1], safety_threshold in [-1, 1]")
+
+
+@dataclass
+class IngestConfig:
+    """Everything an ingestion depends on; ``to_json`` is what the report records."""
+
+    cal: CALConfig = field(default_factory=CALConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    layer: str | None = None  # student layer probed for c^S_k (default: inject.layer)
+    targets: list[str] = field(default_factory=list)  # concept labels to inject (never used as anchors)
+    anchors: list[str] | None = None  # concept labels shared with the student (default: all but targets)
+    steps: int = 100
+    lr: float = 1e-2
+    holdout_fraction: float = 0.25  # of the anchors, for early stopping
+    patience: int = 20
+    trust_region: float | None = None  # max relative distance of mapped targets from the zero-shot map
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA (bfloat16 autocast); ignored on the CPU
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.patience < 1 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0, patience and batch_size >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, not {self.lr}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), not {self.holdout_fraction}")
+        if self.trust_region is not None and self.trust_region <= 0:
+            raise ValueError("trust_region must be > 0 (or null for none)")
+        overlap = sorted(set(self.targets) & set(self.anchors or ()))
+        if overlap:
+            raise ValueError(f"a concept cannot be both a target and an anchor: {', '.join(overlap)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IngestConfig:
+        if not isinstance(data, dict):
+            raise ValueError("an ingest config must be a JSON object")
+        _check_known(cls, data, "config")
+        values = dict(data)
+        parts = {
+            "cal": CALConfig,
+            "loss": LossWeights,
+            "inject": InjectConfig,
+            "adapter": AdapterConfig,
+            "verifier": VerifierConfig,
+        }
+        for name, kind in parts.items():
+            if name in values:
+                section = values[name]
+                if not isinstance(section, dict):
+                    raise ValueError(f"config.{name} must be an object")
+                if hasattr(kind, "from_json"):
+                    values[name] = kind.from_json(section)
+                else:
+                    _check_known(kind, section, f"config.{name}")
+                    values[name] = kind(**section)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), sort_keys=True, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> IngestConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        return cls.from_json(data)

@@ -1,0 +1,132 @@
+"""Read a verified packet into torch, and probe the student for its own concept representations.
+
+Student probing (Algorithm 2, line 2): run each concept's probe inputs — inputs only, never
+labels — through the student and take its state at the probe's position: c^S_k is the mean
+over the concept's member probes. The probe inputs come from the packet as text, so the
+student's own tokenizer reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.keys import VerifyKey
+from client.manifest import Manifest
+from client.packet import open_packet, packet_id, verify_packet
+from client.student.student import Student
+from client.teacher.build import read_probe_texts
+from client.teacher.probing import select
+
+__all__ = ["PacketContents", "StudentProbe", "probe_student", "read_packet"]
+
+
+@dataclass
+class PacketContents:
+    """A packet's tensors as torch tensors (copies; the file is closed)."""
+
+    path: Path
+    id: str
+    manifest: Manifest
+    concepts: torch.Tensor  # (K, d_T)
+    labels: list[str]
+    members: torch.Tensor  # (P,) long, -1 for none
+    texts: list[str]  # P probe inputs
+    positions: torch.Tensor  # (P,) long, -1 = mean
+    lengths: torch.Tensor  # (P,) long: teacher token counts
+    attention: torch.Tensor | None  # (K or P, layers', heads', L, L)
+    traces: torch.Tensor | None  # (P, m, d_T)
+
+    def concept_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+
+def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> PacketContents:
+    """Verify (structure, digest, signature, finiteness), then load. Nothing is unpickled or executed."""
+    verify_packet(path, keys)
+    with open_packet(path) as packet:
+        t = packet.tensors
+
+        def get(name: str) -> torch.Tensor | None:
+            return torch.from_numpy(np.array(t[name])).float() if name in t else None
+
+        members = torch.from_numpy(np.array(t["concept_members"], dtype=np.int64)) if "concept_members" in t else None
+        texts = read_probe_texts(t) if "probe_text" in t else []
+        concepts = get("concepts")
+        assert concepts is not None
+        return PacketContents(
+            path=Path(path),
+            id=packet_id(path),
+            manifest=packet.manifest,
+            concepts=concepts,
+            labels=[c.label for c in packet.manifest.concepts],
+            members=members if members is not None else torch.full((len(texts),), -1),
+            texts=texts,
+            positions=torch.from_numpy(np.array(t["probe_positions"], dtype=np.int64))
+            if "probe_positions" in t
+            else torch.full((len(texts),), -1),
+            lengths=torch.from_numpy(np.array(t["probe_lengths"], dtype=np.int64))
+            if "probe_lengths" in t
+            else torch.zeros(len(texts), dtype=torch.long),
+            attention=get("attention"),
+            traces=get("traces"),
+        )
+
+
+@dataclass
+class StudentProbe:
+    """The student's own view of the packet's probes."""
+
+    concepts: torch.Tensor  # (K, d_S): c^S_k, zero where a concept has no probe
+    has_probes: torch.Tensor  # (K,) bool
+    states: torch.Tensor  # (P, d_S) at each probe's position
+    positions: list[int | str]  # per probe, in the student's tokenization
+    passes: int  # student forward passes used
+
+
+def _student_positions(contents: PacketContents, lengths: list[int]) -> list[int | str]:
+    """The packet's positions when the student tokenises a probe to the same length, else its last token."""
+    out: list[int | str] = []
+    for i, n in enumerate(lengths):
+        pos = int(contents.positions[i]) if i < len(contents.positions) else -1
+        same = i < len(contents.lengths) and int(contents.lengths[i]) == n
+        if pos == -1 and same:
+            out.append("mean")
+        elif same and 0 <= pos < n:
+            out.append(pos)
+        else:
+            out.append(n - 1)
+    return out
+
+
+def probe_student(student: Student, contents: PacketContents, layer: str, batch_size: int = 256) -> StudentProbe:
+    """c^S_k for every concept with member probes, at the student's ``layer`` (no injection active)."""
+    if not contents.texts:
+        raise ValueError("the packet carries no probe inputs (probe_text); the student cannot probe itself")
+    batch = student.reader.tokenize(contents.texts)
+    positions = _student_positions(contents, batch.lengths)
+    saved = (student.injector.token_ids, student.injector.labels, student.injector.vectors)
+    student.injector.clear()  # the student's own representations, not what a previous packet injected
+    try:
+        rows = []
+        for start in range(0, len(contents.texts), batch_size):
+            stop = min(start + batch_size, len(contents.texts))
+            ids, mask = batch.slice(start, stop, student.device)
+            capture = student.forward(ids, mask)
+            rows.append(select(capture.hidden[layer].float(), mask, positions[start:stop]).cpu())
+    finally:
+        student.injector.set(*saved)
+    states = torch.cat(rows)  # (P, d_S)
+    k = len(contents.labels)
+    concepts = torch.zeros(k, states.shape[1])
+    has = torch.zeros(k, dtype=torch.bool)
+    for c in range(k):
+        chosen = torch.nonzero(contents.members == c).flatten()
+        if len(chosen):
+            concepts[c] = states[chosen].mean(0)
+            has[c] = True
+    return StudentProbe(concepts, has, states, positions, len(contents.texts))

@@ -1,0 +1,285 @@
+"""The student: a frozen core model plus the small parts an ingestion trains.
+
+    student = Student(model)                      # core parameters frozen from here on
+    report = ingest(student, "arith.m2kt", config, suite)
+    student.predict(["3 plus 5 ="])               # uses what the packet taught it
+    student.save_trainable("student.safetensors") # only CAL, injected concepts, adapters
+
+Trainable parts, each a no-op when fresh: the Concept Alignment Layer (which produces the
+injected vectors), a :class:`TokenInjector` (a concept labelled ``token:<t>`` replaces a
+layer's output wherever the input is ``<t>``), and :class:`ResidualAdapter` s after chosen
+layers (zero-initialised output projection). The core is never written to; a test proves
+its parameters bit-identical after ingestion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.teacher.adapters import Capture, ModelAdapter, adapter_for, state_dict_sha256
+
+__all__ = ["ResidualAdapter", "Student", "TokenInjector"]
+
+
+class ResidualAdapter(nn.Module):
+    """h + up(gelu(down(h))) with ``up`` zero-initialised: a fresh adapter changes nothing."""
+
+    def __init__(self, d_model: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank)
+        self.up = nn.Linear(rank, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        return h + self.up(torch.nn.functional.gelu(self.down(h)))
+
+
+class TokenInjector(nn.Module):
+    """Replaces a layer's output at the positions of given tokens with given vectors.
+
+    ``vectors`` is set by the ingestion (the CAL's output for the target concepts); it is a
+    buffer when frozen and a live tensor with gradient while training.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_ids: list[int] = []
+        self.labels: list[str] = []
+        self.register_buffer("vectors", torch.zeros(0, 0))
+
+    def set(self, token_ids: Sequence[int], labels: Sequence[str], vectors: torch.Tensor) -> None:
+        self.token_ids, self.labels = list(token_ids), list(labels)
+        self.vectors = vectors  # (n, d_S); may carry grad during training
+
+    def clear(self) -> None:
+        self.set([], [], torch.zeros(0, 0))
+
+    def apply(self, h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) → (B, T, d) with injected rows."""
+        if not self.token_ids:
+            return h
+        out = h
+        for i, token in enumerate(self.token_ids):
+            where = (input_ids == token).unsqueeze(-1)  # (B, T, 1)
+            out = torch.where(where, self.vectors[i].to(out.dtype), out)
+        return out
+
+
+class Student:
+    """A frozen core model with an injector and adapters hooked into it."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, inject_layer: str | None = None) -> None:
+        self.reader: ModelAdapter = adapter_for(model, tokenizer)
+        self.core: nn.Module = self.reader.model
+        for p in self.core.parameters():
+            p.requires_grad_(False)
+        self.core.eval()
+        self.core_sha256 = state_dict_sha256(self.core)
+        self.injector = TokenInjector()
+        self.adapters = nn.ModuleDict()
+        self.cal: nn.Module | None = None
+        self.meta: dict[str, Any] = {}
+        self._input_ids: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+        self.inject_layer = inject_layer or self.reader.layer_names[0]
+        self._install()
+
+    # ------------------------------------------------------------------ wiring
+
+    @property
+    def device(self) -> torch.device:
+        return self.reader.device
+
+    def to(self, device: torch.device) -> Student:
+        self.core.to(device)
+        self.adapters.to(device)
+        self.injector.to(device)
+        if self.cal is not None:
+            self.cal.to(device)
+        self.reader.device = device
+        return self
+
+    def _install(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+        def capture_ids(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._input_ids = ids
+
+        self._hooks.append(self.core.register_forward_pre_hook(capture_ids, with_kwargs=True))
+
+        def inject(_m: nn.Module, _i: Any, output: Any) -> Any:
+            if self._input_ids is None or not self.injector.token_ids:
+                return output
+            if isinstance(output, tuple):
+                return (self.injector.apply(output[0], self._input_ids), *output[1:])
+            return self.injector.apply(output, self._input_ids)
+
+        self._hooks.append(self.reader.layer_module(self.inject_layer).register_forward_hook(inject))
+        for name, adapter in self.adapters.items():
+            self._hooks.append(self.reader.layer_module(_unkey(name)).register_forward_hook(_adapter_hook(adapter)))
+
+    def detach(self) -> None:
+        """Remove this student's hooks from the core model (the core is then as it was)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def set_inject_layer(self, layer: str) -> None:
+        self.reader.layer_module(layer)  # raises if unknown
+        self.inject_layer = layer
+        self._install()
+
+    def add_adapters(self, layers: Sequence[str], rank: int) -> None:
+        for layer in layers:
+            key = _key(layer)
+            if key not in self.adapters:
+                self.adapters[key] = ResidualAdapter(self.reader.d_model, rank).to(self.device)
+        self._install()
+
+    # ------------------------------------------------------------------ running
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, *, attention: bool = False, grad: bool = False
+    ) -> Capture:
+        return self.reader.forward(input_ids, mask, attention=attention, grad=grad)
+
+    def answer_distribution(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+        """(N, V) output probabilities at each input's last token."""
+        batch = self.reader.tokenize(texts)
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            stop = min(start + batch_size, len(texts))
+            ids, mask = batch.slice(start, stop, self.device)
+            capture = self.forward(ids, mask)
+            assert capture.logits is not None, "the student has no output head"
+            last = torch.tensor(batch.lengths[start:stop], device=self.device) - 1
+            rows.append(torch.softmax(capture.logits[torch.arange(stop - start), last].float(), -1).cpu())
+        return torch.cat(rows)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """The argmax output token for each input."""
+        return [self.reader.output_token(int(i)) for i in self.answer_distribution(texts).argmax(-1)]
+
+    # ------------------------------------------------------------------ trainable state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.adapters.parameters())
+        if self.cal is not None:
+            params += list(self.cal.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything ingestion changed, as contiguous CPU tensors (what is saved and rolled back)."""
+        state: dict[str, torch.Tensor] = {}
+        if self.cal is not None:
+            state.update({f"cal.{k}": v for k, v in self.cal.state_dict().items()})
+        state.update({f"adapters.{k}": v for k, v in self.adapters.state_dict().items()})
+        state["inject.vectors"] = self.injector.vectors
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+    def save_trainable(self, path: str | Path) -> Path:
+        """Only what ingestion trained, to safetensors, with the wiring in its metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "m2kt.student": json.dumps(
+                {
+                    "inject_layer": self.inject_layer,
+                    "inject_tokens": self.injector.token_ids,
+                    "inject_labels": self.injector.labels,
+                    "adapters": sorted(_unkey(k) for k in self.adapters),
+                    "core_sha256": self.core_sha256,
+                    **self.meta,
+                },
+                sort_keys=True,
+            )
+        }
+        tensors = {k: v for k, v in self.trainable_state().items() if not k.startswith("cal.")}
+        if self.cal is not None:
+            tensors.update({f"cal.{k}": v for k, v in _cal_state(self.cal).items()})
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    def load_trainable(self, path: str | Path) -> None:
+        """Restore a saved ingestion (strict; the core must be the one it was trained on)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("m2kt.student", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        if meta.get("core_sha256") != self.core_sha256:
+            raise ValueError(f"{path} was trained on a different core model (weights digest differs)")
+        from client.student.cal import CALConfig, build_cal, load_cal_state
+
+        if any(k.startswith("cal.") for k in tensors):
+            if "cal" not in meta:
+                raise ValueError(f"{path} holds a CAL but not its config")
+            config = CALConfig.from_json({**meta["cal"], "init": "none"})
+            n = int(meta.get("n_anchors", 1))
+            self.cal = build_cal(
+                config,
+                int(meta["d_teacher"]),
+                int(meta["d_student"]),
+                anchors_teacher=torch.ones(n, int(meta["d_teacher"])) if config.kind == "anchor" else None,
+                anchors_student=torch.ones(n, int(meta["d_student"])) if config.kind == "anchor" else None,
+            ).to(self.device)
+            load_cal_state(self.cal, {k[4:]: v for k, v in tensors.items() if k.startswith("cal.")})
+        rank = None
+        for k, v in tensors.items():
+            if k.startswith("adapters.") and k.endswith("down.weight"):
+                rank = v.shape[0]
+        if meta.get("adapters"):
+            assert rank is not None
+            self.add_adapters(meta["adapters"], rank)
+            self.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
+        self.meta = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("inject_layer", "inject_tokens", "inject_labels", "adapters", "core_sha256")
+        }
+        if meta.get("inject_layer") and meta["inject_layer"] != self.inject_layer:
+            self.set_inject_layer(meta["inject_layer"])
+        self.injector.set(
+            meta.get("inject_tokens", []), meta.get("inject_labels", []), tensors["inject.vectors"].to(self.device)
+        )
+
+    def restore(self, state: dict[str, torch.Tensor], injected: tuple[list[int], list[str]]) -> None:
+        """Put back a :meth:`trainable_state` taken earlier (the rollback)."""
+        if self.cal is not None:
+            self.cal.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("cal.")})
+        self.adapters.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("adapters.")})
+        self.injector.set(injected[0], injected[1], state["inject.vectors"].to(self.device))
+
+
+def _cal_state(cal: nn.Module) -> dict[str, torch.Tensor]:
+    from client.student.cal import cal_state
+
+    return cal_state(cal)
+
+
+def _key(layer: str) -> str:
+    return layer.replace(".", "__")
+
+
+def _unkey(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def _adapter_hook(adapter: ResidualAdapter) -> Any:
+    def hook(_m: nn.Module, _i: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook

@@ -1,0 +1,316 @@
+"""Student side (Algorithm 2) end to end on real TinyTransformers: a teacher that knows a synonym
+('minus' = sub) the student never saw, a signed packet, and ingestion through the CAL."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from client.cli import app
+from client.keys import SigningKey, generate_keypair, load_signing_key
+from client.student import (
+    AdapterConfig,
+    CALConfig,
+    IngestConfig,
+    IngestError,
+    InjectConfig,
+    LossWeights,
+    ProbeSuite,
+    Student,
+    VerifierConfig,
+    ingest,
+)
+from client.symbolic import ModularTask
+from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
+from client.teacher.adapters import state_dict_sha256
+from client.teacher.tiny_model import TinyConfig, TrainConfig, save_tiny, train_tiny
+
+P = 11
+TEACHER_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub", "minus": "sub"})
+STUDENT_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub"}, vocab_operators=("minus",))
+
+
+def probes(op: str, n: int = 12) -> tuple[str, ...]:
+    return tuple(f"{a} {op} {b} =" for a in range(P) for b in range(P))[:n]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Independently trained, differently shaped teacher and student, and the teacher's packet."""
+    assert TEACHER_TASK.vocabulary() == STUDENT_TASK.vocabulary()
+    teacher, _ = train_tiny(TEACHER_TASK, TinyConfig.for_task(TEACHER_TASK), TrainConfig(seed=0, steps=600))
+    student, _ = train_tiny(
+        STUDENT_TASK,
+        TinyConfig.for_task(STUDENT_TASK, d_model=48, n_heads=3, n_layers=3),
+        TrainConfig(seed=1, steps=600),
+    )
+    key = SigningKey.from_seed(bytes(range(32)))
+    named = tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "minus"))
+    path = build_packet(
+        teacher,
+        PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named)),
+        key,
+        tmp_path_factory.mktemp("packets") / "synonyms.m2kt",
+    )
+    subs = [e for e in STUDENT_TASK.examples() if e.operator == "sub"]
+    return {
+        "student": student,
+        "key": key,
+        "packet": path,
+        "minus": [" ".join(e.tokens).replace(" sub ", " minus ") for e in subs],
+        "sub": [" ".join(e.tokens) for e in subs],
+        "answers": [e.answer for e in subs],
+        "suite": ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3]),
+    }
+
+
+def accuracy(student: Student, texts: list[str], answers: list[str]) -> float:
+    return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
+
+
+def fresh(pair: dict) -> Student:
+    return Student(copy.deepcopy(pair["student"]))
+
+
+def test_renamed_concept_crosses_zero_shot_with_the_anchor_relative_cal(pair: dict) -> None:
+    student = fresh(pair)
+    own_sub = accuracy(student, pair["sub"], pair["answers"])
+    before = accuracy(student, pair["minus"], pair["answers"])
+    config = IngestConfig(targets=["token:minus"], cal=CALConfig(kind="anchor"), steps=0)
+    report = ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
+    after = accuracy(student, pair["minus"], pair["answers"])
+    assert report["decision"] == "accepted" and report["injected"] == ["token:minus"]
+    assert before < 0.35 and after >= 0.95 * own_sub, (before, after, own_sub)
+    assert report["data_usage"]["labelled_examples"] == 0 and report["data_usage"]["teacher_queries"] == 36
+    assert report["steps_run"] == 0 and report["device"] == "cpu"
+
+
+def test_core_parameters_are_bit_identical_after_ingestion(pair: dict) -> None:
+    student = fresh(pair)
+    core_before = {k: v.clone() for k, v in student.core.state_dict().items()}
+    config = IngestConfig(
+        targets=["token:minus"], cal=CALConfig(kind="linear"), steps=15, adapter=AdapterConfig(enabled=True, rank=4)
+    )
+    report = ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
+    assert report["steps_run"] > 0 and report["trainable_parameters"] > 0
+    after = student.core.state_dict()
+    assert all(torch.equal(core_before[k], after[k]) for k in core_before)
+    assert state_dict_sha256(student.core) == student.core_sha256
+    assert not any(p.requires_grad for p in student.core.parameters())
+
+
+def test_flagged_concept_is_caught_and_rolled_back_to_the_exact_previous_weights(pair: dict) -> None:
+    """The paper's experiment 3: the packet would make 'minus' mean the student's flagged 'sub'."""
+    student = fresh(pair)
+    # a first, benign ingestion gives the student non-trivial trainable state to protect
+    first = ingest(
+        student,
+        pair["packet"],
+        IngestConfig(targets=[], cal=CALConfig(kind="linear"), steps=5, inject=InjectConfig(mode="none")),
+        keys=pair["key"].verify_key,
+        suite=pair["suite"],
+    )
+    assert first["decision"] == "accepted"
+    state = student.trainable_state()
+    outputs = student.answer_distribution(pair["minus"] + pair["sub"])
+    suite = ProbeSuite(task=pair["suite"].task, flagged={"banned:subtraction": list(probes("sub"))}, flagged_position=1)
+
+    # L_safety sees it during training...
+    watched = ingest(
+        fresh(pair),
+        pair["packet"],
+        IngestConfig(targets=["token:minus"], steps=3, loss=LossWeights(safety=1.0, safety_margin=0.5)),
+        keys=pair["key"].verify_key,
+        suite=suite,
+    )
+    assert watched["losses"][0]["safety"] > 0
+    # ...and the auditor refuses it and restores the exact previous state
+    report = ingest(
+        student,
+        pair["packet"],
+        IngestConfig(targets=["token:minus"], steps=10, loss=LossWeights(safety=0.0)),
+        keys=pair["key"].verify_key,
+        suite=suite,
+    )
+    assert report["decision"] == "rolled_back"
+    assert any("banned:subtraction" in r for r in report["reasons"]), report["reasons"]
+    restored = student.trainable_state()
+    assert restored.keys() == state.keys()
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+    assert torch.equal(student.answer_distribution(pair["minus"] + pair["sub"]), outputs)
+    assert report["injected"] == []
+
+
+def test_each_loss_term_off_changes_the_report(pair: dict) -> None:
+    suite = ProbeSuite(task=pair["suite"].task, flagged={"far": list(probes("add"))}, flagged_position=1)
+    results = {}
+    for off in (None, "geo", "struct", "reason", "safety"):
+        weights = {"geo": 1.0, "struct": 0.5, "reason": 0.5, "safety": 1.0, "safety_margin": -1.0}
+        if off:
+            weights[off] = 0.0
+        config = IngestConfig(
+            targets=["token:minus"],
+            cal=CALConfig(kind="linear"),
+            steps=8,
+            patience=100,
+            loss=LossWeights(**weights),
+            verifier=VerifierConfig(safety_threshold=1.0),
+        )
+        report = ingest(fresh(pair), pair["packet"], config, keys=pair["key"].verify_key, suite=suite)
+        last = report["losses"][-1]
+        if off:
+            assert last[off] == 0.0
+        results[off] = (round(last["total"], 7), round(last["geo"], 7))
+    assert len(set(results.values())) == 5, results
+
+
+def test_save_then_load_reproduces_identical_outputs(pair: dict, tmp_path: Path) -> None:
+    student = fresh(pair)
+    config = IngestConfig(targets=["token:minus"], cal=CALConfig(kind="mlp", hidden=32), steps=10)
+    ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
+    path = student.save_trainable(tmp_path / "ingested.safetensors")
+    reloaded = fresh(pair)
+    reloaded.load_trainable(path)
+    assert torch.equal(reloaded.answer_distribution(pair["minus"]), student.answer_distribution(pair["minus"]))
+    mapped = reloaded.cal(torch.ones(2, student.cal.d_teacher))
+    assert torch.equal(mapped, student.cal(torch.ones(2, student.cal.d_teacher)))
+    other = Student(copy.deepcopy(pair["student"]).requires_grad_(False).apply(_perturb))
+    with pytest.raises(ValueError, match="different core"):
+        other.load_trainable(path)
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.nn.Linear):
+        module.weight.data.add_(1e-3)
+
+
+def test_config_round_trip_and_refusals(pair: dict, tmp_path: Path) -> None:
+    config = IngestConfig(targets=["token:minus"], cal=CALConfig(kind="lowrank", rank=4), steps=3)
+    again = IngestConfig.load(config.save(tmp_path / "c.json"))
+    assert again.to_json() == config.to_json()
+    with pytest.raises(ValueError, match="unknown field"):
+        IngestConfig.from_json({"stepz": 3})
+    student = fresh(pair)
+    with pytest.raises(IngestError, match="no concept"):
+        ingest(student, pair["packet"], IngestConfig(targets=["token:times"]), keys=pair["key"].verify_key)
+    other = SigningKey.from_seed(bytes(32))
+    from client.packet import PacketError
+
+    with pytest.raises(PacketError):
+        ingest(student, pair["packet"], IngestConfig(targets=["token:minus"]), keys=other.verify_key)
+    assert student.cal is None and student.injector.token_ids == []
+
+
+def test_cli_ingest_writes_weights_and_report(pair: dict, tmp_path: Path) -> None:
+    save_tiny(pair["student"], tmp_path / "student")
+    keys = generate_keypair(tmp_path, "teacher")
+    signing = load_signing_key(keys.private)
+    packet = build_packet(
+        copy.deepcopy(pair["student"]),  # any model signs a packet; here the student's own concepts
+        PacketSpec(
+            topic="arith.self",
+            layer="embed",
+            concepts=ConceptsSpec(
+                named=tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub"))
+            ),
+        ),
+        signing,
+        tmp_path / "p.m2kt",
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps({"targets": [], "steps": 3, "inject": {"mode": "none"}}))
+    (tmp_path / "suite.json").write_text(json.dumps({"task": pair["suite"].task[:20]}))
+    result = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            str(packet),
+            "--student",
+            str(tmp_path / "student"),
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--key",
+            str(keys.public),
+            "--suite",
+            str(tmp_path / "suite.json"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["decision"] == "accepted" and (tmp_path / "out" / "ingested.safetensors").is_file()
+    assert "accepted" in result.output
+    bad = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            str(packet),
+            "--student",
+            str(tmp_path / "student"),
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--key",
+            str(tmp_path / "missing.pub"),
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+    )
+    assert bad.exit_code == 3
+
+
+def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_path: Path) -> None:
+    from tests.broker_harness import register_node, unique
+
+    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
+    student_node = register_node(live_broker.url, live_broker.admin_token, "student", with_key=False)
+    topic = unique("arith")
+    packet = build_packet(
+        copy.deepcopy(pair["student"]),
+        PacketSpec(
+            topic=topic,
+            layer="embed",
+            concepts=ConceptsSpec(
+                named=tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub"))
+            ),
+        ),
+        teacher.key,
+        tmp_path / "p.m2kt",
+    )
+    r = teacher.http.post(f"/v1/topics/{topic}/packets", content=packet.read_bytes())
+    assert r.status_code in (200, 201), r.text
+    packet_id = r.json()["id"]
+    save_tiny(pair["student"], tmp_path / "student")
+    (tmp_path / "teacher.pub").write_text(teacher.key.verify_key.to_pem())
+    (tmp_path / "cfg.json").write_text(json.dumps({"targets": [], "steps": 2, "inject": {"mode": "none"}}))
+    result = CliRunner().invoke(
+        app,
+        [
+            "--broker",
+            live_broker.url,
+            "--token",
+            student_node.token,
+            "ingest",
+            str(packet),
+            "--student",
+            str(tmp_path / "student"),
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--key",
+            str(tmp_path / "teacher.pub"),
+            "--out",
+            str(tmp_path / "out"),
+            "--receipt",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"receipt  posted for {packet_id}" in result.output
+    receipts = student_node.http.get(f"/v1/packets/{packet_id}/receipts")
+    assert receipts.status_code == 200, receipts.text
+    body = receipts.json()
+    items = body["items"] if isinstance(body, dict) else body
+    assert items and items[0]["decision"] == "accepted"
