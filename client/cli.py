@@ -3,7 +3,8 @@
 Exit codes (stable, for scripts):
 
 * 0 — success (for ``verify``: the packet is valid);
-* 1 — a packet was refused (malformed, failed verification here, or refused by the broker's checks);
+* 1 — a packet was refused (malformed, failed verification here, refused by the broker's checks, or
+  rolled back by ``ingest``'s verifier and safety auditor);
 * 2 — usage error (bad options or arguments);
 * 3 — a file could not be used (missing, unreadable, bad key file);
 * 4 — the broker refused the request (authentication, permission, not found, conflict);
