@@ -314,3 +314,47 @@ def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_p
     body = receipts.json()
     items = body["items"] if isinstance(body, dict) else body
     assert items and items[0]["decision"] == "accepted"
+
+
+def test_trust_region_keeps_mapped_targets_near_the_zero_shot_map(pair: dict) -> None:
+    zero = fresh(pair)
+    ingest(
+        zero,
+        pair["packet"],
+        IngestConfig(targets=["token:minus"], cal=CALConfig(kind="linear"), steps=0),
+        keys=pair["key"].verify_key,
+    )
+    bounded = fresh(pair)
+    config = IngestConfig(
+        targets=["token:minus"],
+        cal=CALConfig(kind="linear"),
+        steps=20,
+        lr=0.1,
+        patience=100,
+        trust_region=0.01,
+        loss=LossWeights(geo=1.0, struct=1.0, reason=1.0),
+    )
+    report = ingest(bounded, pair["packet"], config, keys=pair["key"].verify_key)
+    assert report["steps_run"] == 20
+    base, moved = zero.injector.vectors, bounded.injector.vectors
+    assert float((moved - base).norm() / base.norm()) <= 0.0101
+
+
+def test_an_interrupted_ingestion_leaves_the_student_as_it_was(pair: dict) -> None:
+    student = fresh(pair)
+    outputs = student.answer_distribution(pair["minus"])
+
+    def interrupt(step: int, total: int, terms: object) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest(
+            student,
+            pair["packet"],
+            IngestConfig(targets=["token:minus"], steps=10, adapter=AdapterConfig(enabled=True)),
+            keys=pair["key"].verify_key,
+            progress=interrupt,
+        )
+    assert student.cal is None and len(student.adapters) == 0 and student.injector.token_ids == []
+    assert torch.equal(student.answer_distribution(pair["minus"]), outputs)

@@ -193,75 +193,8 @@ def ingest(
             )
         return extra
 
-    # ---- training
-    t_train = time.perf_counter()
-    with torch.no_grad():
-        zero_shot = cal(teacher_c).detach()  # (K, d_S)
-    zero_state = {k: v.detach().clone() for k, v in cal.state_dict().items()}
-    held_zero = float(geo_loss(zero_shot[holdout], student_c[holdout])) if holdout else None
-    best = (held_zero if held_zero is not None else float("inf"), copy.deepcopy(student.trainable_state()), -1)
-    history: list[dict[str, float]] = []
-    optimizer = torch.optim.Adam(params, lr=config.lr) if params else None
-    stale = 0
-    steps_run = 0
-    for step in range(config.steps if optimizer else 0):
-        mapped = cal(teacher_c)  # (K, d_S)
-        inject(mapped)
-        extra = step_inputs(mapped)
-        total, terms = loss_fn(mapped=mapped[train], target=student_c[train], **extra)
-        if flagged_dev is not None and config.loss.safety > 0:  # L_safety on what would enter the student
-            watched = mapped[targets] if targets else mapped
-            penalty = safety_loss(watched - origin.to(device), flagged_dev, config.loss.safety_margin)
-            total = total + config.loss.safety * penalty
-            terms = LossTerms(
-                terms.geo,
-                terms.struct,
-                terms.reason,
-                float(penalty.detach()),
-                terms.total + config.loss.safety * float(penalty.detach()),
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if config.trust_region is not None:
-            _project(cal, zero_state, zero_shot, teacher_c, targets or anchors, config.trust_region)
-        steps_run = step + 1
-        with torch.no_grad():
-            mapped = cal(teacher_c)
-            held = float(geo_loss(mapped[holdout], student_c[holdout])) if holdout else float(terms.total)
-        record = {"step": step, **terms.as_dict(), "holdout_geo": held if holdout else None}
-        history.append(record)
-        if progress is not None:
-            progress(step + 1, config.steps, terms)
-        if held < best[0] - 1e-9:
-            best = (held, copy.deepcopy(student.trainable_state()), step)
-            stale = 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    # keep the best CAL/adapters seen on the held-out anchors (the zero-shot map if training never beat it)
-    student.restore(best[1], ([], []))
-    with torch.no_grad():
-        final = cal(teacher_c).detach()
-    inject(final)
-    train_seconds = time.perf_counter() - t_train
-
-    # ---- verify and audit
-    t_verify = time.perf_counter()
-    after = snapshot(student, suite)
-    checks = audit(
-        before,
-        after,
-        config=config.verifier,
-        mapped=final[targets].cpu(),
-        mapped_labels=[contents.labels[i] for i in targets],
-        flagged_labels=flagged_labels,
-        flagged=flagged,
-        origin=origin,
-    )
-    accepted = all(c.passed for c in checks)
-    if not accepted:
+    def rollback() -> None:
+        """Back to the exact pre-ingestion state: CAL, adapters, injection, metadata."""
         student.cal = previous_cal
         for key in list(student.adapters.keys()):
             if key not in previous_adapters:
@@ -269,6 +202,81 @@ def ingest(
         student._install()
         student.restore(previous_state, previous_injection)
         student.meta = previous_meta
+
+    try:
+        # ---- training
+        t_train = time.perf_counter()
+        with torch.no_grad():
+            zero_shot = cal(teacher_c).detach()  # (K, d_S)
+        zero_state = {k: v.detach().clone() for k, v in cal.state_dict().items()}
+        held_zero = float(geo_loss(zero_shot[holdout], student_c[holdout])) if holdout else None
+        best = (held_zero if held_zero is not None else float("inf"), copy.deepcopy(student.trainable_state()), -1)
+        history: list[dict[str, float]] = []
+        optimizer = torch.optim.Adam(params, lr=config.lr) if params else None
+        stale = 0
+        steps_run = 0
+        for step in range(config.steps if optimizer else 0):
+            mapped = cal(teacher_c)  # (K, d_S)
+            inject(mapped)
+            extra = step_inputs(mapped)
+            total, terms = loss_fn(mapped=mapped[train], target=student_c[train], **extra)
+            if flagged_dev is not None and config.loss.safety > 0:  # L_safety on what would enter the student
+                watched = mapped[targets] if targets else mapped
+                penalty = safety_loss(watched - origin.to(device), flagged_dev, config.loss.safety_margin)
+                total = total + config.loss.safety * penalty
+                terms = LossTerms(
+                    terms.geo,
+                    terms.struct,
+                    terms.reason,
+                    float(penalty.detach()),
+                    terms.total + config.loss.safety * float(penalty.detach()),
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if config.trust_region is not None:
+                _project(cal, zero_state, zero_shot, teacher_c, targets or anchors, config.trust_region)
+            steps_run = step + 1
+            with torch.no_grad():
+                mapped = cal(teacher_c)
+                held = float(geo_loss(mapped[holdout], student_c[holdout])) if holdout else float(terms.total)
+            record = {"step": step, **terms.as_dict(), "holdout_geo": held if holdout else None}
+            history.append(record)
+            if progress is not None:
+                progress(step + 1, config.steps, terms)
+            if held < best[0] - 1e-9:
+                best = (held, copy.deepcopy(student.trainable_state()), step)
+                stale = 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        # keep the best CAL/adapters seen on the held-out anchors (the zero-shot map if training never beat it)
+        student.restore(best[1], ([], []))
+        with torch.no_grad():
+            final = cal(teacher_c).detach()
+        inject(final)
+        train_seconds = time.perf_counter() - t_train
+
+        # ---- verify and audit
+        t_verify = time.perf_counter()
+        after = snapshot(student, suite)
+        checks = audit(
+            before,
+            after,
+            config=config.verifier,
+            mapped=final[targets].cpu(),
+            mapped_labels=[contents.labels[i] for i in targets],
+            flagged_labels=flagged_labels,
+            flagged=flagged,
+            origin=origin,
+        )
+        accepted = all(c.passed for c in checks)
+    except BaseException:  # an error or interrupt mid-ingestion leaves the student as it was
+        rollback()
+        raise
+    if not accepted:
+        rollback()
     verify_seconds = time.perf_counter() - t_verify
 
     m = contents.manifest
