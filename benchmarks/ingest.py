@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from client.keys import SigningKey  # noqa: E402
 from client.student import (  # noqa: E402
     CALConfig,
     IngestConfig,
@@ -36,13 +35,7 @@ from client.student import (  # noqa: E402
     VerifierConfig,
     ingest,
 )
-from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet  # noqa: E402
-from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny  # noqa: E402
-from tests.test_student_ingest import STUDENT_TASK, TEACHER_TASK, probes  # noqa: E402
-
-
-def accuracy(student: Student, texts: list[str], answers: list[str]) -> float:
-    return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
+from tests.student_pair import accuracy, make_synonym_pair, probes  # noqa: E402
 
 
 def main() -> None:
@@ -50,31 +43,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    teacher, tm = train_tiny(TEACHER_TASK, TinyConfig.for_task(TEACHER_TASK), TrainConfig(seed=0, steps=600))
-    core, sm = train_tiny(
-        STUDENT_TASK,
-        TinyConfig.for_task(STUDENT_TASK, d_model=48, n_heads=3, n_layers=3),
-        TrainConfig(seed=1, steps=600),
-    )
-    key = SigningKey.from_seed(bytes(range(32)))
-    named = tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "minus"))
-    subs = [e for e in STUDENT_TASK.examples() if e.operator == "sub"]
-    minus = [" ".join(e.tokens).replace(" sub ", " minus ") for e in subs]
-    answers = [e.answer for e in subs]
-    suite = ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3])
-    ceiling = accuracy(Student(copy.deepcopy(core)), [" ".join(e.tokens) for e in subs], answers)
+    tmp_dir = tempfile.TemporaryDirectory()
+    pair = make_synonym_pair(Path(tmp_dir.name))
+    core, key, packet = pair["student"], pair["key"], pair["packet"]
+    tm, sm = pair["teacher_metrics"], pair["student_metrics"]
+    minus, answers = pair["minus"], pair["answers"]
+    suite = pair["suite"]
+    ceiling = accuracy(Student(copy.deepcopy(core)), pair["sub"], answers)
     print(
         f"teacher held-out {tm['test_accuracy']:.3f} (d=64, L=2) · student held-out {sm['test_accuracy']:.3f} "
         f"(d=48, L=3, never saw 'minus') · student on 'a sub b =' (ceiling) {ceiling:.3f}\n"
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        packet = build_packet(
-            teacher,
-            PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named)),
-            key,
-            Path(tmp) / "p.m2kt",
-        )
+    with tmp_dir:
 
         def run(config: IngestConfig) -> tuple[dict, float, float, float]:
             student = Student(copy.deepcopy(core))

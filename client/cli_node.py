@@ -7,7 +7,7 @@ packet/broker commands work on an install without the ``node`` extra.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -26,11 +26,26 @@ def _require_torch() -> None:
         fail(EXIT_USAGE, "this command runs models: install the node extra (pip install 'm2kt[node]')")
 
 
+class _Bar:
+    """What a command sees of its progress bar: set the total once known, then advance."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self._progress, self._task = progress, task
+
+    def set_total(self, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+
 @contextmanager
-def probe_progress(description: str, *, quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callable[[int], None]]]:
-    """Yields ``(on_plan, advance)``: a rich bar over probes on a terminal, nothing otherwise."""
+def progress_bar(description: str, *, quiet: bool, total: int | None = None) -> Iterator[_Bar]:
+    """A rich bar (count, elapsed time) on a terminal; a bar that draws nothing otherwise."""
     if quiet or not sys.stderr.isatty():
-        yield (lambda plan: None), (lambda n: None)
+        yield _Bar()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -43,12 +58,7 @@ def probe_progress(description: str, *, quiet: bool) -> Iterator[tuple[Callable[
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        task = progress.add_task(description, total=None)
-
-        def on_plan(plan: Any) -> None:
-            progress.update(task, total=len(plan.texts))
-
-        yield on_plan, (lambda n: progress.advance(task, n))
+        yield _Bar(progress, progress.add_task(description, total=total))
 
 
 @app.command()
@@ -93,7 +103,7 @@ def pack(
             spec = replace(spec, model_name=loaded.name)
         if created_at is not None and created_at.tzinfo is None:
             fail(EXIT_USAGE, "--created-at needs a timezone, e.g. 2026-01-01T00:00:00+00:00")
-        with probe_progress("probing the teacher", quiet=quiet) as (on_plan, advance):
+        with progress_bar("probing the teacher", quiet=quiet) as bar:
             path = build_packet(
                 loaded.model,
                 spec,
@@ -102,8 +112,8 @@ def pack(
                 tokenizer=loaded.tokenizer,
                 teacher_node=node,
                 created_at=created_at,
-                progress=advance,
-                on_plan=on_plan,
+                progress=bar.advance,
+                on_plan=lambda plan: bar.set_total(len(plan.texts)),
             )
     except SpecError as exc:
         fail(EXIT_USAGE, f"spec: {exc}")
@@ -231,10 +241,10 @@ def ingest(
             student.load_trainable(load)
     except (ValueError, TypeError, SpecError) as exc:
         fail(EXIT_USAGE, f"{exc}")
-    with _step_progress("ingesting", quiet=quiet, total=config.steps) as advance:
+    with progress_bar("ingesting", quiet=quiet, total=config.steps) as bar:
         try:
             report = run_ingest(
-                student, packet, config, keys=keys, suite=suite, progress=lambda step, total, terms: advance(1)
+                student, packet, config, keys=keys, suite=suite, progress=lambda step, total, terms: bar.advance()
             )
         except PacketError as exc:
             fail(EXIT_REFUSED, f"refused: {exc.code}: {exc.message}")
@@ -268,23 +278,3 @@ def ingest(
         out.print(f"receipt  posted for {report['packet']['id']}", markup=False)
     if report["decision"] != "accepted":
         raise typer.Exit(EXIT_REFUSED)
-
-
-@contextmanager
-def _step_progress(description: str, *, quiet: bool, total: int) -> Iterator[Callable[[int], None]]:
-    if quiet or not sys.stderr.isatty() or total == 0:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)

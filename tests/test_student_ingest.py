@@ -25,52 +25,15 @@ from client.student import (
     VerifierConfig,
     ingest,
 )
-from client.symbolic import ModularTask
 from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
 from client.teacher.adapters import state_dict_sha256
-from client.teacher.tiny_model import TinyConfig, TrainConfig, save_tiny, train_tiny
-
-P = 11
-TEACHER_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub", "minus": "sub"})
-STUDENT_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub"}, vocab_operators=("minus",))
-
-
-def probes(op: str, n: int = 12) -> tuple[str, ...]:
-    return tuple(f"{a} {op} {b} =" for a in range(P) for b in range(P))[:n]
+from client.teacher.tiny_model import save_tiny
+from tests.student_pair import accuracy, make_synonym_pair, probes
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Independently trained, differently shaped teacher and student, and the teacher's packet."""
-    assert TEACHER_TASK.vocabulary() == STUDENT_TASK.vocabulary()
-    teacher, _ = train_tiny(TEACHER_TASK, TinyConfig.for_task(TEACHER_TASK), TrainConfig(seed=0, steps=600))
-    student, _ = train_tiny(
-        STUDENT_TASK,
-        TinyConfig.for_task(STUDENT_TASK, d_model=48, n_heads=3, n_layers=3),
-        TrainConfig(seed=1, steps=600),
-    )
-    key = SigningKey.from_seed(bytes(range(32)))
-    named = tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "minus"))
-    path = build_packet(
-        teacher,
-        PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named)),
-        key,
-        tmp_path_factory.mktemp("packets") / "synonyms.m2kt",
-    )
-    subs = [e for e in STUDENT_TASK.examples() if e.operator == "sub"]
-    return {
-        "student": student,
-        "key": key,
-        "packet": path,
-        "minus": [" ".join(e.tokens).replace(" sub ", " minus ") for e in subs],
-        "sub": [" ".join(e.tokens) for e in subs],
-        "answers": [e.answer for e in subs],
-        "suite": ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3]),
-    }
-
-
-def accuracy(student: Student, texts: list[str], answers: list[str]) -> float:
-    return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
+    return make_synonym_pair(tmp_path_factory.mktemp("packets"))
 
 
 def fresh(pair: dict) -> Student:
