@@ -1,8 +1,12 @@
 """A teacher/student pair for ingestion tests and benchmarks/ingest.py.
 
-The teacher (d=64, L=2) is trained on a OP b = over Z_11 with add, sub and the synonym
-'minus' (= sub); the student (d=48, L=3, another seed) on add and sub only, with 'minus' in its
-vocabulary but never trained. The packet carries token concepts read at the embedding layer.
+The teacher (d=64, L=2) is trained on a OP b = over Z_11 with add, sub, the synonyms 'plus'
+and 'minus' and the number alias "seven'" (= 7); the student (d=48, L=3, another seed) on add and
+sub with plain numbers only — 'plus', 'minus' and "seven'" are in its vocabulary, never trained.
+(An untrained operator token is not neutral: the student falls back to one of its operations,
+so one synonym may be right by accident before ingestion; tests look at both.)
+The packet carries operator concepts read at the embedding layer (token + position);
+:func:`alias_packet` writes one with number concepts read at the token embedding alone.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
 from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny
 
 P = 11
-TEACHER_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub", "minus": "sub"})
-STUDENT_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub"}, vocab_operators=("minus",))
+ALIAS = "seven'"
+TEACHER_TASK = ModularTask(
+    p=P, operators={"add": "add", "sub": "sub", "plus": "add", "minus": "sub"}, number_aliases={ALIAS: 7}
+)
+STUDENT_TASK = ModularTask(
+    p=P, operators={"add": "add", "sub": "sub"}, number_aliases={ALIAS: 7}, vocab_operators=("minus", "plus")
+)
+SYNONYMS = {"plus": "add", "minus": "sub"}
 
 
 def probes(op: str, n: int = 12) -> tuple[str, ...]:
@@ -29,7 +39,10 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
     """Independently trained, differently shaped teacher and student, and the teacher's signed packet."""
     assert TEACHER_TASK.vocabulary() == STUDENT_TASK.vocabulary()
     teacher, teacher_metrics = train_tiny(
-        TEACHER_TASK, TinyConfig.for_task(TEACHER_TASK), TrainConfig(seed=0, steps=600)
+        TEACHER_TASK,
+        TinyConfig.for_task(TEACHER_TASK),
+        TrainConfig(seed=0, steps=600),
+        examples=TEACHER_TASK.examples(use_aliases=True),
     )
     student, student_metrics = train_tiny(
         STUDENT_TASK,
@@ -37,7 +50,9 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
         TrainConfig(seed=1, steps=600),
     )
     key = SigningKey.from_seed(bytes(range(32)))
-    named = tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "minus"))
+    named = tuple(
+        NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "plus", "minus")
+    )
     path = build_packet(
         teacher,
         PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named)),
@@ -45,7 +60,11 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
         directory / "synonyms.m2kt",
     )
     subs = [e for e in STUDENT_TASK.examples() if e.operator == "sub"]
+    adds = [e for e in STUDENT_TASK.examples() if e.operator == "add"]
     return {
+        "plus": [" ".join(e.tokens).replace(" add ", " plus ") for e in adds],
+        "add": [" ".join(e.tokens) for e in adds],
+        "add_answers": [e.answer for e in adds],
         "teacher": teacher,
         "teacher_metrics": teacher_metrics,
         "student": student,
@@ -61,3 +80,11 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
 
 def accuracy(student: Student, texts: list[str], answers: list[str]) -> float:
     return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
+
+
+def alias_packet(pair: dict[str, Any], path: Path) -> Path:
+    """Number concepts ``token:<n>`` (and the alias) read at ``embed.tok``: position-free token embeddings."""
+    numbers = [str(n) for n in range(P)] + [ALIAS]
+    named = tuple(NamedProbe(label=f"token:{n}", inputs=(f"{n} add 1 =", f"{n} sub 2 ="), position=0) for n in numbers)
+    spec = PacketSpec(topic="arith.aliases", layer="embed.tok", concepts=ConceptsSpec(named=named))
+    return build_packet(pair["teacher"], spec, pair["key"], path)

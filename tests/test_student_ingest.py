@@ -28,7 +28,7 @@ from client.student import (
 from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
 from client.teacher.adapters import state_dict_sha256
 from client.teacher.tiny_model import save_tiny
-from tests.student_pair import accuracy, make_synonym_pair, probes
+from tests.student_pair import ALIAS, STUDENT_TASK, accuracy, alias_packet, make_synonym_pair, probes
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +40,41 @@ def fresh(pair: dict) -> Student:
     return Student(copy.deepcopy(pair["student"]))
 
 
-def test_renamed_concept_crosses_zero_shot_with_the_anchor_relative_cal(pair: dict) -> None:
+def test_renamed_concepts_cross_zero_shot_with_the_anchor_relative_cal(pair: dict) -> None:
     student = fresh(pair)
-    own_sub = accuracy(student, pair["sub"], pair["answers"])
-    before = accuracy(student, pair["minus"], pair["answers"])
-    config = IngestConfig(targets=["token:minus"], cal=CALConfig(kind="anchor"), steps=0)
+    cases = {
+        "plus": (pair["plus"], pair["add"], pair["add_answers"]),
+        "minus": (pair["minus"], pair["sub"], pair["answers"]),
+    }
+    ceiling = {k: accuracy(student, own, ans) for k, (_, own, ans) in cases.items()}
+    before = {k: accuracy(student, new, ans) for k, (new, _, ans) in cases.items()}
+    config = IngestConfig(targets=["token:plus", "token:minus"], cal=CALConfig(kind="anchor"), steps=0)
     report = ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
-    after = accuracy(student, pair["minus"], pair["answers"])
-    assert report["decision"] == "accepted" and report["injected"] == ["token:minus"]
-    assert before < 0.35 and after >= 0.95 * own_sub, (before, after, own_sub)
-    assert report["data_usage"]["labelled_examples"] == 0 and report["data_usage"]["teacher_queries"] == 36
+    after = {k: accuracy(student, new, ans) for k, (new, _, ans) in cases.items()}
+    assert report["decision"] == "accepted" and report["injected"] == ["token:plus", "token:minus"]
+    assert min(before.values()) < 0.35, before  # an untrained token falls back to one operation, not both
+    assert all(after[k] >= 0.95 * ceiling[k] for k in cases), (before, after, ceiling)
+    assert report["data_usage"]["labelled_examples"] == 0 and report["data_usage"]["teacher_queries"] == 48
     assert report["steps_run"] == 0 and report["device"] == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["anchor", "linear"])
+def test_number_alias_crosses_at_the_token_embedding_in_every_position(pair: dict, kind: str, tmp_path: Path) -> None:
+    packet = alias_packet(pair, tmp_path / "aliases.m2kt")
+    examples = [e for e in STUDENT_TASK.examples(use_aliases=True) if ALIAS in e.tokens]
+    texts, answers = [" ".join(e.tokens) for e in examples], [e.answer for e in examples]
+    plain = [t.replace(ALIAS, "7") for t in texts]
+    student = fresh(pair)
+    ceiling, before = accuracy(student, plain, answers), accuracy(student, texts, answers)
+    config = IngestConfig(
+        targets=[f"token:{ALIAS}"], cal=CALConfig(kind=kind), inject=InjectConfig(layer="embed.tok"), steps=0
+    )
+    report = ingest(student, packet, config, keys=pair["key"].verify_key)
+    after = accuracy(student, texts, answers)
+    assert (
+        report["decision"] == "accepted" and len(report["anchors"]["train"]) + len(report["anchors"]["holdout"]) == 11
+    )
+    assert after >= 0.95 * ceiling and after > before + 0.3, (before, after, ceiling)
 
 
 def test_core_parameters_are_bit_identical_after_ingestion(pair: dict) -> None:

@@ -158,10 +158,15 @@ class ModelAdapter(ABC):
             raise RuntimeError(f"layer {layer!r} ran {len(kept)} times in one forward pass")
         return logits, kept[0][0], kept[0][1]
 
+    @property
+    def readable_layers(self) -> list[str]:
+        """Layers a spec may name: the stack (``layer_names``, traced in order) plus any extra read points."""
+        return list(self.layer_names)
+
     def layer_module(self, layer: str) -> nn.Module:
         """The module whose output is ``layer``'s hidden state (hooks attach here)."""
-        if layer not in self.layer_names:
-            raise SpecError(f"layer {layer!r} does not exist; readable layers: {', '.join(self.layer_names)}")
+        if layer not in self.readable_layers:
+            raise SpecError(f"layer {layer!r} does not exist; readable layers: {', '.join(self.readable_layers)}")
         return self._layer_module(layer)
 
     def weights_sha256(self) -> str:
@@ -198,7 +203,8 @@ class HookAdapter(ModelAdapter):
 
     ``layers`` are module names whose outputs are hidden states (B, T, d), input embeddings
     first; ``attention_modules`` are module names whose outputs are attention probabilities
-    (B, H, T, T). ``tokenizer`` maps one probe input to token ids; ``vocabulary`` (index = output
+    (B, H, T, T); ``extra_layers`` are further readable modules outside the traced stack (e.g. the
+    token embedding alone). ``tokenizer`` maps one probe input to token ids; ``vocabulary`` (index = output
     class) names the logits' classes. ``call(model, input_ids, mask)`` runs the model (default
     ``model(input_ids, attention_mask=mask)``); a tensor result (B, T, V) is taken as logits.
 
@@ -216,6 +222,7 @@ class HookAdapter(ModelAdapter):
         layers: Sequence[str],
         tokenizer: Callable[[str], Sequence[int]],
         attention_modules: Sequence[str] = (),
+        extra_layers: Sequence[str] = (),
         vocabulary: Sequence[str] | None = None,
         pad_id: int = 0,
         max_length: int | None = None,
@@ -226,13 +233,14 @@ class HookAdapter(ModelAdapter):
     ) -> None:
         self.model = model
         modules = dict(model.named_modules())
-        missing = [name for name in (*layers, *attention_modules) if name not in modules]
+        missing = [name for name in (*layers, *attention_modules, *extra_layers) if name not in modules]
         if missing:
             raise SpecError(f"the model has no module(s) named {', '.join(missing)}")
         if not layers:
             raise SpecError("a HookAdapter needs at least one layer")
         self._modules = modules
         self.layer_names = list(layers)
+        self._extra_layers = [name for name in extra_layers if name not in self.layer_names]
         self._attention_modules = list(attention_modules)
         self.n_attention_layers = len(self._attention_modules)
         self._tokenizer = tokenizer
@@ -259,6 +267,10 @@ class HookAdapter(ModelAdapter):
         if not self._vocabulary:
             return None
         return " ".join(t for t in self._vocabulary[1:3])
+
+    @property
+    def readable_layers(self) -> list[str]:
+        return [*self.layer_names, *self._extra_layers]
 
     def tokenize(self, texts: Sequence[str]) -> Batch:
         rows = []
@@ -289,7 +301,7 @@ class HookAdapter(ModelAdapter):
             attentions.append(_first(output) if grad else _first(output).detach())
 
         try:
-            for name in self.layer_names:
+            for name in self.readable_layers:
                 handles.append(self._modules[name].register_forward_hook(keep_hidden(name)))
             if attention:
                 for name in self._attention_modules:
@@ -441,6 +453,7 @@ def tiny_adapter(model: nn.Module) -> HookAdapter:
         model,
         layers=["embed", *(f"blocks.{i}" for i in range(n))],
         attention_modules=[f"blocks.{i}.attn.probs" for i in range(n)],
+        extra_layers=["embed.tok"],  # the token embedding without position: a position-free token concept
         tokenizer=lambda text: vocab.encode(parse_expression(text)),
         vocabulary=vocab.tokens,
         pad_id=vocab.pad_id,

@@ -74,8 +74,11 @@ def check_spec(adapter: ModelAdapter, spec: PacketSpec) -> Plan:
     """Check ``spec`` against the model without running it; tokenise the probes."""
     names = adapter.layer_names
     layer = spec.layer or names[-1]
-    if layer not in names:
-        raise SpecError(f"layer {layer!r} does not exist in {adapter.model_name}; readable layers: {', '.join(names)}")
+    if layer not in adapter.readable_layers:
+        raise SpecError(
+            f"layer {layer!r} does not exist in {adapter.model_name}; readable layers: "
+            f"{', '.join(adapter.readable_layers)}"
+        )
     if spec.attention.enabled and adapter.n_attention_layers == 0:
         raise SpecError(f"attention was asked for but {adapter.model_name} exposes no attention modules")
     needs_logits = (spec.concepts.method == "attribution") or (spec.traces.enabled and spec.traces.source == "decode")
