@@ -1,7 +1,7 @@
 """The student: a frozen core model plus the small parts an ingestion trains.
 
     student = Student(model)                      # core parameters frozen from here on
-    report = ingest(student, "arith.m2kt", config, suite)
+    report = ingest(student, "arith.m2kt", config, keys=teacher_key, suite=suite)
     student.predict(["3 plus 5 ="])               # uses what the packet taught it
     student.save_trainable("student.safetensors") # only CAL, injected concepts, adapters
 
