@@ -210,7 +210,7 @@ def ingest(
             zero_shot = cal(teacher_c).detach()  # (K, d_S)
         zero_state = {k: v.detach().clone() for k, v in cal.state_dict().items()}
         held_zero = float(geo_loss(zero_shot[holdout], student_c[holdout])) if holdout else None
-        best = (held_zero if held_zero is not None else float("inf"), copy.deepcopy(student.trainable_state()), -1)
+        best = (held_zero if held_zero is not None else float("inf"), student.trainable_state(), -1)
         history: list[dict[str, float]] = []
         optimizer = torch.optim.Adam(params, lr=config.lr) if params else None
         stale = 0
@@ -245,7 +245,7 @@ def ingest(
             if progress is not None:
                 progress(step + 1, config.steps, terms)
             if held < best[0] - 1e-9:
-                best = (held, copy.deepcopy(student.trainable_state()), step)
+                best = (held, student.trainable_state(), step)
                 stale = 0
             else:
                 stale += 1

@@ -17,7 +17,7 @@ import torch
 
 from client.keys import VerifyKey
 from client.manifest import Manifest
-from client.packet import open_packet, packet_id, verify_packet
+from client.packet import open_packet, packet_id
 from client.student.student import Student
 from client.teacher.build import read_probe_texts
 from client.teacher.probing import select
@@ -47,8 +47,8 @@ class PacketContents:
 
 def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> PacketContents:
     """Verify (structure, digest, signature, finiteness), then load. Nothing is unpickled or executed."""
-    verify_packet(path, keys)
     with open_packet(path) as packet:
+        packet.verify(keys)  # the mapped file itself: what is verified is what is read
         t = packet.tensors
 
         def get(name: str) -> torch.Tensor | None:

@@ -205,10 +205,7 @@ class Student:
                 sort_keys=True,
             )
         }
-        tensors = {k: v for k, v in self.trainable_state().items() if not k.startswith("cal.")}
-        if self.cal is not None:
-            tensors.update({f"cal.{k}": v for k, v in _cal_state(self.cal).items()})
-        save_file(tensors, str(path), metadata=meta)
+        save_file(self.trainable_state(), str(path), metadata=meta)
         return path
 
     def load_trainable(self, path: str | Path) -> None:
@@ -260,12 +257,6 @@ class Student:
             self.cal.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("cal.")})
         self.adapters.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("adapters.")})
         self.injector.set(injected[0], injected[1], state["inject.vectors"].to(self.device))
-
-
-def _cal_state(cal: nn.Module) -> dict[str, torch.Tensor]:
-    from client.student.cal import cal_state
-
-    return cal_state(cal)
 
 
 def _key(layer: str) -> str:

@@ -13,7 +13,6 @@ Adapters run batched, under ``torch.inference_mode`` unless gradients are asked 
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from client.teacher.spec import SpecError
+from client.teacher.tiny_model import weights_sha256 as state_dict_sha256  # one digest for every model
 
 __all__ = [
     "Batch",
@@ -45,16 +45,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"device {name!r} was asked for but CUDA is not available here")
     return device
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer: name, dtype, shape and raw bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
