@@ -20,12 +20,14 @@ the weights (anchors included) as plain tensors for safetensors.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from client._fields import check_known_fields
 
 __all__ = [
     "AnchorRelativeCAL",
@@ -101,10 +103,7 @@ class CALConfig:
         """Inverse of :meth:`to_json`; missing fields take their defaults, unknown ones are a ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"a CAL config must be a JSON object, not {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"cal: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known_fields(cls, d, "cal")
         return cls(**d)
 
 

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from client._fields import check_known_fields
 from client.student.cal import CALConfig
 from client.student.losses import LossWeights
 
 __all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "VerifierConfig"]
-
-
-def _check_known(cls: type, data: dict[str, Any], where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -105,7 +99,7 @@ class IngestConfig:
     def from_json(cls, data: dict[str, Any]) -> IngestConfig:
         if not isinstance(data, dict):
             raise ValueError("an ingest config must be a JSON object")
-        _check_known(cls, data, "config")
+        check_known_fields(cls, data, "config")
         values = dict(data)
         parts = {
             "cal": CALConfig,
@@ -122,7 +116,7 @@ class IngestConfig:
                 if hasattr(kind, "from_json"):
                     values[name] = kind.from_json(section)
                 else:
-                    _check_known(kind, section, f"config.{name}")
+                    check_known_fields(kind, section, f"config.{name}")
                     values[name] = kind(**section)
         return cls(**values)
 

@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from client._fields import check_known_fields
 
 __all__ = [
     "CompositeLoss",
@@ -96,10 +98,7 @@ class LossWeights:
         """Inverse of :meth:`to_json`; missing keys take their defaults, unknown keys are a ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"LossWeights JSON must be an object, not {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LossWeights key(s): {', '.join(map(repr, unknown))}; known: {sorted(known)}")
+        check_known_fields(cls, d, "loss")
         return cls(**d)
 
 

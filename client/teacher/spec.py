@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from client._fields import check_known_fields
 from client.manifest import TOPIC_PATTERN
 
 __all__ = [
@@ -316,10 +317,7 @@ def _named(item: Any, where: str) -> NamedProbe:
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_known_fields(cls, values, where, SpecError)
     for name in ("k", "iterations", "restarts", "steps", "top", "max_concepts", "seed", "batch_size"):
         if (
             name in values
