@@ -33,7 +33,7 @@ from client.student.verifier import ProbeSuite, audit, flagged_directions, snaps
 from client.teacher.adapters import pick_device
 from client.teacher.probing import select
 
-__all__ = ["IngestError", "ingest"]
+__all__ = ["IngestError", "ingest", "project_to_trust_region"]
 
 
 class IngestError(ValueError):
@@ -235,7 +235,7 @@ def ingest(
             total.backward()
             optimizer.step()
             if config.trust_region is not None:
-                _project(cal, zero_state, zero_shot, teacher_c, targets or anchors, config.trust_region)
+                project_to_trust_region(cal, zero_state, zero_shot, teacher_c, targets or anchors, config.trust_region)
             steps_run = step + 1
             with torch.no_grad():
                 mapped = cal(teacher_c)
@@ -327,7 +327,7 @@ def ingest(
     }
 
 
-def _project(
+def project_to_trust_region(
     cal: torch.nn.Module,
     zero_state: dict[str, torch.Tensor],
     zero_shot: torch.Tensor,

@@ -9,7 +9,7 @@ student's own tokenizer reads them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,9 @@ from client.teacher.build import read_probe_texts
 from client.teacher.probing import select
 
 __all__ = ["PacketContents", "StudentProbe", "probe_student", "read_packet"]
+
+
+_READ = frozenset({"concepts", "concept_members", "probe_positions", "probe_lengths", "attention", "traces"})
 
 
 @dataclass
@@ -40,6 +43,7 @@ class PacketContents:
     lengths: torch.Tensor  # (P,) long: teacher token counts
     attention: torch.Tensor | None  # (K or P, layers', heads', L, L)
     traces: torch.Tensor | None  # (P, m, d_T)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # any other float tensor, by name
 
     def concept_index(self, label: str) -> int:
         return self.labels.index(label)
@@ -74,6 +78,7 @@ def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> Pack
             else torch.zeros(len(texts), dtype=torch.long),
             attention=get("attention"),
             traces=get("traces"),
+            extra={name: get(name) for name in t if name not in _READ and np.dtype(t[name].dtype).kind == "f"},
         )
 
 
