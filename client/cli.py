@@ -197,6 +197,7 @@ def packet_schema() -> None:
     sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")
 
 
+import client.cli_bench  # noqa: E402,F401 - registers `m2kt bench`
 import client.cli_node  # noqa: E402,F401 - registers the model commands (pack) on `app`
 import client.cli_remote  # noqa: E402,F401 - registers the broker-facing commands on `app`
 

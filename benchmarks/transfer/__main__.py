@@ -1,0 +1,3 @@
+from benchmarks.transfer.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""The student side: every condition trains the same parameters of the same frozen student.
+
+The trainable set of a scenario is fixed: a Concept Alignment Layer whose outputs for the target
+tokens are injected at the student's token embedding (``embed.tok``), plus — for skill transfer —
+zero-initialised residual adapters after every block. Conditions differ only in where the CAL
+starts and what signal trains it:
+
+* **M2KT** — the packet only (0 labels): L_geo on the shared anchor tokens, L_struct between the
+  teacher's and the student's attention on the packet's probes, L_reason between the concept-
+  similarity distributions along the teacher's and the student's traces (the concepts being each
+  model's own output rows, so the last step is output-level consistency). Starts from the
+  anchor-relative map. Ablations drop one term each.
+* **KD** — KL to the teacher's output distribution on the same N queries (the teacher is run).
+* **labelled** — cross-entropy on N ground-truth answers (0 teacher queries).
+
+All of them run on the Student wrapper of :mod:`client.student` (frozen core, injector, adapters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from client.student import CALConfig, Student
+from client.student.cal import build_cal
+from client.student.ingest import project_to_trust_region
+from client.student.losses import align_depth, geo_loss, pool_attention_to, reason_loss, struct_loss
+from client.student.probing import PacketContents
+from client.symbolic import Example, Vocabulary
+from client.teacher.tiny_model import TinyTransformer, encode_batch, encode_examples
+
+__all__ = ["LossMix", "Trainee", "accuracy", "make_trainee", "train_m2kt", "train_outputs"]
+
+
+@dataclass(frozen=True)
+class LossMix:
+    """Weights of the M2KT composite loss (0 removes a term)."""
+
+    geo: float = 1.0
+    struct: float = 1.0
+    reason: float = 1.0
+    reason_temperature: float = 0.1
+    trust_region: float | None = None  # max relative move of the injected targets from the zero-shot map
+
+
+@dataclass
+class Trainee:
+    """A frozen student core with this scenario's trainable parts, ready for one condition."""
+
+    student: Student
+    cal: torch.nn.Module
+    teacher_concepts: torch.Tensor  # (K, d_T) from the packet
+    student_concepts: torch.Tensor  # (K, d_S) the student's own rows for the same tokens
+    target_rows: list[int]  # rows of the concept table that are injected
+    anchor_rows: list[int]
+    target_ids: list[int]  # student token ids of the targets
+    device: torch.device
+
+    def inject(self) -> torch.Tensor:
+        """Map every concept, inject the targets (with grad while training); returns the mapped table."""
+        mapped = self.cal(self.teacher_concepts)  # (K, d_S)
+        labels = [f"token:{i}" for i in self.target_ids]
+        self.student.injector.set(self.target_ids, labels, mapped[self.target_rows])
+        return mapped
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in [*self.cal.parameters(), *self.student.adapters.parameters()] if p.requires_grad]
+
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def make_trainee(
+    core: TinyTransformer,
+    contents: PacketContents,
+    targets: Sequence[str],
+    *,
+    cal: str,
+    adapters: bool,
+    device: torch.device,
+    seed: int,
+    adapter_rank: int = 16,
+) -> Trainee:
+    """A fresh Student on (a reference to) ``core`` with a CAL of kind ``cal``: ``anchor`` (the
+    anchor-relative map), ``linear-ridge`` (the closed-form L_geo minimiser) or ``random``."""
+    vocab = Vocabulary(core.config.vocab)
+    student = Student(core)
+    student.set_inject_layer("embed.tok")
+    student.to(device)
+    tokens = [label.removeprefix("token:") for label in contents.labels]
+    target_rows = [tokens.index(t) for t in targets]
+    anchor_rows = [i for i in range(len(tokens)) if i not in target_rows]
+    own = core.embed.tok.weight.detach()[[vocab.id(t) for t in tokens]].to(device)  # (K, d_S)
+    teacher = contents.concepts.to(device)  # (K, d_T)
+    torch.manual_seed(seed)
+    if cal == "anchor":
+        config = CALConfig(kind="anchor")
+    elif cal == "linear-ridge":
+        config = CALConfig(kind="linear", init="ridge")
+    elif cal == "random":
+        config = CALConfig(kind="linear", init="none")
+    else:
+        raise ValueError(f"unknown CAL start {cal!r}")
+    layer = build_cal(
+        config, teacher.shape[1], own.shape[1], anchors_teacher=teacher[anchor_rows], anchors_student=own[anchor_rows]
+    ).to(device)
+    student.cal = layer
+    if adapters:
+        student.add_adapters([f"blocks.{i}" for i in range(core.config.n_layers)], adapter_rank)
+    trainee = Trainee(
+        student, layer, teacher, own, target_rows, anchor_rows, [vocab.id(t) for t in targets], device=device
+    )
+    with torch.no_grad():
+        trainee.inject()
+    return trainee
+
+
+def _logits(trainee: Trainee, ids: torch.Tensor, mask: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    capture = trainee.student.forward(ids, mask, grad=grad)
+    assert capture.logits is not None
+    last = mask.long().sum(1) - 1
+    return capture.logits[torch.arange(ids.shape[0], device=ids.device), last]  # (B, V)
+
+
+@torch.no_grad()
+def accuracy(trainee: Trainee, examples: Sequence[Example]) -> float:
+    """Held-out accuracy of the student with what it was given (injection and adapters active)."""
+    if not examples:
+        return float("nan")
+    vocab = Vocabulary(trainee.student.core.config.vocab)
+    trainee.inject()
+    ids, mask, answers = encode_examples(vocab, list(examples), trainee.device)
+    pred = _logits(trainee, ids, mask, grad=False).argmax(-1)
+    return float((pred == answers).float().mean())
+
+
+def train_outputs(
+    trainee: Trainee,
+    examples: Sequence[Example],
+    *,
+    teacher: TinyTransformer | None,
+    steps: int,
+    lr: float,
+) -> dict[str, float]:
+    """KD (``teacher`` given: KL to its output distribution on ``examples``) or labelled cross-entropy."""
+    if not examples or steps == 0:
+        return {"steps": 0, "seconds": 0.0}
+    vocab = Vocabulary(trainee.student.core.config.vocab)
+    ids, mask, answers = encode_examples(vocab, list(examples), trainee.device)
+    soft = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_ids, t_mask = encode_batch(Vocabulary(teacher.config.vocab), [e.tokens for e in examples], trainee.device)
+            rows = torch.arange(len(examples), device=t_ids.device)
+            out = teacher(t_ids, t_mask)[rows, t_mask.long().sum(1) - 1]
+            soft = torch.log_softmax(out.float(), -1)  # (N, V): the teacher's answers, one query each
+    optimizer = torch.optim.Adam(trainee.parameters(), lr=lr)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainee.inject()
+        logp = torch.log_softmax(_logits(trainee, ids, mask, grad=True).float(), -1)
+        if soft is not None:
+            loss = F.kl_div(logp, soft, log_target=True, reduction="batchmean")
+        else:
+            loss = F.nll_loss(logp, answers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}
+
+
+def _student_traces(trainee: Trainee, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, n_layers + 2, d_S) last-token states along the student's layers and final norm; (N, T, T) attention."""
+    student = trainee.student
+    capture = student.reader.forward(ids, mask, attention=True, grad=True)
+    names = student.reader.layer_names
+    last = mask.long().sum(1) - 1
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    states = [capture.hidden[n][rows, last] for n in names]
+    states.append(student.core.ln_f(states[-1]))
+    assert capture.attentions is not None
+    attn = torch.stack(capture.attentions, dim=1)  # (N, layers, H, T, T)
+    return torch.stack(states, dim=1).float(), pool_attention_to(attn.float())
+
+
+def train_m2kt(
+    trainee: Trainee,
+    contents: PacketContents,
+    mix: LossMix,
+    *,
+    steps: int,
+    lr: float,
+    log: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """The composite loss on the packet alone: L_geo on anchors, L_struct and L_reason on its probes."""
+    if steps == 0 or (mix.geo == 0 and not contents.texts):
+        return {"steps": 0, "seconds": 0.0}
+    device = trainee.device
+    vocab = Vocabulary(trainee.student.core.config.vocab)
+    probes = None
+    if contents.texts and (mix.struct > 0 or mix.reason > 0):
+        ids, mask = encode_batch(vocab, [t.split() for t in contents.texts], device)
+        assert contents.traces is not None and contents.attention is not None
+        t_traces = contents.traces.to(device)  # (N, m_T, d_T)
+        t_attn = pool_attention_to(contents.attention.to(device))  # (N, L_T, L_T)
+        t_out = contents.extra["output_concepts"].to(device)  # (p, d_T)
+        core = trainee.student.core
+        s_out = core.head.weight.detach()[[vocab.id(str(n)) for n in range(t_out.shape[0])]].to(device)  # (p, d_S)
+        probes = (ids, mask, t_traces, t_attn, t_out, s_out)
+    optimizer = torch.optim.Adam(trainee.parameters(), lr=lr)
+    start = time.perf_counter()
+    anchors = trainee.anchor_rows
+    with torch.no_grad():
+        zero_shot = trainee.cal(trainee.teacher_concepts).detach()
+    zero_state = {k: v.detach().clone() for k, v in trainee.cal.state_dict().items()}
+    terms: dict[str, float] = {}
+    for _ in range(steps):
+        mapped = trainee.inject()
+        total = torch.zeros((), device=device)
+        terms = {}
+        if mix.geo > 0:
+            geo = geo_loss(mapped[anchors], trainee.student_concepts[anchors])
+            total = total + mix.geo * geo
+            terms["geo"] = float(geo.detach())
+        if probes is not None:
+            ids, mask, t_traces, t_attn, t_out, s_out = probes
+            s_traces, s_attn = _student_traces(trainee, ids, mask)
+            if mix.struct > 0:
+                width = s_attn.shape[-1]
+                struct = struct_loss(t_attn[:, :width, :width], s_attn, mask)
+                total = total + mix.struct * struct
+                terms["struct"] = float(struct.detach())
+            if mix.reason > 0:
+                reason = reason_loss(
+                    align_depth(t_traces, s_traces.shape[1]), t_out, s_traces, s_out, mix.reason_temperature
+                )
+                total = total + mix.reason * reason
+                terms["reason"] = float(reason.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if mix.trust_region is not None:
+            project_to_trust_region(
+                trainee.cal, zero_state, zero_shot, trainee.teacher_concepts, trainee.target_rows, mix.trust_region
+            )
+        if log is not None:
+            log(terms)
+    return {"steps": steps, "seconds": time.perf_counter() - start, **{f"final_{k}": v for k, v in terms.items()}}

@@ -1,0 +1,39 @@
+"""Train the pair's models from scratch (TinyTransformer), and measure them on held-out examples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from client.symbolic import Example, ModularTask, Vocabulary
+from client.teacher.tiny_model import TinyConfig, TinyTransformer, TrainConfig, accuracy, train_tiny
+
+__all__ = ["evaluate", "train_model"]
+
+
+def train_model(
+    task: ModularTask,
+    shape: dict[str, int],
+    examples: Sequence[Example],
+    *,
+    seed: int,
+    steps: int,
+    device: str,
+) -> tuple[TinyTransformer, dict[str, Any]]:
+    """A TinyTransformer of ``shape`` over the task's whole vocabulary, trained on ``examples`` only."""
+    config = TinyConfig.for_task(task, **shape)
+    model, metrics = train_tiny(
+        task,
+        config,
+        TrainConfig(seed=seed, steps=steps, device=device, test_fraction=0.0, batch_size=4096),
+        examples=list(examples),
+    )
+    return model.eval(), metrics
+
+
+@torch.no_grad()
+def evaluate(model: TinyTransformer, examples: Sequence[Example], device: str) -> float:
+    """Held-out accuracy of a plain model (no injection)."""
+    return accuracy(model, list(examples), Vocabulary(model.config.vocab), device=device)

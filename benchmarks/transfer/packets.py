@@ -1,0 +1,134 @@
+"""The teacher side of the benchmark: a signed packet per budget, with honest query counts.
+
+A packet here carries
+
+* ``concepts`` [K, d_T] — one concept per token the student shares or should receive, labelled
+  ``token:<t>``: the teacher's token-embedding rows, read from its weights. Reading a weight row
+  runs no input through the teacher, so these cost **0 teacher queries**;
+* ``output_concepts`` [p, d_T] — the teacher's output (unembedding) rows for the answer tokens,
+  also read from the weights (0 queries): the concept set its reasoning traces are read against;
+* for a budget of N > 0 queries, N probe inputs (``probe_text``) run through the teacher once:
+  ``traces`` [N, m, d_T] (the state at the last token after the embedding, each block and the
+  final norm — the reasoning path to the answer) and ``attention`` [N, layers, 1, L, L] (head-mean).
+
+The manifest's ``data_usage.probe_count`` is N: the packet's teacher queries. No labels anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.keys import SigningKey
+from client.manifest import (
+    ConceptEntry,
+    DataUsage,
+    ExtractionInfo,
+    ExtractionStep,
+    ManifestBody,
+    SafetyInfo,
+    TeacherInfo,
+)
+from client.packet import write_packet
+from client.symbolic import Example, Vocabulary
+from client.teacher.build import probe_text_tensors
+from client.teacher.tiny_model import TinyTransformer, encode_batch, weights_sha256
+
+__all__ = ["CREATED_AT", "anchor_tokens", "write_transfer_packet"]
+
+CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)  # fixed, so the same run gives the same packet bytes
+
+
+def anchor_tokens(vocab: Vocabulary, known_operators: Sequence[str], p: int) -> list[str]:
+    """Tokens both models know: every plain number and the student's own operators."""
+    return [str(n) for n in range(p)] + [t for t in known_operators if t in vocab]
+
+
+@torch.no_grad()
+def _traces_and_attention(
+    teacher: TinyTransformer, vocab: Vocabulary, probes: Sequence[Example]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, n_layers + 2, d_T) states at the last token, (N, n_layers, 1, L, L) head-mean attention."""
+    device = next(teacher.parameters()).device
+    ids, mask = encode_batch(vocab, [e.tokens for e in probes], device)  # (N, L)
+    states: list[torch.Tensor] = []
+    attention: list[torch.Tensor] = []
+    hooks = [teacher.embed.register_forward_hook(lambda _m, _i, out: states.append(out))]
+    for block in teacher.blocks:
+        hooks.append(block.register_forward_hook(lambda _m, _i, out: states.append(out)))
+        hooks.append(block.attn.probs.register_forward_hook(lambda _m, _i, out: attention.append(out)))
+    try:
+        teacher(ids, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    states.append(teacher.ln_f(states[-1]))
+    last = mask.long().sum(1) - 1  # (N,)
+    rows = torch.arange(len(probes), device=device)
+    traces = torch.stack([s[rows, last] for s in states], dim=1)  # (N, m, d_T)
+    attn = torch.stack([a.mean(dim=1, keepdim=True) for a in attention], dim=1)  # (N, layers, 1, L, L)
+    return traces.cpu(), attn.cpu()
+
+
+def write_transfer_packet(
+    teacher: TinyTransformer,
+    tokens: Sequence[str],
+    probes: Sequence[Example],
+    key: SigningKey,
+    out: Path,
+    *,
+    topic: str,
+    p: int,
+) -> Path:
+    """Sign and write the packet for ``tokens`` (concepts) and ``probes`` (N teacher queries; may be empty)."""
+    vocab = Vocabulary(teacher.config.vocab)
+    table = teacher.embed.tok.weight.detach().cpu()  # (V, d_T)
+    concepts = table[[vocab.id(t) for t in tokens]]  # (K, d_T)
+    outputs = teacher.head.weight.detach().cpu()[[vocab.id(str(n)) for n in range(p)]]  # (p, d_T)
+    tensors: dict[str, np.ndarray] = {
+        "concepts": concepts.float().numpy(),
+        "output_concepts": outputs.float().numpy(),
+    }
+    steps: dict[str, ExtractionStep | None] = {"attention": None, "traces": None}
+    if probes:
+        traces, attention = _traces_and_attention(teacher, vocab, probes)
+        texts = [" ".join(e.tokens) for e in probes]
+        tensors.update({k: v.numpy() for k, v in probe_text_tensors(texts).items()})
+        tensors["traces"] = traces.float().numpy()
+        tensors["attention"] = attention.float().numpy()
+        n_layers = teacher.config.n_layers
+        steps["traces"] = ExtractionStep(
+            method="hidden-states-layers",
+            params={"position": "last", "layers": ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_f"]},
+        )
+        steps["attention"] = ExtractionStep(method="attention-probabilities", params={"per": "probe", "pool": "heads"})
+    cfg = teacher.config
+    body = ManifestBody(
+        topic=topic,
+        teacher=TeacherInfo(
+            model_name="tiny-transformer",
+            architecture=f"TinyTransformer(d={cfg.d_model},L={cfg.n_layers},H={cfg.n_heads},ff={cfg.d_ff})",
+            weights_sha256=weights_sha256(teacher),
+            d_model=cfg.d_model,
+            layers=["embed.tok", "head"] + (["embed", "blocks", "ln_f"] if probes else []),
+        ),
+        concepts=[
+            ConceptEntry(id=f"c{i}", label=f"token:{t}", kind="embedding-row", safety_score=0.0)
+            for i, t in enumerate(tokens)
+        ],
+        extraction=ExtractionInfo(
+            concepts=ExtractionStep(
+                method="token-embedding-rows",
+                params={"layer": "embed.tok", "source": "weights", "output_concepts": "head rows of the answers"},
+            ),
+            **steps,
+        ),
+        data_usage=DataUsage(probe_count=len(probes), teacher_forward_passes=1 if probes else 0, labelled_examples=0),
+        safety=SafetyInfo(scorer="none", version="0"),
+        created_at=CREATED_AT,
+    )
+    return write_packet(out, body, tensors, key).path

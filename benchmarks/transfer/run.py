@@ -1,0 +1,423 @@
+"""Run the transfer benchmark: every condition × budget × scenario on every pair, then report.
+
+    m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device cpu|cuda]
+    python -m benchmarks.transfer ...                                     (the same)
+
+Run i (i < seeds) uses pair i mod 3 with seed i: models, splits of the pool and CAL seeds all
+follow from it. ``--quick`` is one run with fewer budgets and steps (under 10 minutes on a 2-core
+CPU); the default is three runs, one per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.transfer.methods import LossMix, Trainee, accuracy, make_trainee, train_m2kt, train_outputs
+from benchmarks.transfer.models import evaluate, train_model
+from benchmarks.transfer.packets import anchor_tokens, write_transfer_packet
+from benchmarks.transfer.report import write_outputs
+from benchmarks.transfer.scenarios import PAIRS, PairShape, Scenario, World, build_world
+from client.keys import SigningKey
+from client.student.probing import read_packet
+from client.symbolic import Example, Vocabulary
+from client.teacher.adapters import pick_device
+from client.teacher.tiny_model import TinyTransformer
+
+__all__ = ["Settings", "main", "run_benchmark"]
+
+Budget = int | float  # an int is a count of queries (or labels); a float a fraction of the pool
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on (recorded in the JSON)."""
+
+    p: int = 23
+    seeds: int = 3
+    budgets: list[Budget] = field(default_factory=lambda: [0, 8, 32, 0.02, 0.1, 0.25, 0.5, 1.0])
+    model_steps: int = 600  # teacher and student cores, from scratch
+    scratch_steps: int = 300  # a fresh student-shaped model on the budget's labelled examples
+    # Adam steps for every condition that trains the CAL (and adapters), per scenario family: the
+    # skill family trains adapters and needs more for full-pool KD to reach the teacher.
+    transfer_steps: dict[str, int] = field(default_factory=lambda: {"concept": 200, "skill": 800})
+    trust_region: float = 0.3  # M2KT: injected targets stay within this relative distance of the zero-shot map
+    oracle_steps: int = 1000
+    lr: float = 1e-2
+    device: str = "auto"
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> Settings:
+        base = dict(
+            seeds=1,
+            budgets=[0, 8, 32, 0.02, 1.0],
+            transfer_steps={"concept": 150, "skill": 800},
+            oracle_steps=800,
+            quick=True,
+        )
+        return cls(**{**base, **overrides})
+
+
+def budget_label(budget: Budget) -> str:
+    return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
+
+
+@dataclass
+class Context:
+    """One run: a pair's models and one scenario."""
+
+    run: int
+    pair: PairShape
+    world: World
+    scenario: Scenario
+    teacher: TinyTransformer
+    core: TinyTransformer
+    key: SigningKey
+    workdir: Path
+    device: torch.device
+    settings: Settings
+    anchors: list[str]
+    records: list[dict[str, Any]]
+    teacher_accuracy: dict[str, float]
+    packets: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.settings.transfer_steps[self.scenario.family]
+
+    def packet(self, n: int) -> Path:
+        """The signed packet carrying the concept table and the first ``n`` pool queries."""
+        if n not in self.packets:
+            probes = self.scenario.sample(n, seed=self.run)
+            self.packets[n] = write_transfer_packet(
+                self.teacher,
+                self.anchors + self.scenario.targets,
+                probes,
+                self.key,
+                self.workdir / f"{self.scenario.name}-{self.run}-{n}.m2kt",
+                topic=f"bench.{self.scenario.name}",
+                p=self.world.task.p,
+            )
+        return self.packets[n]
+
+    def record(self, condition: str, budget: Budget | None, accuracies: dict[str, float], **fields: Any) -> None:
+        for group, acc in accuracies.items():
+            teacher = self.teacher_accuracy[group]
+            scenario = self.scenario.name if group == self.scenario.name else f"{self.scenario.name}/{group}"
+            self.records.append(
+                {
+                    "scenario": scenario,
+                    "condition": condition,
+                    "budget": budget_label(budget) if budget is not None else None,
+                    "budget_fraction": fields["n"] / len(self.scenario.pool) if condition != "teacher" else None,
+                    "pool": len(self.scenario.pool),
+                    "test": len(self.groups()[group]),
+                    "pair": self.pair.name,
+                    "seed": self.run,
+                    "accuracy": acc,
+                    "pct_of_teacher": 100.0 * acc / teacher if teacher > 0 else None,
+                    "device": str(self.device),
+                    **fields,
+                }
+            )
+
+    def groups(self) -> dict[str, list[Example]]:
+        out = {self.scenario.name: self.scenario.test}
+        if len(self.scenario.groups) > 1:
+            out.update(self.scenario.groups)
+        return out
+
+
+def _evaluate_trainee(ctx: Context, trainee: Trainee) -> dict[str, float]:
+    return {g: accuracy(trainee, ex) for g, ex in ctx.groups().items()}
+
+
+def _run_condition(
+    ctx: Context,
+    condition: str,
+    budget: Budget,
+    *,
+    start: str,
+    train: Callable[[Trainee, int, Path], dict[str, Any]] | None,
+    queries: Callable[[int], int],
+    labelled: Callable[[int], int],
+) -> None:
+    n = ctx.scenario.budget(budget)
+    path = ctx.packet(n if condition.startswith("m2kt") else 0)
+    t0 = time.perf_counter()
+    contents = read_packet(path, ctx.key.verify_key)  # verified: digest, signature, finiteness
+    trainee = make_trainee(
+        ctx.core,
+        contents,
+        ctx.scenario.targets,
+        cal=start,
+        adapters=ctx.scenario.adapters,
+        device=ctx.device,
+        seed=ctx.run,
+    )
+    try:
+        info = train(trainee, n, path) if train is not None else {}
+        accs = _evaluate_trainee(ctx, trainee)
+        seconds = time.perf_counter() - t0
+    finally:
+        trainee.student.detach()
+    ctx.record(
+        condition,
+        budget,
+        accs,
+        n=n,
+        labelled=labelled(n),
+        teacher_queries=queries(n),
+        concept_vectors=len(contents.labels) + len(contents.extra.get("output_concepts", ())),
+        packet_bytes=path.stat().st_size if condition.startswith("m2kt") else None,
+        trainable_parameters=trainee.n_trainable(),
+        seconds=seconds,
+        train=info,
+    )
+
+
+def _m2kt(ctx: Context, mix: LossMix) -> Callable[[Trainee, int, Path], dict[str, Any]]:
+    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
+        contents = read_packet(path, ctx.key.verify_key)
+        return train_m2kt(trainee, contents, mix, steps=ctx.steps, lr=ctx.settings.lr)
+
+    return train
+
+
+def _outputs(ctx: Context, *, kd: bool) -> Callable[[Trainee, int, Path], dict[str, Any]]:
+    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
+        examples = ctx.scenario.sample(n, seed=ctx.run)
+        teacher = ctx.teacher if kd else None
+        return train_outputs(trainee, examples, teacher=teacher, steps=ctx.steps, lr=ctx.settings.lr)
+
+    return train
+
+
+def ablations(trust_region: float) -> dict[str, LossMix]:
+    """M2KT with the full composite loss, with each term removed, and without the trust region."""
+    tr = trust_region
+    return {
+        "m2kt": LossMix(trust_region=tr),
+        "m2kt-no-geo": LossMix(geo=0.0, trust_region=tr),
+        "m2kt-no-struct": LossMix(struct=0.0, trust_region=tr),
+        "m2kt-no-reason": LossMix(reason=0.0, trust_region=tr),
+        "m2kt-no-trust-region": LossMix(),
+    }
+
+
+def run_scenario(ctx: Context, log: Callable[[str], None]) -> None:
+    s = ctx.settings
+    none = lambda n: 0  # noqa: E731
+    same = lambda n: n  # noqa: E731
+    for budget in s.budgets:
+        n = ctx.scenario.budget(budget)
+        t0 = time.perf_counter()
+        for name, mix in ablations(s.trust_region).items():
+            _run_condition(ctx, name, budget, start="anchor", train=_m2kt(ctx, mix), queries=same, labelled=none)
+        _run_condition(ctx, "kd", budget, start="random", train=_outputs(ctx, kd=True), queries=same, labelled=none)
+        _run_condition(
+            ctx,
+            "kd-closed-form-init",
+            budget,
+            start="anchor",
+            train=_outputs(ctx, kd=True),
+            queries=same,
+            labelled=none,
+        )
+        _run_condition(
+            ctx, "labelled", budget, start="random", train=_outputs(ctx, kd=False), queries=none, labelled=same
+        )
+        if n > 0:
+            _scratch(ctx, budget, n)
+        log(f"  {ctx.scenario.name} budget {budget_label(budget)} (N={n}): {time.perf_counter() - t0:.1f} s")
+    # zero-query rows: the maps M2KT starts from, and the floor
+    for name, start in (("m2kt-zero-shot-anchor", "anchor"), ("m2kt-zero-shot-linear", "linear-ridge")):
+        _run_condition(ctx, name, 0, start=start, train=None, queries=none, labelled=none)
+    _run_condition(ctx, "floor", 0, start="random", train=None, queries=none, labelled=none)
+    _oracle(ctx)
+
+
+def _scratch(ctx: Context, budget: Budget, n: int) -> None:
+    t0 = time.perf_counter()
+    examples = ctx.scenario.sample(n, seed=ctx.run)
+    model, _ = train_model(
+        ctx.world.task,
+        ctx.pair.student,
+        examples,
+        seed=ctx.pair.student_seed + 7,
+        steps=ctx.settings.scratch_steps,
+        device=str(ctx.device),
+    )
+    accs = {g: evaluate(model, ex, str(ctx.device)) for g, ex in ctx.groups().items()}
+    ctx.record(
+        "scratch",
+        budget,
+        accs,
+        n=n,
+        labelled=n,
+        teacher_queries=0,
+        concept_vectors=0,
+        packet_bytes=None,
+        trainable_parameters=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - t0,
+        train={"steps": ctx.settings.scratch_steps},
+    )
+
+
+def _oracle(ctx: Context) -> None:
+    """What the frozen core plus the trainable parts can express: labelled training on pool AND test.
+
+    A capacity check, not a method: it fits the test set, so its accuracy is a fit, not held out.
+    """
+    everything = ctx.scenario.pool + ctx.scenario.test
+
+    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
+        return train_outputs(trainee, everything, teacher=None, steps=ctx.settings.oracle_steps, lr=ctx.settings.lr)
+
+    n_all = len(everything)
+    _run_condition(
+        ctx,
+        "oracle",
+        1.0,
+        start="anchor",
+        train=train,
+        queries=lambda n: 0,
+        labelled=lambda n: n_all,
+    )
+    ctx.records[-len(ctx.groups()) :] = [
+        {**r, "budget": "pool+test", "n": n_all} for r in ctx.records[-len(ctx.groups()) :]
+    ]
+
+
+def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Train one pair's models from scratch and run both scenarios on them."""
+    pair = PAIRS[run % len(PAIRS)]
+    device = pick_device(settings.device)
+    world = build_world(settings.p, seed=run)
+    log(f"run {run}: {pair.describe()} on {device}")
+    t0 = time.perf_counter()
+    teacher, tm = train_model(
+        world.task,
+        pair.teacher,
+        world.teacher_train,
+        seed=pair.teacher_seed + run,
+        steps=settings.model_steps,
+        device=str(device),
+    )
+    log(f"  teacher trained in {tm['seconds']:.1f} s")
+    records: list[dict[str, Any]] = []
+    key = SigningKey.from_seed(bytes([run % 256]) * 32)
+    for scenario in (world.concept, world.skill):
+        core, sm = train_model(
+            world.task,
+            pair.student,
+            scenario.student_examples,
+            seed=pair.student_seed + run,
+            steps=settings.model_steps,
+            device=str(device),
+        )
+        base_test = [e for e in world.test if _same_kind(e, scenario)]
+        log(
+            f"  {scenario.name} student core trained in {sm['seconds']:.1f} s "
+            f"(base skill held-out {evaluate(core, base_test, str(device)):.3f})"
+        )
+        ctx_groups = {scenario.name: scenario.test, **(scenario.groups if len(scenario.groups) > 1 else {})}
+        teacher_acc = {g: evaluate(teacher, ex, str(device)) for g, ex in ctx_groups.items()}
+        known = ["add", "sub"] if scenario.family == "concept" else ["sub"]
+        ctx = Context(
+            run=run,
+            pair=pair,
+            world=world,
+            scenario=scenario,
+            teacher=teacher,
+            core=core,
+            key=key,
+            workdir=workdir,
+            device=device,
+            settings=settings,
+            anchors=anchor_tokens(Vocabulary(world.task.vocabulary()), known, world.task.p),
+            records=records,
+            teacher_accuracy=teacher_acc,
+        )
+        ctx.record(
+            "teacher",
+            None,
+            teacher_acc,
+            n=len(world.teacher_train),
+            labelled=len(world.teacher_train),
+            teacher_queries=0,
+            concept_vectors=0,
+            packet_bytes=None,
+            trainable_parameters=sum(p.numel() for p in teacher.parameters()),
+            seconds=tm["seconds"],
+            train={"steps": tm["steps"]},
+        )
+        run_scenario(ctx, log)
+    log(f"  run {run} done in {time.perf_counter() - t0:.1f} s")
+    return records
+
+
+def _same_kind(example: Example, scenario: Scenario) -> bool:
+    """A held-out example of the student's own base skill (its operators, plain numbers)."""
+    ops = {e.operator for e in scenario.student_examples}
+    return example.operator in ops and all(not t.endswith("'") for t in example.tokens)
+
+
+def run_benchmark(
+    settings: Settings, out: Path, log: Callable[[str], None] = print, *, command: str = "m2kt bench transfer"
+) -> dict[str, Any]:
+    """All runs, then the table, JSON and plot under ``out``; returns the JSON document."""
+    torch.set_num_threads(torch.get_num_threads())
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="m2kt-bench-") as tmp:
+        for run in range(settings.seeds):
+            records += run_pair(run, settings, Path(tmp), log)
+    document = {
+        "command": command,
+        "settings": asdict(settings),
+        "environment": {
+            "device": str(pick_device(settings.device)),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "seconds": time.perf_counter() - started,
+        },
+        "pairs": [PAIRS[i % len(PAIRS)].describe() for i in range(settings.seeds)],
+        "records": records,
+    }
+    return write_outputs(document, out, log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m2kt bench transfer", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run, fewer budgets (under 10 minutes on 2 cores)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs (pair i mod 3, seed i); default 3, quick 1")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where table, JSON, plot go")
+    parser.add_argument("--p", type=int, default=23, help="the modulus (vocabulary and task size)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"p": args.p, "device": args.device}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error("--seeds must be >= 1")
+        overrides["seeds"] = args.seeds
+    settings = Settings.quick_run(**overrides) if args.quick else Settings(**overrides)
+    command = " ".join(["m2kt bench transfer", *(sys.argv[1:] if argv is None else argv)])
+    run_benchmark(settings, args.out, lambda line: print(line, flush=True), command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
