@@ -68,7 +68,8 @@ class Settings:
         return cls(**{**base, **overrides})
 
 
-def budget_label(budget: Budget) -> str:
+def budget_label(budget: Budget | str) -> str:
+    """``0.02`` → ``"2%"``, ``8`` → ``"8"``; a string (e.g. ``"pool+test"``) as it is."""
     return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
 
 
@@ -110,7 +111,7 @@ class Context:
             )
         return self.packets[n]
 
-    def record(self, condition: str, budget: Budget | None, accuracies: dict[str, float], **fields: Any) -> None:
+    def record(self, condition: str, budget: Budget | str | None, accuracies: dict[str, float], **fields: Any) -> None:
         for group, acc in accuracies.items():
             teacher = self.teacher_accuracy[group]
             scenario = self.scenario.name if group == self.scenario.name else f"{self.scenario.name}/{group}"
@@ -145,14 +146,18 @@ def _evaluate_trainee(ctx: Context, trainee: Trainee) -> dict[str, float]:
 def _run_condition(
     ctx: Context,
     condition: str,
-    budget: Budget,
+    budget: Budget | str,
     *,
     start: str,
     train: Callable[[Trainee, int, Path], dict[str, Any]] | None,
     queries: Callable[[int], int],
     labelled: Callable[[int], int],
+    n: int | None = None,
 ) -> None:
-    n = ctx.scenario.budget(budget)
+    """Build a trainee, train it (``train`` None: evaluate the start), and record every test group."""
+    if n is None:
+        assert not isinstance(budget, str)
+        n = ctx.scenario.budget(budget)
     path = ctx.packet(n if condition.startswith("m2kt") else 0)
     t0 = time.perf_counter()
     contents = read_packet(path, ctx.key.verify_key)  # verified: digest, signature, finiteness
@@ -284,19 +289,16 @@ def _oracle(ctx: Context) -> None:
     def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
         return train_outputs(trainee, everything, teacher=None, steps=ctx.settings.oracle_steps, lr=ctx.settings.lr)
 
-    n_all = len(everything)
     _run_condition(
         ctx,
         "oracle",
-        1.0,
+        "pool+test",
         start="anchor",
         train=train,
         queries=lambda n: 0,
-        labelled=lambda n: n_all,
+        labelled=lambda n: n,
+        n=len(everything),
     )
-    ctx.records[-len(ctx.groups()) :] = [
-        {**r, "budget": "pool+test", "n": n_all} for r in ctx.records[-len(ctx.groups()) :]
-    ]
 
 
 def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -377,7 +379,6 @@ def run_benchmark(
     settings: Settings, out: Path, log: Callable[[str], None] = print, *, command: str = "m2kt bench transfer"
 ) -> dict[str, Any]:
     """All runs, then the table, JSON and plot under ``out``; returns the JSON document."""
-    torch.set_num_threads(torch.get_num_threads())
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="m2kt-bench-") as tmp:

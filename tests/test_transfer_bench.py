@@ -1,0 +1,170 @@
+"""The transfer benchmark (benchmarks/transfer): its world, its accounting and its report.
+
+A miniature run (p = 7, one pair, three budgets, few steps) goes through the real pipeline —
+trained TinyTransformers, signed packets read back with verification, every condition — and the
+outputs are checked for what the issue asks of them. The claim lines are checked on fixed records.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks.transfer.report import aggregate, claims, cost_to
+from benchmarks.transfer.run import Settings, run_benchmark
+from benchmarks.transfer.scenarios import build_world
+from client.cli import app
+from client.packet import open_packet
+
+FIELDS = {"scenario", "condition", "budget_fraction", "labelled", "teacher_queries", "accuracy", "pct_of_teacher"}
+FIELDS |= {"seconds", "device", "concept_vectors", "packet_bytes", "trainable_parameters", "pair", "seed"}
+
+
+def test_world_keeps_test_expressions_out_of_everything_else() -> None:
+    world = build_world(11, seed=3)
+    test = set(world.test)
+    assert test.isdisjoint(world.teacher_train)
+    for scenario in (world.concept, world.skill):
+        assert test.isdisjoint(scenario.pool) and test.isdisjoint(scenario.student_examples)
+        assert set(scenario.test) <= test and scenario.test
+        used = {t for e in scenario.student_examples for t in e.tokens}
+        assert not used & set(scenario.targets), "the student's core must never see a target token"
+        small, large = scenario.sample(4, seed=1), scenario.sample(9, seed=1)
+        assert large[:4] == small, "smaller budgets are prefixes of larger ones"
+    assert set(world.concept.groups) == {"synonym", "alias", "composition"}
+    assert all(e.operation == "add" for e in world.skill.pool + world.skill.test)
+    assert {e.operation for e in world.skill.student_examples} == {"sub"}
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    settings = Settings(
+        p=7,
+        seeds=1,
+        budgets=[0, 4, 1.0],
+        model_steps=600,
+        scratch_steps=20,
+        transfer_steps={"concept": 20, "skill": 20},
+        oracle_steps=20,
+        device="cpu",
+    )
+    document = run_benchmark(settings, out, log=lambda line: None, command="m2kt bench transfer --test")
+    return document, out
+
+
+def test_mini_run_writes_table_json_and_plot(mini_run: tuple[dict, Path]) -> None:
+    document, out = mini_run
+    assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "transfer.json").read_text())
+    assert saved["records"] == json.loads(json.dumps(document["records"]))
+    table = (out / "transfer.md").read_text()
+    assert "m2kt bench transfer --test" in table
+    for scenario in ("concept/synonym", "concept/alias", "concept/composition", "skill"):
+        assert f"### {scenario} " in table
+        assert f"— {scenario}: **" in table, "one pass/fail line per claim and scenario"
+    for record in document["records"]:
+        assert FIELDS <= set(record), record["condition"]
+
+
+def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Path]) -> None:
+    records = [r for r in mini_run[0]["records"] if r["scenario"] in ("concept", "skill")]
+    conditions = {r["condition"] for r in records}
+    assert {"m2kt", "m2kt-no-geo", "m2kt-no-struct", "m2kt-no-reason", "m2kt-zero-shot-anchor", "kd"} <= conditions
+    assert {"kd-closed-form-init", "labelled", "floor", "oracle", "teacher", "scratch"} <= conditions
+    for r in records:
+        name, n = r["condition"], r.get("n")
+        if name.startswith("m2kt") or name.startswith("kd"):
+            assert r["labelled"] == 0 and r["teacher_queries"] == n, r
+        if name in ("labelled", "scratch"):
+            assert r["teacher_queries"] == 0 and r["labelled"] == n, r
+        if name.startswith("m2kt"):
+            assert r["packet_bytes"] > 0 and r["concept_vectors"] > 0
+        if name != "teacher":
+            assert r["budget_fraction"] == pytest.approx(n / r["pool"])
+    full = [r for r in records if r["condition"] == "kd" and r["budget"] == "100%"]
+    assert full and all(r["teacher_queries"] == r["pool"] for r in full)
+    # the same trainable parameters for every condition that trains the student's CAL (and adapters)
+    for scenario in ("concept", "skill"):
+        sizes = {
+            r["trainable_parameters"]
+            for r in records
+            if r["scenario"] == scenario and r["condition"] not in ("teacher", "scratch")
+        }
+        assert max(sizes) - min(sizes) <= 1, sizes  # the anchor map's temperature is the one extra
+
+
+def test_zero_shot_anchor_map_carries_synonyms_across(mini_run: tuple[dict, Path]) -> None:
+    rows = {(r["scenario"], r["condition"]): r for r in mini_run[0]["records"] if r["budget"] in ("0", None)}
+    teacher = rows[("concept/synonym", "teacher")]["accuracy"]
+    assert teacher >= 0.8, "the teacher must know its synonyms"
+    zero_shot = rows[("concept/synonym", "m2kt-zero-shot-anchor")]["accuracy"]
+    assert zero_shot > rows[("concept/synonym", "floor")]["accuracy"]
+
+
+def test_packets_count_their_queries(tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.transfer.packets import write_transfer_packet
+    from client.keys import SigningKey
+    from client.teacher.tiny_model import TinyConfig, TinyTransformer
+
+    world = build_world(5)
+    torch.manual_seed(0)
+    teacher = TinyTransformer(TinyConfig.for_task(world.task, d_model=16, n_heads=2, d_ff=32))
+    key = SigningKey.from_seed(bytes(32))
+    probes = world.skill.sample(3, seed=0)
+    for n in (0, 3):
+        path = write_transfer_packet(
+            teacher, ["0", "1", "add"], probes[:n], key, tmp_path / f"{n}.m2kt", topic="t", p=5
+        )
+        with open_packet(path) as packet:
+            packet.verify(key.verify_key)
+            usage = packet.manifest.data_usage
+            assert (usage.probe_count, usage.labelled_examples) == (n, 0)
+            assert ("traces" in packet.tensors) == (n > 0)
+            assert packet.tensors["concepts"].shape == (3, 16)
+
+
+def _record(scenario: str, condition: str, budget: str, pct: float, n: int, pool: int = 400) -> dict:
+    labelled = n if condition == "labelled" else 0
+    return {
+        "scenario": scenario,
+        "condition": condition,
+        "budget": budget,
+        "budget_fraction": n / pool,
+        "pool": pool,
+        "n": n,
+        "labelled": labelled,
+        "teacher_queries": 0 if condition == "labelled" else n,
+        "accuracy": pct / 100,
+        "pct_of_teacher": pct,
+        "seconds": 0.1,
+        "device": "cpu",
+        "trainable_parameters": 10,
+    }
+
+
+def test_claim_lines_pass_and_fail_on_the_numbers() -> None:
+    records = []
+    for scenario, m2kt in (("concept/synonym", 99.0), ("skill", 20.0)):
+        for budget, n, kd in (("0", 0, 5.0), ("2%", 8, 30.0), ("100%", 400, 97.0)):
+            records.append(_record(scenario, "m2kt", budget, m2kt if n < 400 else 90.0, n))
+            records.append(_record(scenario, "kd", budget, kd, n))
+            records.append(_record(scenario, "labelled", budget, kd, n))
+    document = {"records": records}
+    lines = "\n".join(claims(document))
+    assert "concept/synonym: **PASS** — m2kt at N=0" in lines
+    assert "skill: **FAIL**" in lines and "M2KT 400 queries (100%), KD 400 queries (100%)" in lines
+    agg = aggregate(records)
+    assert cost_to(agg, "skill", "labelled", ["0", "2%", "100%"]) == "400 labels (100%)"
+
+
+def test_cli_help_lists_the_benchmark_options() -> None:
+    result = CliRunner().invoke(app, ["bench", "transfer", "--help"])
+    assert result.exit_code == 0
+    for option in ("--quick", "--seeds", "--out", "--p", "--device"):
+        assert option in result.output
