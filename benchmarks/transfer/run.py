@@ -28,7 +28,7 @@ from benchmarks.transfer.packets import anchor_tokens, write_transfer_packet
 from benchmarks.transfer.report import write_outputs
 from benchmarks.transfer.scenarios import PAIRS, PairShape, Scenario, World, build_world
 from client.keys import SigningKey
-from client.student.probing import read_packet
+from client.student.probing import PacketContents, read_packet
 from client.symbolic import Example, Vocabulary
 from client.teacher.adapters import pick_device
 from client.teacher.tiny_model import TinyTransformer
@@ -122,7 +122,7 @@ class Context:
                     "budget": budget_label(budget) if budget is not None else None,
                     "budget_fraction": fields["n"] / len(self.scenario.pool) if condition != "teacher" else None,
                     "pool": len(self.scenario.pool),
-                    "test": len(self.groups()[group]),
+                    "test": len(self.scenario.report_groups()[group]),
                     "pair": self.pair.name,
                     "seed": self.run,
                     "accuracy": acc,
@@ -132,15 +132,9 @@ class Context:
                 }
             )
 
-    def groups(self) -> dict[str, list[Example]]:
-        out = {self.scenario.name: self.scenario.test}
-        if len(self.scenario.groups) > 1:
-            out.update(self.scenario.groups)
-        return out
-
 
 def _evaluate_trainee(ctx: Context, trainee: Trainee) -> dict[str, float]:
-    return {g: accuracy(trainee, ex) for g, ex in ctx.groups().items()}
+    return {g: accuracy(trainee, ex) for g, ex in ctx.scenario.report_groups().items()}
 
 
 def _run_condition(
@@ -149,7 +143,7 @@ def _run_condition(
     budget: Budget | str,
     *,
     start: str,
-    train: Callable[[Trainee, int, Path], dict[str, Any]] | None,
+    train: Callable[[Trainee, int, PacketContents], dict[str, Any]] | None,
     queries: Callable[[int], int],
     labelled: Callable[[int], int],
     n: int | None = None,
@@ -171,7 +165,7 @@ def _run_condition(
         seed=ctx.run,
     )
     try:
-        info = train(trainee, n, path) if train is not None else {}
+        info = train(trainee, n, contents) if train is not None else {}
         accs = _evaluate_trainee(ctx, trainee)
         seconds = time.perf_counter() - t0
     finally:
@@ -191,16 +185,15 @@ def _run_condition(
     )
 
 
-def _m2kt(ctx: Context, mix: LossMix) -> Callable[[Trainee, int, Path], dict[str, Any]]:
-    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
-        contents = read_packet(path, ctx.key.verify_key)
+def _m2kt(ctx: Context, mix: LossMix) -> Callable[[Trainee, int, PacketContents], dict[str, Any]]:
+    def train(trainee: Trainee, n: int, contents: PacketContents) -> dict[str, Any]:
         return train_m2kt(trainee, contents, mix, steps=ctx.steps, lr=ctx.settings.lr)
 
     return train
 
 
-def _outputs(ctx: Context, *, kd: bool) -> Callable[[Trainee, int, Path], dict[str, Any]]:
-    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
+def _outputs(ctx: Context, *, kd: bool) -> Callable[[Trainee, int, PacketContents], dict[str, Any]]:
+    def train(trainee: Trainee, n: int, contents: PacketContents) -> dict[str, Any]:
         examples = ctx.scenario.sample(n, seed=ctx.run)
         teacher = ctx.teacher if kd else None
         return train_outputs(trainee, examples, teacher=teacher, steps=ctx.steps, lr=ctx.settings.lr)
@@ -263,7 +256,7 @@ def _scratch(ctx: Context, budget: Budget, n: int) -> None:
         steps=ctx.settings.scratch_steps,
         device=str(ctx.device),
     )
-    accs = {g: evaluate(model, ex, str(ctx.device)) for g, ex in ctx.groups().items()}
+    accs = {g: evaluate(model, ex, str(ctx.device)) for g, ex in ctx.scenario.report_groups().items()}
     ctx.record(
         "scratch",
         budget,
@@ -286,7 +279,7 @@ def _oracle(ctx: Context) -> None:
     """
     everything = ctx.scenario.pool + ctx.scenario.test
 
-    def train(trainee: Trainee, n: int, path: Path) -> dict[str, Any]:
+    def train(trainee: Trainee, n: int, contents: PacketContents) -> dict[str, Any]:
         return train_outputs(trainee, everything, teacher=None, steps=ctx.settings.oracle_steps, lr=ctx.settings.lr)
 
     _run_condition(
@@ -333,8 +326,7 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
             f"  {scenario.name} student core trained in {sm['seconds']:.1f} s "
             f"(base skill held-out {evaluate(core, base_test, str(device)):.3f})"
         )
-        ctx_groups = {scenario.name: scenario.test, **(scenario.groups if len(scenario.groups) > 1 else {})}
-        teacher_acc = {g: evaluate(teacher, ex, str(device)) for g, ex in ctx_groups.items()}
+        teacher_acc = {g: evaluate(teacher, ex, str(device)) for g, ex in scenario.report_groups().items()}
         known = ["add", "sub"] if scenario.family == "concept" else ["sub"]
         ctx = Context(
             run=run,

@@ -105,6 +105,10 @@ class Scenario:
     adapters: bool
     groups: dict[str, list[Example]] = field(default_factory=dict)  # reporting group -> its test examples
 
+    def report_groups(self) -> dict[str, list[Example]]:
+        """The test sets reported: the whole scenario, then each group when there are several."""
+        return {self.name: self.test, **(self.groups if len(self.groups) > 1 else {})}
+
     def budget(self, fraction_or_count: float | int) -> int:
         """A budget as a count of queries: ints are counts, floats fractions of the pool."""
         if isinstance(fraction_or_count, float):
