@@ -18,9 +18,11 @@ from sqlalchemy.orm import Session
 from broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
 from broker.deps import BrokerState
 from broker.errors import install_error_handlers
+from broker.gc import collect_garbage
 from broker.metrics import Metrics
 from broker.pubsub import Hub, listen_postgres
-from broker.routes import admin, keys, nodes, ops, packets, subscriptions, topics
+from broker.ratelimit import UploadRateLimiter
+from broker.routes import admin, keys, maintenance, nodes, ops, packets, subscriptions, topics
 from broker.services.nodes import ensure_admin
 from broker.settings import Settings
 from broker.storage import BlobStore, storage_from_url
@@ -71,6 +73,21 @@ def _bootstrap_admin(state: BrokerState) -> None:
         with state.sessions.begin() as session:
             if ensure_admin(session, token):
                 log.warning("created the first admin from M2KT_BOOTSTRAP_ADMIN_TOKEN")
+
+
+async def _gc_every(state: BrokerState, interval: float, stop: asyncio.Event) -> None:
+    """Run garbage collection every ``interval`` seconds until ``stop``; a failed run is logged and retried."""
+    from starlette.concurrency import run_in_threadpool
+
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return
+        try:
+            await run_in_threadpool(collect_garbage, state.sessions, state.storage, state.settings.gc_grace_seconds)
+        except Exception:  # storage or database down: try again next time
+            log.exception("scheduled garbage collection failed")
 
 
 def prepare_database(settings: Settings) -> None:
@@ -132,6 +149,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         ),
         hub=Hub(),
         metrics=Metrics(),
+        uploads=UploadRateLimiter(settings.upload_rate_per_minute, settings.upload_burst),
     )
     _wire_notifications(state)
 
@@ -146,6 +164,11 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
             if settings.is_postgres
             else None
         )
+        collector = (
+            asyncio.create_task(_gc_every(state, settings.gc_interval_seconds, stop))
+            if settings.gc_interval_seconds
+            else None
+        )
         log.info(
             "broker ready: database %s, storage %s",
             engine.url.render_as_string(hide_password=True),
@@ -155,6 +178,9 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
             yield
         finally:
             stop.set()
+            if collector is not None:
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(collector, 10)
             if listener is not None:  # it notices `stop` within half a second
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(listener, 3)
@@ -163,7 +189,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
     app = FastAPI(title="M2KT broker", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.broker = state
     install_error_handlers(app)
-    for module in (ops, nodes, keys, topics, packets, subscriptions, admin):
+    for module in (ops, nodes, keys, topics, packets, subscriptions, admin, maintenance):
         app.include_router(module.router)
 
     app.add_middleware(RequestMetrics, metrics=state.metrics)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from broker.db import SchemaOutOfDate, current_revision, head_revision, make_engine, upgrade
+from broker.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
 from broker.settings import Settings
 
 app = typer.Typer(help="Run the broker service and manage its database.", no_args_is_help=True)
@@ -46,3 +46,47 @@ def migrate_cmd(
     engine = make_engine(url)
     typer.echo(f"schema at {current_revision(engine)} (head is {head_revision()})")
     engine.dispose()
+
+
+@app.command("gc")
+def gc_cmd(
+    grace_seconds: Annotated[
+        float | None, typer.Option(help="Only remove blobs older than this (default: M2KT_GC_GRACE_SECONDS).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Remove packet blobs no committed row points to, and abandoned staged uploads, after a grace period."""
+    import json
+
+    from broker.db import make_sessionmaker
+    from broker.gc import collect_garbage
+    from broker.storage import storage_from_url
+
+    settings = Settings()
+    engine = make_engine(settings.effective_database_url)
+    try:
+        check_schema(engine)
+        storage = storage_from_url(
+            settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, part_size=settings.upload_part_bytes
+        )
+        grace = settings.gc_grace_seconds if grace_seconds is None else grace_seconds
+        report = collect_garbage(make_sessionmaker(engine), storage, grace, dry_run=dry_run)
+    except SchemaOutOfDate as exc:
+        typer.echo(f"refusing to run: {exc}", err=True)
+        raise typer.Exit(3) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        typer.echo(
+            f"scanned {report.scanned} blobs: {report.referenced} referenced, {report.young} younger than "
+            f"{grace:g} s; {verb} {len(report.deleted)} orphans ({report.deleted_bytes} bytes) and "
+            f"{report.unfinished_discarded} of {report.unfinished_seen} unfinished uploads in {report.seconds:.2f} s"
+        )
+        for err in report.errors:
+            typer.echo(f"error: {err}", err=True)
+    if report.errors:
+        raise typer.Exit(1)

@@ -18,6 +18,7 @@ from broker.errors import DependencyDown, Forbidden, Unauthorized
 from broker.metrics import Metrics
 from broker.models import ApiToken, Role
 from broker.pubsub import Hub
+from broker.ratelimit import UploadRateLimiter
 from broker.security import allows, hash_token
 from broker.settings import Settings
 from broker.storage import BlobStore
@@ -31,6 +32,7 @@ class BrokerState:
     storage: BlobStore
     hub: Hub
     metrics: Metrics
+    uploads: UploadRateLimiter
 
 
 def get_state(request: Request) -> BrokerState:

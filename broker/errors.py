@@ -65,12 +65,22 @@ class ValidationFailed(BrokerError):
     status, code = 422, "validation_failed"
 
 
+class TooManyRequests(BrokerError):
+    status, code = 429, "rate_limited"
+
+
 class DependencyDown(BrokerError):
     status, code = 503, "dependency_unavailable"
 
 
+# Packet refusals that are about size: 413, so a client can tell "too big" from "broken".
+SIZE_CODES = frozenset({"header_too_large", "manifest_too_large", "too_many_tensors", "data_too_large"})
+
+
 def from_packet_error(exc: PacketError) -> BrokerError:
-    """Malformed packet files are 400; well-formed packets that fail a check are 422."""
+    """Over a size limit: 413; other malformed packet files: 400; well-formed packets that fail a check: 422."""
+    if exc.code in SIZE_CODES:
+        return TooLarge(exc.message, code=exc.code)
     cls = Malformed if exc.kind == "malformed" else ValidationFailed
     return cls(exc.message, code=exc.code)
 
@@ -90,6 +100,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Too large",
         416: "Range not satisfiable",
         422: "Failed validation (digest, signature, key, topic, safety policy)",
+        429: "Too many uploads from this node; retry after the Retry-After header's seconds",
         503: "A dependency (database or storage) is unavailable",
     }
     return {s: {"model": ErrorBody, "description": described[s]} for s in statuses}

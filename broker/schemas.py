@@ -35,6 +35,10 @@ class TokenCreate(BaseModel):
     ttl_days: int | None = Field(default=None, gt=0, le=3650)
 
 
+class TokenRotate(BaseModel):
+    ttl_days: int | None = Field(default=None, gt=0, le=3650, description="Default: the broker's token_ttl_days.")
+
+
 class TokenOut(BaseModel):
     id: int
     node: str
@@ -214,3 +218,19 @@ class StatsOut(BaseModel):
     keys: dict[str, int]
     receipts: dict[str, int]
     subscriptions: int
+
+
+class GcOut(BaseModel):
+    """One garbage collection: what was scanned, kept and removed."""
+
+    dry_run: bool
+    grace_seconds: float
+    scanned: int = Field(description="Blobs under packets/.")
+    referenced: int = Field(description="Kept: a committed row points at them.")
+    young: int = Field(description="Kept: no row, but younger than the grace period.")
+    deleted: list[str] = Field(description="Orphan blobs removed (or that would be, in a dry run).")
+    deleted_bytes: int
+    unfinished_seen: int = Field(description="Staged uploads found (incoming/ files, unfinished S3 multipart uploads).")
+    unfinished_discarded: int
+    errors: list[str]
+    seconds: float

@@ -36,6 +36,27 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=4 << 20, gt=0)
     max_concepts_bytes: int = Field(default=64 << 20, gt=0, description="Concept tensor kept in memory for checks.")
     upload_part_bytes: int = Field(default=8 << 20, ge=5 << 20)
+    max_tensor_count: int = Field(default=256, gt=0, le=100_000, description="Tensors one packet may hold.")
+    max_manifest_bytes: int = Field(
+        default=1 << 20, gt=0, description="Size of the signed manifest (the header's JSON metadata)."
+    )
+
+    # Quotas (per node; 0 turns a quota off)
+    upload_rate_per_minute: float = Field(
+        default=120.0, ge=0, description="Sustained uploads per node per minute (token bucket); 0: unlimited."
+    )
+    upload_burst: int = Field(default=30, ge=1, description="Uploads a node may send at once before the rate applies.")
+    node_quota_bytes: int = Field(
+        default=0, ge=0, description="Bytes of stored packets a node may publish in all; 0: unlimited."
+    )
+
+    # Garbage collection of blobs no committed row points to
+    gc_grace_seconds: float = Field(
+        default=3600.0, ge=0, description="A blob without a row is removed only once it is this old."
+    )
+    gc_interval_seconds: float = Field(
+        default=0.0, ge=0, description="Run garbage collection in the broker this often; 0: only `m2kt broker gc`."
+    )
 
     # Safety policy
     safety_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Default max declared safety score.")

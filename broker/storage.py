@@ -36,6 +36,7 @@ __all__ = [
     "S3Store",
     "StagedUpload",
     "StorageError",
+    "UnfinishedUpload",
     "make_s3_client",
     "storage_from_url",
 ]
@@ -60,6 +61,15 @@ class BlobInfo:
     key: str
     size: int
     modified: datetime  # timezone-aware UTC
+
+
+@dataclass(frozen=True)
+class UnfinishedUpload:
+    """A staged upload that never completed: a local ``incoming/`` file or an S3 multipart upload."""
+
+    key: str
+    started: datetime  # timezone-aware UTC
+    upload_id: str | None = None  # S3 only
 
 
 def _new_staging_key() -> str:
@@ -253,6 +263,15 @@ class BlobStore(ABC):
 
         Does not check that the key exists.
         """
+
+    def unfinished_uploads(self) -> Iterator[UnfinishedUpload]:
+        """Staged uploads still open (or abandoned by a crash): by default, the ``incoming/`` keys."""
+        for info in self.list(STAGING_PREFIX):
+            yield UnfinishedUpload(info.key, info.modified)
+
+    def discard_unfinished(self, upload: UnfinishedUpload) -> None:
+        """Remove an abandoned staged upload (gone already is fine)."""
+        self.delete(upload.key)
 
     @abstractmethod
     def check(self) -> None:
@@ -598,6 +617,23 @@ class S3Store(BlobStore):
                 for obj in page.get("Contents", ()):
                     modified = obj["LastModified"].astimezone(UTC)
                     yield BlobInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]), modified)
+
+    def unfinished_uploads(self) -> Iterator[UnfinishedUpload]:
+        """``incoming/`` objects, and multipart uploads under the prefix that were never completed."""
+        yield from super().unfinished_uploads()
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with self._errors("list_multipart_uploads", "*"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for up in page.get("Uploads", ()):
+                    started = up["Initiated"].astimezone(UTC)
+                    yield UnfinishedUpload(up["Key"][len(self.prefix) :], started, up["UploadId"])
+
+    def discard_unfinished(self, upload: UnfinishedUpload) -> None:
+        if upload.upload_id is None:
+            self.delete(upload.key)
+            return
+        with self._errors("abort_multipart_upload", upload.key, ignore=("NoSuchUpload",)):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(upload.key), UploadId=upload.upload_id)
 
     def presigned_get(self, key: str, ttl_seconds: int) -> str | None:
         with self._errors("presign", key):

@@ -36,10 +36,23 @@ class StreamingPacket:
     until the next feed(), finish() or close() returns (``bytes`` always do).
     """
 
-    def __init__(self, *, max_packet_bytes: int, max_header_bytes: int, max_concepts_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_packet_bytes: int,
+        max_header_bytes: int,
+        max_concepts_bytes: int,
+        max_tensors: int = ReadLimits.max_tensors,
+        max_manifest_bytes: int | None = None,
+    ) -> None:
         self.max_packet_bytes = max_packet_bytes
         self.max_concepts_bytes = max_concepts_bytes
-        limits = ReadLimits(max_header_bytes=max_header_bytes, max_data_bytes=max_packet_bytes)
+        limits = ReadLimits(
+            max_header_bytes=max_header_bytes,
+            max_data_bytes=max_packet_bytes,
+            max_tensors=max_tensors,
+            max_manifest_bytes=max_manifest_bytes,
+        )
         self._stream = StreamVerifier(limits=limits, on_data=self._capture)
         self._concepts = bytearray()
         self._concepts_range = (0, 0)

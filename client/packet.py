@@ -175,6 +175,7 @@ class ReadLimits:
     max_tensors: int = 256
     max_ndim: int = 8
     max_data_bytes: int | None = None
+    max_manifest_bytes: int | None = None  # bytes of the signed manifest JSON string
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -341,6 +342,11 @@ def parse_header(
         raise PacketFormatError(
             "metadata_missing",
             f"__metadata__ must hold exactly the strings {MANIFEST_KEY!r} and {SIGNATURE_KEY!r}",
+        )
+    if limits.max_manifest_bytes is not None and len(meta[MANIFEST_KEY]) > limits.max_manifest_bytes:
+        raise PacketFormatError(
+            "manifest_too_large",
+            f"the manifest is {len(meta[MANIFEST_KEY])} characters; the limit is {limits.max_manifest_bytes}",
         )
     if len(doc) > limits.max_tensors:
         raise PacketFormatError("too_many_tensors", f"{len(doc)} tensors; the limit is {limits.max_tensors}")

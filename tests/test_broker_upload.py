@@ -219,7 +219,7 @@ def flagged_direction(live_broker: LiveBroker) -> np.ndarray:
 
 REFUSALS = [
     # id, how to build the body from (good packet bytes, teacher, other), expected status, expected code
-    pytest.param("garbage", 400, "header_too_large", id="not-a-packet"),
+    pytest.param("garbage", 413, "header_too_large", id="not-a-packet"),
     pytest.param("truncated", 400, "truncated", id="truncated-body"),
     pytest.param("trailing", 400, "trailing_bytes", id="trailing-bytes"),
     pytest.param("flip-data", 422, "digest_mismatch", id="bad-digest"),

@@ -3,10 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from broker.deps import AdminCaller, CurrentCaller, SessionDep
+from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
 from broker.errors import error_responses
 from broker.models import ApiToken, Node
-from broker.schemas import NodeCreate, NodeOut, NodeWithToken, TokenCreate, TokenOut, WhoAmI
+from broker.schemas import NodeCreate, NodeOut, NodeWithToken, TokenCreate, TokenOut, TokenRotate, WhoAmI
 from broker.services import audit
 from broker.services import nodes as service
 
@@ -19,8 +19,9 @@ router = APIRouter(prefix="/v1", tags=["nodes and tokens"])
     summary="Register a node and issue its first token",
     responses=error_responses(400, 401, 403, 409),
 )
-def create_node(body: NodeCreate, session: SessionDep, caller: AdminCaller) -> NodeWithToken:
-    node, token = service.create_node(session, caller, body.name, body.role, body.scopes, body.token_ttl_days)
+def create_node(body: NodeCreate, session: SessionDep, state: StateDep, caller: AdminCaller) -> NodeWithToken:
+    ttl = body.token_ttl_days or state.settings.token_ttl_days
+    node, token = service.create_node(session, caller, body.name, body.role, body.scopes, ttl)
     return NodeWithToken(node=NodeOut.model_validate(node), token=token)
 
 
@@ -37,13 +38,24 @@ def whoami(caller: CurrentCaller) -> WhoAmI:
 
 
 @router.post(
+    "/me/token",
+    status_code=status.HTTP_201_CREATED,
+    summary="Rotate your own token: a new secret with the same scopes; the one used here is revoked",
+    responses=error_responses(401),
+)
+def rotate_own_token(body: TokenRotate, session: SessionDep, state: StateDep, caller: CurrentCaller) -> TokenOut:
+    return service.rotate_token(session, caller, body.ttl_days or state.settings.token_ttl_days)
+
+
+@router.post(
     "/nodes/{name}/tokens",
     status_code=status.HTTP_201_CREATED,
     summary="Issue another token (rotation)",
     responses=error_responses(400, 401, 403, 404),
 )
-def issue_token(name: str, body: TokenCreate, session: SessionDep, caller: AdminCaller) -> TokenOut:
-    token = service.issue_token(session, service.get_node(session, name), body.scopes, body.ttl_days)
+def issue_token(name: str, body: TokenCreate, session: SessionDep, state: StateDep, caller: AdminCaller) -> TokenOut:
+    ttl = body.ttl_days or state.settings.token_ttl_days
+    token = service.issue_token(session, service.get_node(session, name), body.scopes, ttl)
     audit.record(session, caller.node_id, "token.issued", name, token_id=token.id)
     return token
 

@@ -60,7 +60,7 @@ def update_topic(topic: str, body: TopicUpdate, session: SessionDep, state: Stat
     openapi_extra=UPLOAD_BODY,
     responses={
         200: {"model": PacketOut, "description": "The same packet was uploaded before"},
-        **error_responses(400, 401, 403, 413, 422, 503),
+        **error_responses(400, 401, 403, 413, 422, 429, 503),
     },
 )
 async def upload_packet(

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.deps import Caller
-from broker.errors import Conflict, Malformed, NotFound
+from broker.errors import Conflict, Malformed, NotFound, Unauthorized
 from broker.models import ApiToken, Node, Role
 from broker.schemas import TokenOut
 from broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
@@ -86,6 +86,18 @@ def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
         row.revoked_at = datetime.now(UTC)
         audit.record(session, caller.node_id, "token.revoked", str(token_id), node=row.node.name)
     return row
+
+
+def rotate_token(session: Session, caller: Caller, ttl_days: int) -> TokenOut:
+    """A new token for the caller's node with the caller's scopes; the caller's token is revoked."""
+    # Two rotations with one token at once: the row lock makes the second see the first's revocation.
+    old = session.scalar(select(ApiToken).where(ApiToken.id == caller.token_id).with_for_update(of=ApiToken))
+    if old is None or old.revoked_at is not None:
+        raise Unauthorized("this API token was revoked", code="token_revoked", headers={"WWW-Authenticate": "Bearer"})
+    token = issue_token(session, old.node, list(old.scopes), ttl_days)
+    old.revoked_at = datetime.now(UTC)
+    audit.record(session, caller.node_id, "token.rotated", caller.node, old_token_id=old.id, token_id=token.id)
+    return token
 
 
 def token_out(row: ApiToken) -> TokenOut:

@@ -29,14 +29,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from broker.deps import BrokerState, Caller
-from broker.errors import BrokerError, DependencyDown, Malformed, TooLarge, ValidationFailed
+from broker.errors import BrokerError, DependencyDown, Malformed, TooLarge, TooManyRequests, ValidationFailed
 from broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
 from broker.schemas import PacketOut
 from broker.services import audit
@@ -96,10 +96,40 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
                 code="key_not_owned",
             )
         raw = key.public_key
+        _check_quota(state, session, caller, header.file_size, header.manifest.data_sha256)
         row = session.scalar(select(Topic).where(Topic.name == topic))
         threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
     check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
     return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
+
+
+def _check_quota(state: BrokerState, session: Session, caller: Caller, size: int, data_sha256: str) -> None:
+    """413 when this packet would take the node's stored bytes over its quota (re-uploads are free).
+
+    Concurrent uploads by one node may each pass and together overshoot by at most their own sizes."""
+    quota = state.settings.node_quota_bytes
+    if not quota:
+        return
+    if session.scalar(select(Packet.id).where(Packet.data_sha256 == data_sha256).limit(1)) is not None:
+        return
+    used = session.scalar(select(func.coalesce(func.sum(Packet.size), 0)).where(Packet.publisher_id == caller.node_id))
+    if used + size > quota:
+        raise TooLarge(
+            f"node {caller.node!r} stores {used} bytes of packets; this one ({size} bytes) would exceed its quota "
+            f"of {quota} bytes — ask an admin to raise M2KT_NODE_QUOTA_BYTES or remove old packets",
+            code="quota_exceeded",
+        )
+
+
+def _check_rate(state: BrokerState, caller: Caller) -> None:
+    wait = state.uploads.take(caller.node_id)
+    if wait:
+        raise TooManyRequests(
+            f"node {caller.node!r} is over its upload rate ({state.settings.upload_rate_per_minute:g}/min, "
+            f"burst {state.settings.upload_burst}); retry in {wait:.1f} s",
+            code="rate_limited",
+            headers={"Retry-After": state.uploads.retry_after(wait)},
+        )
 
 
 class _Receiver:
@@ -265,6 +295,7 @@ async def receive_packet(
     settings = state.settings
     check_topic_name(topic)
     caller.require("publish", topic)
+    _check_rate(state, caller)
     if content_length is not None and content_length > settings.max_packet_bytes:
         raise TooLarge(
             f"{content_length} bytes is over the broker's packet limit of {settings.max_packet_bytes}",
@@ -275,6 +306,8 @@ async def receive_packet(
         max_packet_bytes=settings.max_packet_bytes,
         max_header_bytes=settings.max_header_bytes,
         max_concepts_bytes=settings.max_concepts_bytes,
+        max_tensors=settings.max_tensor_count,
+        max_manifest_bytes=settings.max_manifest_bytes,
     )
     receiver = _Receiver(state, caller, topic, stream)
     try:

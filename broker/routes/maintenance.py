@@ -1,0 +1,40 @@
+"""Admin maintenance: blob garbage collection on demand."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import AdminCaller, StateDep
+from broker.errors import DependencyDown, error_responses
+from broker.gc import collect_garbage
+from broker.schemas import GcOut
+from broker.storage import StorageError
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+@router.post(
+    "/gc",
+    summary="Remove blobs no committed row points to (older than the grace period)",
+    responses=error_responses(401, 403, 503),
+)
+async def run_gc(
+    state: StateDep,
+    caller: AdminCaller,
+    dry_run: Annotated[bool, Query(description="Only report what would be removed.")] = False,
+    grace_seconds: Annotated[
+        float | None, Query(ge=0, le=30 * 24 * 3600, description="Default: the broker's M2KT_GC_GRACE_SECONDS.")
+    ] = None,
+) -> GcOut:
+    grace = state.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
+    try:
+        report = await run_in_threadpool(collect_garbage, state.sessions, state.storage, grace, dry_run=dry_run)
+    except StorageError as exc:
+        raise DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable") from exc
+    except OperationalError as exc:
+        raise DependencyDown(f"the database is unavailable: {exc.orig or exc}", code="database_unavailable") from exc
+    return GcOut(**report.as_dict())
