@@ -52,7 +52,10 @@ class Settings(BaseSettings):
 
     # Garbage collection of blobs no committed row points to
     gc_grace_seconds: float = Field(
-        default=3600.0, ge=0, description="A blob without a row is removed only once it is this old."
+        default=3600.0,
+        ge=0,
+        description="A blob without a row, or a staged upload, is removed only once it is this old: "
+        "keep it above the longest upload you expect (an S3 multipart upload counts from its start).",
     )
     gc_interval_seconds: float = Field(
         default=0.0, ge=0, description="Run garbage collection in the broker this often; 0: only `m2kt broker gc`."

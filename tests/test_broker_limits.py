@@ -3,6 +3,7 @@ manifest size (413), topic names (400), token expiry by default and self-service
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -127,3 +128,24 @@ def test_tokens_expire_by_default_and_rotate(live_broker: LiveBroker) -> None:
     assert (again.status_code, again.json()["code"]) == (401, "token_revoked")  # a revoked token cannot rotate
     actions = [e["action"] for e in live_broker.admin().get("/v1/admin/audit", params={"limit": 50}).json()]
     assert "token.rotated" in actions
+
+
+@pytest.mark.parametrize("limited", [{"upload_rate_per_minute": 120, "upload_burst": 1}], indirect=True)
+def test_sdk_publish_waits_out_a_429(limited: str, live_broker: LiveBroker, tmp_path: Path) -> None:
+    from client.api import BrokerClient
+
+    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
+    assert teacher.key
+    topic = unique("sdkrate")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    with BrokerClient(limited, teacher.token, sleep=sleep, quiet=True) as broker:
+        for seed in range(2):
+            path = tmp_path / f"{seed}.m2kt"
+            path.write_bytes(packet_bytes(tmp_path, teacher.key, topic, seed=seed))
+            assert broker.publish(path, topic).topic == topic
+    assert waits == [1.0]  # the second upload was refused once and retried after Retry-After: 1
