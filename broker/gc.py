@@ -3,9 +3,10 @@
 Uploads promote a blob before they commit its row (so a row never points at a missing blob); a
 crash, a dropped database connection or a refused commit between the two leaves a blob without a
 row, and a crash mid-upload leaves a staged upload (a file under ``incoming/`` or an unfinished S3
-multipart upload). This module removes both — but only after ``grace_seconds``, so an upload that
-is about to commit is never touched, and never a blob that a committed row points to: every
-candidate is checked against the database once more right before it is deleted.
+multipart upload). This module removes both once older than ``grace_seconds`` — and never a blob
+that a committed row points to: each candidate is re-checked and deleted while holding the blob
+key's lock (:mod:`broker.bloblocks`), which an upload holds from making its blob visible until its
+row commits; a blob whose lock is busy is skipped.
 
 Safe to run from several brokers at once (deleting twice is harmless) and while uploads go on.
 """
@@ -15,11 +16,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.bloblocks import try_locked_transaction
 from broker.models import Packet
 from broker.storage import BlobStore, StorageError
 
@@ -37,6 +39,7 @@ class GcReport:
     scanned: int = 0  # blobs under packets/
     referenced: int = 0  # kept: a committed row points at them
     young: int = 0  # kept: no row yet, but younger than the grace period
+    busy: int = 0  # kept: an upload holds the blob's lock (committing its row right now)
     deleted: list[str] = field(default_factory=list)  # orphan blobs removed (or that would be, in a dry run)
     deleted_bytes: int = 0
     unfinished_seen: int = 0  # staged uploads found
@@ -48,9 +51,21 @@ class GcReport:
         return asdict(self)
 
 
-def _is_referenced(sessions: sessionmaker[Session], key: str) -> bool:
-    with sessions() as session:
-        return session.scalar(select(Packet.id).where(Packet.storage_key == key).limit(1)) is not None
+def _is_referenced(session: Session, key: str) -> bool:
+    return session.scalar(select(Packet.id).where(Packet.storage_key == key).limit(1)) is not None
+
+
+def _delete_unless_referenced(
+    sessions: sessionmaker[Session], storage: BlobStore, key: str, dry_run: bool
+) -> Literal["deleted", "referenced", "busy"]:
+    with try_locked_transaction(sessions, key) as session:
+        if session is None:
+            return "busy"
+        if _is_referenced(session, key):  # committed since the listing
+            return "referenced"
+        if not dry_run:
+            storage.delete(key)
+        return "deleted"
 
 
 def collect_garbage(
@@ -76,19 +91,22 @@ def collect_garbage(
     for blob in blobs:
         if blob.key in referenced:
             report.referenced += 1
-        elif blob.modified > cutoff:
+            continue
+        if blob.modified > cutoff:
             report.young += 1
-        elif _is_referenced(sessions, blob.key):  # committed since the listing: keep
-            report.referenced += 1
-        else:
-            try:
-                if not dry_run:
-                    storage.delete(blob.key)
-            except StorageError as exc:
-                report.errors.append(f"{blob.key}: {exc}")
-                continue
+            continue
+        try:
+            outcome = _delete_unless_referenced(sessions, storage, blob.key, dry_run)
+        except StorageError as exc:
+            report.errors.append(f"{blob.key}: {exc}")
+            continue
+        if outcome == "deleted":
             report.deleted.append(blob.key)
             report.deleted_bytes += blob.size
+        elif outcome == "referenced":
+            report.referenced += 1
+        else:
+            report.busy += 1
 
     for upload in storage.unfinished_uploads():
         report.unfinished_seen += 1

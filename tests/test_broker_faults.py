@@ -1,159 +1,257 @@
-"""Failures mid-upload on real processes: the broker SIGKILLed, and the S3 server going away.
-Neither may leave a row pointing at a missing blob, and the same upload succeeds afterwards."""
+"""The fault suite, on real processes: the S3 server stopped during an upload and during a download, a
+Postgres backend terminated mid-transaction, the broker SIGKILLed during an upload and mid-commit, and garbage
+collection during a slow commit — each followed by recovery.
+
+Every scenario has its own database, S3 server and bucket (tests/fault_harness.py), so its counts are exact, and
+ends with the same checks: every acknowledged packet is committed and served, no row lacks its blob, and garbage
+collection (no grace period) leaves no orphan blob and never removes a blob a row points at. The table of counts
+is printed after the module's last test (with or without ``-s``) and written to ``$M2KT_FAULTS_REPORT`` when set.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import struct
+import contextlib
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from sqlalchemy import select
 
-from broker.db import make_engine
-from broker.models import Packet
-from broker.services.upload import blob_key
-from tests.broker_harness import BrokerProcess, Node, packet_bytes, register_node, s3_env, unique
-from tests.conftest import LiveBroker, make_tensors, start_live_broker
-from tests.services import start_nanio
+from broker.gc import collect_garbage
+from client._exceptions import ServiceUnavailable, TransportError
+from client._retry import RetryPolicy
+from client.api import BrokerClient
+from tests.broker_harness import unique
+from tests.fault_harness import (
+    CONNECTION_DROPPED,
+    CutDownload,
+    FaultRow,
+    Ledger,
+    MiB,
+    Stack,
+    big_packet,
+    body_that,
+    describe,
+    gc_api,
+    gc_cli,
+    in_thread,
+    key_of,
+    markdown_table,
+    packet_id,
+    require_nanio,
+    small_packet,
+    terminate_backends,
+    topic_row_locked,
+    wait_for_listener,
+    wait_for_lock_waiter,
+)
 
-MiB = 1 << 20
-
-
-def big_packet(tmp: Path, node: Node, topic: str, mib: int = 24) -> bytes:
-    rng = np.random.default_rng(7)
-    tensors = {**make_tensors(), "attention": rng.random((mib * MiB // 4 // 1024, 1024), dtype=np.float32)}
-    return packet_bytes(tmp, node.key, topic, tensors=tensors)
-
-
-def key_of(data: bytes) -> str:
-    """The storage key the broker gives these packet bytes."""
-    (n,) = struct.unpack("<Q", data[:8])
-    return blob_key(hashlib.sha256(data[8 + n :]).hexdigest(), hashlib.sha256(data[: 8 + n]).hexdigest())
-
-
-def rows_pointing_at_missing_blobs(database_url: str, storage, ids: list[str] | None = None) -> list[str]:  # type: ignore[no-untyped-def]
-    """Packet rows (all, or those in ``ids``) whose blob is not in ``storage``."""
-    engine = make_engine(database_url)
-    query = select(Packet.id, Packet.storage_key)
-    if ids is not None:
-        query = query.where(Packet.id.in_(ids))
-    with engine.connect() as conn:
-        keys = conn.execute(query).all()
-    engine.dispose()
-    return [pid for pid, key in keys if not storage.exists(key)]
-
-
-def body_that(data: bytes, after_bytes: int, action, *, then_stop: bool = True) -> object:  # type: ignore[no-untyped-def]
-    """A request body that runs ``action`` once ``after_bytes`` have been sent, then ends (or, with
-    ``then_stop=False``, sends the rest)."""
-
-    def gen():  # type: ignore[no-untyped-def]
-        sent = 0
-        for i in range(0, len(data), MiB):
-            if sent >= after_bytes and action is not None and not action_done:
-                action()
-                action_done.append(True)
-                if then_stop:
-                    return
-            yield data[i : i + MiB]
-            sent += MiB
-
-    action_done: list[bool] = []
-    return gen()
+# The broker reads from S3 only as fast as the client takes the bytes, so S3 can be ahead of the client by at
+# most the socket buffers between them (here up to ~40 MiB): a bigger packet is cut by stopping S3 whatever the
+# kernel does with what is buffered when nanio dies (in practice the broker's next read fails at once).
+DOWNLOAD_MIB = 48
 
 
-def test_broker_killed_mid_upload_leaves_no_dangling_row(
-    live_broker: LiveBroker, broker_database: str, broker_bucket: str, s3_server, tmp_path: Path
-) -> None:
-    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
-    topic = unique("kill")
-    data = big_packet(tmp_path, teacher, topic)
-    packet_id = hashlib.sha256(data).hexdigest()
-    env = {
-        "M2KT_DATABASE_URL": broker_database,
-        "M2KT_STORAGE_URL": f"s3://{broker_bucket}",
-        "M2KT_DATA_DIR": str(tmp_path),
-        **s3_env(s3_server),
-    }
-    broker = BrokerProcess(env, log_path=tmp_path / "broker.log").start()
-    headers = {"Authorization": f"Bearer {teacher.token}"}
-    with pytest.raises(httpx.TransportError):
-        httpx.post(
-            f"{broker.url}/v1/topics/{topic}/packets",
-            headers=headers,
-            timeout=60,
-            content=body_that(data, 12 * MiB, broker.kill),
+@pytest.fixture(scope="module")
+def fault_table(request: pytest.FixtureRequest) -> Iterator[list[FaultRow]]:
+    """Rows the scenarios add; printed as Markdown (and written to $M2KT_FAULTS_REPORT) after the last one."""
+    rows: list[FaultRow] = []
+    yield rows
+    table = markdown_table(rows)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n\nFaults (each scenario on its own database, S3 server and bucket):\n\n" + table)
+    if path := os.environ.get("M2KT_FAULTS_REPORT"):
+        Path(path).write_text(table)
+
+
+@pytest.fixture
+def stack(postgres_url: str, tmp_path: Path) -> Iterator[Stack]:
+    require_nanio()
+    stack = Stack.create(postgres_url, tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def test_s3_stopped_during_upload(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+    """S3 goes away mid-upload: that upload is 503 (or cut), nothing acknowledged before is lost, and once
+    S3 is back the same upload succeeds; GC discards the multipart upload that could not be aborted."""
+    ledger = Ledger("S3 stopped during an upload")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("s3up")
+    for seed in (1, 2):
+        assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, seed)).status_code == 201
+    big = big_packet(tmp_path, teacher, topic)
+    # The whole body is sent: the parts after the outage fail (parts go out in the background, so the ones
+    # before it may already be stored). The broker may also answer before it has read the whole body.
+    body = body_that(big, 12 * MiB, stack.stop_s3, then_stop=False)
+    assert ledger.faulted(stack.url, teacher, topic, big, body) in ("503 storage_unavailable", *CONNECTION_DROPPED)
+    ready = httpx.get(f"{stack.url}/readyz")
+    assert (ready.status_code, ready.json()["code"]) == (503, "storage_unavailable")
+    assert packet_id(big) not in stack.rows()
+
+    stack.start_s3()  # same port, same data
+    assert httpx.get(f"{stack.url}/readyz").status_code == 200
+    assert stack.rows_without_blob() == []
+    ledger.collect(stack)
+    # The multipart upload S3 never heard the end of is gone: aborted by the broker if S3 came back before
+    # its abort gave up (its part retries back off for a few seconds), else discarded by GC.
+    assert not list(stack.storage().unfinished_uploads())
+    assert ledger.upload(stack.url, teacher, topic, big).status_code == 201
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 3)).status_code == 201
+    fault_table.append(ledger.finish(stack, teacher))
+
+
+def test_s3_stopped_during_download(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+    """S3 goes away mid-download: BrokerClient.fetch raises and leaves nothing at the destination (no
+    truncated file passes as good); while S3 is away downloads are 503; once it is back the fetch succeeds."""
+    ledger = Ledger("S3 stopped during a download")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("s3down")
+    big = big_packet(tmp_path, teacher, topic, mib=DOWNLOAD_MIB)
+    pid = packet_id(big)
+    assert ledger.upload(stack.url, teacher, topic, big).status_code == 201
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def client(transport: httpx.BaseTransport | None = None, attempts: int = 1) -> BrokerClient:
+        policy = RetryPolicy(attempts=attempts, backoff=0.1)
+        return BrokerClient(
+            stack.url, teacher.token, prefer_redirect=False, quiet=True, retry=policy, transport=transport
         )
-    assert broker.proc is not None and broker.proc.returncode == -9
-    storage = live_broker.state.storage  # type: ignore[attr-defined]
-    with live_broker.state.sessions() as session:  # type: ignore[attr-defined]
-        assert session.get(Packet, packet_id) is None
-    assert not storage.exists(key_of(data))  # the multipart upload on the final key was never completed
-    assert rows_pointing_at_missing_blobs(broker_database, storage) == []
 
-    restarted = BrokerProcess(env, log_path=tmp_path / "broker2.log").start()
-    try:
-        r = httpx.post(f"{restarted.url}/v1/topics/{topic}/packets", content=data, headers=headers, timeout=120)
-        assert r.status_code == 201, r.text
-        fetched = httpx.get(f"{restarted.url}/v1/packets/{packet_id}/blob", headers=headers, timeout=120)
-        assert hashlib.sha256(fetched.content).hexdigest() == packet_id
-        assert storage.exists(key_of(data))
-    finally:
-        restarted.stop()
+    cut = CutDownload(MiB, stack.stop_s3)
+    with client(cut) as broker, pytest.raises(TransportError):
+        broker.fetch(pid, inbox)
+    assert 0 < cut.received < len(big), f"the stream was not cut: {cut.received} of {len(big)} bytes arrived"
+    assert list(inbox.iterdir()) == []  # neither the packet nor a temporary file
+    ledger.faults.append(f"fetch cut after {cut.received / MiB:.1f} of {len(big) / MiB:.1f} MiB: TransportError")
+
+    with client() as broker, pytest.raises(ServiceUnavailable) as refused:
+        broker.fetch(pid, inbox)
+    assert refused.value.code == "storage_unavailable"
+    assert list(inbox.iterdir()) == []
+    ledger.faults.append(f"fetch while S3 is away: {refused.value.status} {refused.value.code}")
+    assert stack.broker is not None and stack.broker.proc is not None and stack.broker.proc.poll() is None
+
+    stack.start_s3()
+    with client(attempts=3) as broker:
+        fetched = broker.fetch(pid, inbox)
+    assert fetched.path.read_bytes() == big
+    assert sorted(p.name for p in inbox.iterdir()) == [f"{pid}.m2kt"]
+    fault_table.append(ledger.finish(stack, teacher))
 
 
-def test_s3_going_away_mid_upload_is_503_and_recoverable(
-    live_broker: LiveBroker, broker_database: str, tmp_path: Path
+def test_postgres_backend_terminated_mid_commit(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+    """The broker's commit transaction waits on a row lock; its backend is terminated there. The upload is
+    503 with no row (the promoted blob is an orphan until GC) and the same upload then succeeds. Terminating
+    every backend of the broker between requests is recovered from on the next request."""
+    ledger = Ledger("Postgres backend terminated mid-commit")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("pgdrop")
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 1)).status_code == 201
+    victim = small_packet(tmp_path, teacher, topic, 2)
+    with topic_row_locked(stack, topic):
+        pending = in_thread(ledger.faulted, stack.url, teacher, topic, victim)
+        waiting = wait_for_lock_waiter(stack)
+        assert terminate_backends(stack, [waiting]) == 1
+        outcome = pending.result(timeout=30)
+    assert outcome == "503 database_unavailable", outcome  # the broker does not retry the commit
+    assert packet_id(victim) not in stack.rows()
+    assert stack.orphans() == [key_of(victim)]  # promoted before the commit, which never happened
+
+    ledger.collect(stack)
+    assert ledger.orphans_before_gc == 1 and ledger.orphans_after_gc == 0
+    assert ledger.upload(stack.url, teacher, topic, victim).status_code == 201
+
+    # Every connection the broker holds (pooled and LISTEN) terminated between requests: the next one recovers.
+    dropped = terminate_backends(stack)
+    assert dropped >= 2, dropped
+    after = ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 3))
+    assert after.status_code == 201, after.text
+    ledger.faults.append(f"all {dropped} backends terminated between requests, next upload {describe(after)}")
+    wait_for_listener(stack)
+    fault_table.append(ledger.finish(stack, teacher))
+
+
+def test_broker_killed_during_upload(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+    """The broker is SIGKILLed while parts are being sent: no row, no blob, only an unfinished multipart
+    upload, which GC discards after a restart on the same database and bucket; the re-upload succeeds."""
+    ledger = Ledger("broker SIGKILLed during an upload")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("kill")
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 1)).status_code == 201
+    big = big_packet(tmp_path, teacher, topic)
+    assert (
+        ledger.faulted(stack.url, teacher, topic, big, body_that(big, 12 * MiB, stack.kill_broker))
+        in CONNECTION_DROPPED
+    )
+    assert stack.broker is not None and stack.broker.proc is not None and stack.broker.proc.returncode == -9
+    assert packet_id(big) not in stack.rows()
+    assert not stack.storage().exists(key_of(big))  # the multipart upload on the final key was never completed
+    assert stack.rows_without_blob() == []
+
+    stack.start_broker()
+    ledger.collect(stack, gc_cli)  # an operator's `m2kt broker gc`
+    assert ledger.unfinished_discarded >= 1
+    assert ledger.upload(stack.url, teacher, topic, big).status_code == 201
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 2)).status_code == 201
+    fault_table.append(ledger.finish(stack, teacher))
+
+
+def test_broker_killed_mid_commit(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+    """The broker is SIGKILLed after promoting the blob, while its commit waits on a row lock: Postgres rolls
+    the transaction back, the blob is an orphan until GC, and after a restart the re-upload succeeds."""
+    ledger = Ledger("broker SIGKILLed mid-commit")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("killc")
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 1)).status_code == 201
+    victim = small_packet(tmp_path, teacher, topic, 2)
+    with topic_row_locked(stack, topic):
+        pending = in_thread(ledger.faulted, stack.url, teacher, topic, victim)
+        wait_for_lock_waiter(stack)
+        stack.kill_broker()
+        outcome = pending.result(timeout=30)
+    assert outcome in CONNECTION_DROPPED, outcome
+    assert packet_id(victim) not in stack.rows()
+    assert stack.orphans() == [key_of(victim)]
+
+    stack.start_broker()
+    ledger.collect(stack, gc_api)  # the restarted broker's POST /v1/admin/gc
+    assert ledger.orphans_before_gc == 1 and ledger.orphans_after_gc == 0
+    assert ledger.upload(stack.url, teacher, topic, victim).status_code == 201
+    fault_table.append(ledger.finish(stack, teacher))
+
+
+def test_gc_during_a_commit_delayed_past_the_grace_period(
+    stack: Stack, fault_table: list[FaultRow], tmp_path: Path
 ) -> None:
-    teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
-    data_dir = tmp_path / "s3"
-    nanio, s3 = start_nanio(data_dir)
-    bucket = "fault-bucket"
-    s3.client().create_bucket(Bucket=bucket)
-    topic = unique("s3gone")
-    data = big_packet(tmp_path, teacher, topic)
-    packet_id = hashlib.sha256(data).hexdigest()
-    _, app, server = start_live_broker(broker_database, s3, bucket, tmp_path, token=live_broker.admin_token)
-    headers = {"Authorization": f"Bearer {teacher.token}"}
-    try:
-        with server as url:
-
-            def stop_s3() -> None:
-                nanio.kill()
-                nanio.wait()
-
-            try:
-                r = httpx.post(
-                    f"{url}/v1/topics/{topic}/packets",
-                    headers=headers,
-                    timeout=60,
-                    # The whole body is sent: the parts after the outage fail (parts are sent in the
-                    # background, so the ones before it may already be stored).
-                    content=body_that(data, 12 * MiB, stop_s3, then_stop=False),
-                )
-                assert (r.status_code, r.json()["code"]) == (503, "storage_unavailable"), r.text
-            except httpx.TransportError:
-                pass  # the broker may answer before it has read the whole body
-            ready = httpx.get(f"{url}/readyz")
-            assert (ready.status_code, ready.json()["code"]) == (503, "storage_unavailable")
-            with app.state.broker.sessions() as session:
-                assert session.get(Packet, packet_id) is None
-                assert session.scalars(select(Packet).where(Packet.storage_key == key_of(data))).all() == []
-
-            # S3 comes back on the same port and data: the same upload now succeeds.
-            port = int(s3.endpoint.rsplit(":", 1)[1])
-            nanio, _ = start_nanio(data_dir, port=port)
-            assert httpx.get(f"{url}/readyz").status_code == 200
-            r = httpx.post(f"{url}/v1/topics/{topic}/packets", content=data, headers=headers, timeout=120)
-            assert r.status_code == 201, r.text
-            assert rows_pointing_at_missing_blobs(broker_database, app.state.broker.storage, [packet_id]) == []
-            # One blob. (The multipart upload cut off by the outage could not be aborted while S3 was away: it
-            # stays invisible until an S3 lifecycle rule for incomplete multipart uploads removes it.)
-            assert [b.key for b in app.state.broker.storage.list("packets/")] == [key_of(data)]
-            assert httpx.get(f"{url}/v1/packets/{packet_id}/blob", headers=headers, timeout=120).content == data
-    finally:
-        nanio.kill()
-        nanio.wait()
+    """GC runs while an upload's blob is visible and old enough to look orphaned but its row is not yet
+    committed (the commit waits on a row lock for longer than the grace period). The upload holds the blob's
+    lock, so GC skips it; the upload then commits and the packet is served. (Before the blob lock this lost an
+    acknowledged packet: GC deleted the blob, then the row committed.)"""
+    ledger = Ledger("GC during a commit delayed past the grace period")
+    stack.start_broker()
+    teacher = stack.teacher()
+    topic = unique("gcrace")
+    assert ledger.upload(stack.url, teacher, topic, small_packet(tmp_path, teacher, topic, 1)).status_code == 201
+    victim = small_packet(tmp_path, teacher, topic, 2)
+    with topic_row_locked(stack, topic):
+        pending = in_thread(ledger.upload, stack.url, teacher, topic, victim)
+        wait_for_lock_waiter(stack)  # blob completed and promoted, row inserted, commit waiting on the topic row
+        time.sleep(1.5)
+        with stack.sessions() as sessions:
+            report = collect_garbage(sessions, stack.storage(), grace_seconds=1.0)
+        assert report.deleted == [] and report.busy == 1, report
+    assert pending.result(timeout=30).status_code == 201
+    ledger.faults.append(f"GC with a 1 s grace while the commit waited 1.5 s: busy {report.busy}, deleted 0")
+    fault_table.append(ledger.finish(stack, teacher))

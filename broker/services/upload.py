@@ -11,18 +11,18 @@ Order is what makes failures leave nothing behind:
    sent while the body is still arriving and which stays invisible until completed; locally it
    is a file under ``incoming/``;
 2. any refusal aborts the staged upload — no row was written, no blob is left;
-3. on success the upload is completed (S3: the object appears, nothing is copied) and promoted
-   (local: renamed into ``packets/``), and only then is the row committed with that key, so a row
-   never points at a missing blob. A crash between 3's steps leaves a blob without a row, which
-   garbage collection removes after a grace period; a crash before leaves only an unfinished
-   multipart upload or a file in ``incoming/``.
+3. on success, in one transaction that holds the blob key's lock (:mod:`broker.bloblocks`), the
+   upload is completed (S3: the object appears, nothing is copied), promoted (local: renamed into
+   ``packets/``) and its row inserted and committed — so a row never points at a missing blob, and
+   garbage collection, which takes the same lock, cannot delete the blob before the row commits.
+   A crash in between leaves a blob without a row, which garbage collection removes after a grace
+   period; a crash before leaves only an unfinished multipart upload or a file in ``incoming/``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from broker.bloblocks import locked_transaction
 from broker.deps import BrokerState, Caller
 from broker.errors import BrokerError, DependencyDown, Malformed, TooLarge, TooManyRequests, ValidationFailed
 from broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
@@ -199,17 +200,24 @@ def _safety(state: BrokerState, received: Received, checked: _Checked) -> Safety
     return report
 
 
-def _commit(
+def _store_and_commit(
     state: BrokerState,
-    caller: Caller,
-    topic_name: str,
+    receiver: _Receiver,
     received: Received,
-    checked: _Checked,
     report: SafetyReport,
     status: PacketStatus,
-    key: str,
-) -> tuple[PacketOut, bool, str]:
-    """Insert the row for the blob at ``key``; returns (record, created, the row's storage key)."""
+) -> tuple[PacketOut, bool]:
+    """Make the staged blob visible and commit its row, holding the blob's lock throughout (so garbage
+    collection cannot delete it in between); returns (record, created). A packet stored before is
+    returned as it is, and this upload's staged copy is left for close() to abort."""
+    caller, topic_name, checked, key, staged = (
+        receiver.caller,
+        receiver.topic,
+        receiver.checked,
+        receiver.key,
+        receiver.staged,
+    )
+    assert checked is not None and key is not None and staged is not None
     verdict = {
         "verdict": "pass" if report.passed else "flagged",
         "action": "accepted" if status is PacketStatus.accepted else "quarantined",
@@ -221,10 +229,14 @@ def _commit(
     manifest = received.header.manifest
     for attempt in range(2):
         try:
-            with state.sessions.begin() as session:
+            with locked_transaction(state.sessions, key) as session:
                 existing = session.get(Packet, received.packet_id)
                 if existing is not None:
-                    return packet_out(session, existing), False, existing.storage_key
+                    return packet_out(session, existing), False
+                if not receiver.promoted:
+                    staged.complete()  # S3: the object appears, nothing is copied
+                    state.storage.promote(staged.staging_key, key)
+                    receiver.promoted = True
                 topic = get_or_create_topic(session, topic_name, caller.node_id)
                 packet = Packet(
                     id=received.packet_id,
@@ -241,12 +253,15 @@ def _commit(
                 session.add(packet)
                 session.flush()  # the packet row before the edges that reference it
                 session.add_all(LineageEdge(parent_id=p, child_id=packet.id) for p in manifest.parents)
+                session.flush()
+                session.refresh(packet)
+                record = packet_out(session, packet)
+                # Last: appending the event locks the topic row until commit; keep that short.
                 if status is PacketStatus.accepted:
                     append_event(session, topic, EventKind.published, packet.id)
                 else:
                     audit.record(session, caller.node_id, "packet.quarantined_on_upload", packet.id, safety=verdict)
-                session.refresh(packet)
-                return packet_out(session, packet), True, key
+                return record, True
         except IntegrityError:
             if attempt:  # the same packet committed concurrently: the second try returns it
                 raise
@@ -330,16 +345,7 @@ async def receive_packet(
                 code = "safety_declared" if report.over_threshold else "safety_flagged"
                 raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
             status = PacketStatus.quarantined
-        await run_in_threadpool(staged.complete)
-        await run_in_threadpool(state.storage.promote, staged.staging_key, key)
-        receiver.promoted = True
-        record, created, row_key = await run_in_threadpool(
-            _commit, state, caller, topic, received, checked, report, status, key
-        )
-        if row_key != key:
-            # The packet was stored before, under an older naming: keep one blob, the row's.
-            with contextlib.suppress(StorageError):
-                await run_in_threadpool(state.storage.delete, key)
+        record, created = await run_in_threadpool(_store_and_commit, state, receiver, received, report, status)
     except BrokerError as exc:
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
