@@ -19,6 +19,7 @@ from broker.db import check_schema, current_revision, make_engine, make_sessionm
 from broker.deps import BrokerState
 from broker.errors import install_error_handlers
 from broker.gc import collect_garbage
+from broker.guard import RequestGuard
 from broker.metrics import Metrics
 from broker.pubsub import Hub, listen_postgres
 from broker.ratelimit import UploadRateLimiter
@@ -192,5 +193,6 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
     for module in (ops, nodes, keys, topics, packets, subscriptions, admin, maintenance):
         app.include_router(module.router)
 
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app

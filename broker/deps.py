@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -138,3 +138,19 @@ def admin_caller(caller: CurrentCaller) -> Caller:
 
 
 AdminCaller = Annotated[Caller, Depends(admin_caller)]
+
+
+def _scoped(needed: str) -> Callable[[Caller], Caller]:
+    """A dependency that refuses callers without ``needed`` — before the request body is validated."""
+
+    def dependency(caller: CurrentCaller) -> Caller:
+        caller.require(needed)
+        return caller
+
+    dependency.__name__ = f"{needed}_caller"
+    return dependency
+
+
+ReadCaller = Annotated[Caller, Depends(_scoped("read"))]
+KeysCaller = Annotated[Caller, Depends(_scoped("keys"))]
+ReceiptCaller = Annotated[Caller, Depends(_scoped("receipt"))]

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=4 << 20, gt=0)
     max_concepts_bytes: int = Field(default=64 << 20, gt=0, description="Concept tensor kept in memory for checks.")
     upload_part_bytes: int = Field(default=8 << 20, ge=5 << 20)
+    max_json_body_bytes: int = Field(
+        default=1 << 20, gt=0, description="Request body limit of every route but the packet upload."
+    )
     max_tensor_count: int = Field(default=256, gt=0, le=100_000, description="Tensors one packet may hold.")
     max_manifest_bytes: int = Field(
         default=1 << 20, gt=0, description="Size of the signed manifest (the header's JSON metadata)."

@@ -149,3 +149,35 @@ def test_sdk_publish_waits_out_a_429(limited: str, live_broker: LiveBroker, tmp_
             path.write_bytes(packet_bytes(tmp_path, teacher.key, topic, seed=seed))
             assert broker.publish(path, topic).topic == topic
     assert waits == [1.0]  # the second upload was refused once and retried after Retry-After: 1
+
+
+def test_rotation_cannot_stretch_a_tokens_lifetime(live_broker: LiveBroker) -> None:
+    admin = live_broker.admin()
+    node = register_node(live_broker.url, live_broker.admin_token, "student", with_key=False)
+    short = admin.post(f"/v1/nodes/{node.name}/tokens", json={"ttl_days": 7}).json()["token"]
+    http = httpx.Client(base_url=live_broker.url, headers={"Authorization": f"Bearer {short}"})
+    r = http.post("/v1/me/token", json={"ttl_days": 3650})
+    assert (r.status_code, r.json()["code"]) == (400, "ttl_too_long"), r.text
+    assert http.get("/v1/me").status_code == 200  # a refused rotation revokes nothing
+    rotated = http.post("/v1/me/token", json={}).json()
+    lifetime = datetime.fromisoformat(rotated["expires_at"]) - datetime.fromisoformat(rotated["created_at"])
+    assert lifetime == timedelta(days=7)
+
+
+def test_json_bodies_are_capped_and_auth_comes_first(live_broker: LiveBroker) -> None:
+    admin = live_broker.admin()
+    cap = live_broker.state.settings.max_json_body_bytes  # type: ignore[attr-defined]
+    huge = b'{"name": "' + b"x" * cap + b'", "role": "student"}'
+    r = admin.post("/v1/nodes", content=huge, headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (413, "body_too_large"), r.text
+
+    def chunked():  # no Content-Length: refused once the cap is passed
+        for i in range(0, len(huge), 64 << 10):
+            yield huge[i : i + 64 << 10]
+
+    r = admin.post("/v1/nodes", content=chunked(), headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (413, "body_too_large"), r.text
+    anonymous = httpx.post(f"{live_broker.url}/v1/nodes", content=huge, headers={"Content-Type": "application/json"})
+    assert (anonymous.status_code, anonymous.json()["code"]) == (401, "missing_token")
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+    assert admin.get("/v1/nodes").status_code == 200  # the broker is fine afterwards

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
-from broker.deps import CurrentCaller, SessionDep
+from broker.deps import CurrentCaller, KeysCaller, SessionDep
 from broker.errors import error_responses
 from broker.models import PublicKey
 from broker.schemas import KeyOut, KeyRegister, KeyRevoke, KeyRevoked
@@ -17,9 +17,12 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Register a public key (yours, or any node's as admin)",
-    responses={200: {"model": KeyOut, "description": "Already registered"}, **error_responses(400, 401, 403, 404, 409)},
+    responses={
+        200: {"model": KeyOut, "description": "Already registered"},
+        **error_responses(400, 401, 403, 404, 409, 413),
+    },
 )
-def register_key(body: KeyRegister, session: SessionDep, caller: CurrentCaller, response: Response) -> KeyOut:
+def register_key(body: KeyRegister, session: SessionDep, caller: KeysCaller, response: Response) -> KeyOut:
     key, created = service.register_key(session, caller, body.public_key, body.owner)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -42,8 +45,8 @@ def get_key(fingerprint: str, session: SessionDep, caller: CurrentCaller) -> Key
 @router.post(
     "/{fingerprint}/revoke",
     summary="Revoke a key; its packets become revoked",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 413),
 )
-def revoke_key(fingerprint: str, body: KeyRevoke, session: SessionDep, caller: CurrentCaller) -> KeyRevoked:
+def revoke_key(fingerprint: str, body: KeyRevoke, session: SessionDep, caller: KeysCaller) -> KeyRevoked:
     key, count = service.revoke_key(session, caller, fingerprint, body.reason)
     return KeyRevoked(key=key_out(key), packets_revoked=count)

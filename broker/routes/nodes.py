@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 from sqlalchemy import select
 
 from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
 from broker.errors import error_responses
 from broker.models import ApiToken, Node
-from broker.schemas import NodeCreate, NodeOut, NodeWithToken, TokenCreate, TokenOut, TokenRotate, WhoAmI
+from broker.schemas import MAX_BIGINT, NodeCreate, NodeOut, NodeWithToken, TokenCreate, TokenOut, TokenRotate, WhoAmI
 from broker.services import audit
 from broker.services import nodes as service
 
@@ -17,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["nodes and tokens"])
     "/nodes",
     status_code=status.HTTP_201_CREATED,
     summary="Register a node and issue its first token",
-    responses=error_responses(400, 401, 403, 409),
+    responses=error_responses(400, 401, 403, 409, 413),
 )
 def create_node(body: NodeCreate, session: SessionDep, state: StateDep, caller: AdminCaller) -> NodeWithToken:
     ttl = body.token_ttl_days or state.settings.token_ttl_days
@@ -28,6 +30,20 @@ def create_node(body: NodeCreate, session: SessionDep, state: StateDep, caller: 
 @router.get("/nodes", summary="List nodes", responses=error_responses(401, 403))
 def list_nodes(session: SessionDep, caller: AdminCaller) -> list[NodeOut]:
     return [NodeOut.model_validate(n) for n in session.scalars(select(Node).order_by(Node.id))]
+
+
+@router.post(
+    "/nodes/{name}/disable",
+    summary="Disable a node: every token of it is refused (401 node_disabled) until it is enabled",
+    responses=error_responses(401, 403, 404, 409),
+)
+def disable_node(name: str, session: SessionDep, caller: AdminCaller) -> NodeOut:
+    return NodeOut.model_validate(service.set_disabled(session, caller, name, disabled=True))
+
+
+@router.post("/nodes/{name}/enable", summary="Enable a disabled node", responses=error_responses(401, 403, 404))
+def enable_node(name: str, session: SessionDep, caller: AdminCaller) -> NodeOut:
+    return NodeOut.model_validate(service.set_disabled(session, caller, name, disabled=False))
 
 
 @router.get("/me", summary="Who this token belongs to", responses=error_responses(401))
@@ -41,17 +57,17 @@ def whoami(caller: CurrentCaller) -> WhoAmI:
     "/me/token",
     status_code=status.HTTP_201_CREATED,
     summary="Rotate your own token: a new secret with the same scopes; the one used here is revoked",
-    responses=error_responses(401),
+    responses=error_responses(400, 401, 413),
 )
 def rotate_own_token(body: TokenRotate, session: SessionDep, state: StateDep, caller: CurrentCaller) -> TokenOut:
-    return service.rotate_token(session, caller, body.ttl_days or state.settings.token_ttl_days)
+    return service.rotate_token(session, caller, body.ttl_days, state.settings.token_ttl_days)
 
 
 @router.post(
     "/nodes/{name}/tokens",
     status_code=status.HTTP_201_CREATED,
     summary="Issue another token (rotation)",
-    responses=error_responses(400, 401, 403, 404),
+    responses=error_responses(400, 401, 403, 404, 413),
 )
 def issue_token(name: str, body: TokenCreate, session: SessionDep, state: StateDep, caller: AdminCaller) -> TokenOut:
     ttl = body.ttl_days or state.settings.token_ttl_days
@@ -70,5 +86,7 @@ def list_tokens(name: str, session: SessionDep, caller: AdminCaller) -> list[Tok
 
 
 @router.delete("/tokens/{token_id}", summary="Revoke a token", responses=error_responses(401, 403, 404))
-def revoke_token(token_id: int, session: SessionDep, caller: AdminCaller) -> TokenOut:
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=MAX_BIGINT)], session: SessionDep, caller: AdminCaller
+) -> TokenOut:
     return service.token_out(service.revoke_token(session, caller, token_id))

@@ -7,7 +7,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
+from broker.deps import AdminCaller, CurrentCaller, ReceiptCaller, SessionDep, StateDep
 from broker.errors import DependencyDown, NotFound, error_responses
 from broker.models import IngestionReceipt, PacketStatus
 from broker.schemas import LineageOut, PacketOut, ReceiptIn, ReceiptOut
@@ -100,9 +100,9 @@ def get_lineage(packet_id: str, session: SessionDep, caller: CurrentCaller) -> L
     "/{packet_id}/receipts",
     status_code=status.HTTP_201_CREATED,
     summary="Report an ingestion (accepted / rolled back) with its scores",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 413),
 )
-def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: CurrentCaller) -> ReceiptOut:
+def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: ReceiptCaller) -> ReceiptOut:
     return service.add_receipt(session, caller, packet_id, body)
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from broker.deps import CurrentCaller, SessionDep, StateDep
+from broker.deps import CurrentCaller, ReadCaller, SessionDep, StateDep
 from broker.errors import error_responses
 from broker.models import Subscription
 from broker.schemas import AckIn, EventPage, SubscriptionCreate, SubscriptionOut
@@ -19,10 +19,13 @@ router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
     "/{name}",
     status_code=status.HTTP_201_CREATED,
     summary="Create (or get) a named subscription to a topic",
-    responses={200: {"model": SubscriptionOut, "description": "Exists already"}, **error_responses(400, 401, 403, 409)},
+    responses={
+        200: {"model": SubscriptionOut, "description": "Exists already"},
+        **error_responses(400, 401, 403, 409, 413),
+    },
 )
 def put_subscription(
-    name: str, body: SubscriptionCreate, session: SessionDep, caller: CurrentCaller, response: Response
+    name: str, body: SubscriptionCreate, session: SessionDep, caller: ReadCaller, response: Response
 ) -> SubscriptionOut:
     sub, created = service.ensure_subscription(session, caller, name, body.topic)
     if not created:
@@ -44,12 +47,12 @@ def get_subscription(name: str, session: SessionDep, caller: CurrentCaller) -> S
 @router.get(
     "/{name}/packets",
     summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 403, 404),
 )
 async def next_events(
     name: str,
     state: StateDep,
-    caller: CurrentCaller,
+    caller: ReadCaller,
     wait: Annotated[float, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
@@ -65,7 +68,7 @@ async def next_events(
 @router.post(
     "/{name}/ack",
     summary="Acknowledge handled events up to a seq (the cursor only moves forward)",
-    responses=error_responses(401, 404, 409),
+    responses=error_responses(401, 404, 409, 413),
 )
 def ack(name: str, body: AckIn, session: SessionDep, caller: CurrentCaller) -> SubscriptionOut:
     return service.subscription_out(service.acknowledge(session, caller, name, body.cursor))

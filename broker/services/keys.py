@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -13,10 +14,12 @@ from broker.models import EventKind, Node, Packet, PacketStatus, PublicKey
 from broker.services import audit
 from broker.services.topics import append_event
 from client.keys import KeyFileError, parse_verify_key
+from client.manifest import SHA256_PATTERN
 
 
 def get_key(session: Session, fingerprint: str) -> PublicKey:
-    key = session.get(PublicKey, fingerprint)
+    # Not a sha256: no such key (and no query with text the database would refuse, e.g. NUL).
+    key = session.get(PublicKey, fingerprint) if re.fullmatch(SHA256_PATTERN, fingerprint) else None
     if key is None:
         raise NotFound(f"no key with fingerprint {fingerprint[:64]!r}", code="key_not_found")
     return key
@@ -53,6 +56,7 @@ def register_key(session: Session, caller: Caller, text: str, owner: str | None)
 
 def revoke_key(session: Session, caller: Caller, fingerprint: str, reason: str | None) -> tuple[PublicKey, int]:
     """Revoke a key (admin or owner): its packets become revoked and subscribers get an event each."""
+    caller.require("keys")
     key = get_key(session, fingerprint)
     if key.owner_id != caller.node_id and not caller.is_admin:
         raise Forbidden("only the key's owner or an admin can revoke it", code="insufficient_scope")

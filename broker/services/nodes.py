@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -11,13 +12,13 @@ from sqlalchemy.orm import Session
 from broker.deps import Caller
 from broker.errors import Conflict, Malformed, NotFound, Unauthorized
 from broker.models import ApiToken, Node, Role
-from broker.schemas import TokenOut
+from broker.schemas import NAME_PATTERN, TokenOut
 from broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
 from broker.services import audit
 
 
 def get_node(session: Session, name: str) -> Node:
-    node = session.scalar(select(Node).where(Node.name == name))
+    node = session.scalar(select(Node).where(Node.name == name)) if re.fullmatch(NAME_PATTERN, name) else None
     if node is None:
         raise NotFound(f"no node {name!r}", code="node_not_found")
     return node
@@ -78,6 +79,17 @@ def create_node(
     return node, token
 
 
+def set_disabled(session: Session, caller: Caller, name: str, *, disabled: bool) -> Node:
+    """Disable (every token refused at once) or enable a node; an admin cannot disable itself."""
+    node = get_node(session, name)
+    if disabled and node.id == caller.node_id:
+        raise Conflict("an admin cannot disable its own node", code="cannot_disable_self")
+    if disabled != (node.disabled_at is not None):
+        node.disabled_at = datetime.now(UTC) if disabled else None
+        audit.record(session, caller.node_id, "node.disabled" if disabled else "node.enabled", name)
+    return node
+
+
 def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
     row = session.get(ApiToken, token_id)
     if row is None:
@@ -88,13 +100,23 @@ def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
     return row
 
 
-def rotate_token(session: Session, caller: Caller, ttl_days: int) -> TokenOut:
-    """A new token for the caller's node with the caller's scopes; the caller's token is revoked."""
+def rotate_token(session: Session, caller: Caller, ttl_days: int | None, default_ttl_days: int) -> TokenOut:
+    """A new token for the caller's node with the caller's scopes; the caller's token is revoked.
+
+    The new token lives no longer than the old one was issued for (or ``default_ttl_days`` if it had
+    no expiry), so rotation cannot stretch a lifetime an admin chose."""
     # Two rotations with one token at once: the row lock makes the second see the first's revocation.
     old = session.scalar(select(ApiToken).where(ApiToken.id == caller.token_id).with_for_update(of=ApiToken))
     if old is None or old.revoked_at is not None:
         raise Unauthorized("this API token was revoked", code="token_revoked", headers={"WWW-Authenticate": "Bearer"})
-    token = issue_token(session, old.node, list(old.scopes), ttl_days)
+    limit = (old.expires_at - old.created_at) if old.expires_at is not None else timedelta(days=default_ttl_days)
+    longest = max(1, int(limit.total_seconds() // 86400))
+    if ttl_days is not None and ttl_days > longest:
+        raise Malformed(
+            f"ttl_days {ttl_days} is longer than this token's own lifetime ({longest} days); ask an admin for more",
+            code="ttl_too_long",
+        )
+    token = issue_token(session, old.node, list(old.scopes), ttl_days or longest)
     old.revoked_at = datetime.now(UTC)
     audit.record(session, caller.node_id, "token.rotated", caller.node, old_token_id=old.id, token_id=token.id)
     return token
