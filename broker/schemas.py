@@ -2,25 +2,71 @@
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from broker.models import EventKind, PacketStatus, Role
 
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,99}$"
+MAX_BIGINT = (1 << 63) - 1  # sequence numbers, cursors and ids are 64-bit columns
+MAX_NAME_LENGTH = 100  # the name columns of nodes, subscriptions and flagged sets
+_UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def check_storable(value: Any) -> None:
+    """Raise ValueError for what the database cannot store: text with NUL characters or lone surrogates
+    (Postgres text and JSONB refuse both) and non-finite numbers (JSON has no NaN or Infinity).
+
+    Walks nested lists and dicts (keys too) without recursion, however deep the request's JSON is."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE_TEXT.search(item):
+                raise ValueError("text must not contain NUL characters or unpaired surrogates")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("numbers must be finite (no NaN or Infinity)")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def storable_name(name: str, max_length: int = MAX_NAME_LENGTH) -> bool:
+    """Whether a name from a URL path fits its column (subscriptions, flagged sets): 1-100 characters, no NUL."""
+    return 0 < len(name) <= max_length and "\x00" not in name
+
+
+class _In(BaseModel):
+    """A request body: everything in it must be storable as it is (see :func:`check_storable`).
+
+    Numbers are strict (``StrictInt`` / ``StrictFloat``): ``true`` or ``"5"`` is not a number, as the
+    OpenAPI schema says, though an integer is a valid float."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _storable(self) -> Self:
+        for _, value in self:
+            check_storable(value)
+        return self
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class NodeCreate(BaseModel):
+class NodeCreate(_In):
     name: str = Field(pattern=NAME_PATTERN, description="Unique node name, e.g. 'teacher-a'.")
     role: Role
     scopes: list[str] | None = Field(default=None, description="Token scopes; default by role (see /docs intro).")
-    token_ttl_days: int | None = Field(default=None, gt=0, le=3650)
+    token_ttl_days: StrictInt | None = Field(default=None, gt=0, le=3650)
 
 
 class NodeOut(_Out):
@@ -30,13 +76,15 @@ class NodeOut(_Out):
     disabled_at: datetime | None = None
 
 
-class TokenCreate(BaseModel):
+class TokenCreate(_In):
     scopes: list[str] | None = None
-    ttl_days: int | None = Field(default=None, gt=0, le=3650)
+    ttl_days: StrictInt | None = Field(default=None, gt=0, le=3650)
 
 
-class TokenRotate(BaseModel):
-    ttl_days: int | None = Field(default=None, gt=0, le=3650, description="Default: the broker's token_ttl_days.")
+class TokenRotate(_In):
+    ttl_days: StrictInt | None = Field(
+        default=None, gt=0, le=3650, description="Default and maximum: the lifetime the rotated token was issued with."
+    )
 
 
 class TokenOut(BaseModel):
@@ -62,12 +110,12 @@ class WhoAmI(BaseModel):
     token_expires_at: datetime | None
 
 
-class KeyRegister(BaseModel):
+class KeyRegister(_In):
     public_key: str = Field(description="Ed25519 public key: PEM (SubjectPublicKeyInfo) or base64 of the raw 32 bytes.")
     owner: str | None = Field(default=None, description="Admins may register a key for another node.")
 
 
-class KeyRevoke(BaseModel):
+class KeyRevoke(_In):
     reason: str | None = Field(default=None, max_length=1000)
 
 
@@ -94,8 +142,8 @@ class TopicOut(BaseModel):
     created_at: datetime
 
 
-class TopicUpdate(BaseModel):
-    safety_threshold: float | None = Field(ge=0.0, le=1.0)
+class TopicUpdate(_In):
+    safety_threshold: StrictFloat | None = Field(ge=0.0, le=1.0)
 
 
 class FlaggedHit(BaseModel):
@@ -140,7 +188,7 @@ class EventPage(BaseModel):
     cursor: int = Field(description="Pass as ?after= to continue; the last seq returned, or the given one.")
 
 
-class SubscriptionCreate(BaseModel):
+class SubscriptionCreate(_In):
     topic: str
 
 
@@ -152,8 +200,10 @@ class SubscriptionOut(BaseModel):
     updated_at: datetime
 
 
-class AckIn(BaseModel):
-    cursor: int = Field(ge=0, description="The last seq handled; the cursor never moves backwards.")
+class AckIn(_In):
+    cursor: StrictInt = Field(
+        ge=0, le=MAX_BIGINT, description="The last seq handled; the cursor never moves backwards."
+    )
 
 
 class LineageNode(BaseModel):
@@ -170,9 +220,9 @@ class LineageOut(BaseModel):
     descendants: list[LineageNode]
 
 
-class ReceiptIn(BaseModel):
+class ReceiptIn(_In):
     decision: Literal["accepted", "rolled_back"]
-    scores: dict[str, float] = Field(default_factory=dict)
+    scores: dict[str, StrictFloat] = Field(default_factory=dict)
     report: dict[str, Any] | None = None
 
 
@@ -186,11 +236,11 @@ class ReceiptOut(BaseModel):
     created_at: datetime
 
 
-class FlaggedSetIn(BaseModel):
-    d_model: int = Field(gt=0, le=1 << 16)
+class FlaggedSetIn(_In):
+    d_model: StrictInt = Field(gt=0, le=1 << 16)
     labels: list[str] = Field(min_length=1, max_length=10_000)
-    directions: list[list[float]] = Field(min_length=1, max_length=10_000)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    directions: list[list[StrictFloat]] = Field(min_length=1, max_length=10_000)
+    threshold: StrictFloat | None = Field(default=None, ge=-1.0, le=1.0)
 
 
 class FlaggedSetOut(BaseModel):
@@ -228,6 +278,7 @@ class GcOut(BaseModel):
     scanned: int = Field(description="Blobs under packets/.")
     referenced: int = Field(description="Kept: a committed row points at them.")
     young: int = Field(description="Kept: no row, but younger than the grace period.")
+    busy: int = Field(description="Kept: an upload is committing its row right now.")
     deleted: list[str] = Field(description="Orphan blobs removed (or that would be, in a dry run).")
     deleted_bytes: int
     unfinished_seen: int = Field(description="Staged uploads found (incoming/ files, unfinished S3 multipart uploads).")

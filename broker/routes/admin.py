@@ -18,7 +18,7 @@ from broker.models import (
     Subscription,
     Topic,
 )
-from broker.schemas import AuditOut, FlaggedSetIn, FlaggedSetOut, StatsOut
+from broker.schemas import MAX_BIGINT, AuditOut, FlaggedSetIn, FlaggedSetOut, StatsOut, storable_name
 from broker.services import audit
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -30,24 +30,32 @@ def _set_out(row: FlaggedConceptSet) -> FlaggedSetOut:
     )
 
 
+def _find_flagged(session: SessionDep, name: str) -> FlaggedConceptSet | None:
+    return session.scalar(select(FlaggedConceptSet).where(FlaggedConceptSet.name == name))
+
+
 @router.put(
     "/flagged-concepts/{name}",
     status_code=status.HTTP_201_CREATED,
     summary="Register (or replace) a set of flagged concept directions",
-    responses={200: {"model": FlaggedSetOut, "description": "Replaced"}, **error_responses(400, 401, 403)},
+    responses={200: {"model": FlaggedSetOut, "description": "Replaced"}, **error_responses(400, 401, 403, 413)},
 )
 def put_flagged(
     name: str, body: FlaggedSetIn, session: SessionDep, caller: AdminCaller, response: Response
 ) -> FlaggedSetOut:
-    directions = np.asarray(body.directions, dtype=np.float64)
-    if directions.ndim != 2 or directions.shape != (len(body.labels), body.d_model):
+    if not storable_name(name):
+        raise Malformed(f"invalid flagged set name {name[:100]!r}: 1-100 characters, no NUL", code="invalid_name")
+    if len(body.directions) != len(body.labels) or any(len(row) != body.d_model for row in body.directions):
         raise Malformed(
             f"directions must be {len(body.labels)} rows (one per label) of d_model={body.d_model} numbers",
             code="invalid_flagged_set",
         )
-    if not np.isfinite(directions).all() or (np.linalg.norm(directions, axis=1) == 0).any():
-        raise Malformed("directions must be finite and non-zero", code="invalid_flagged_set")
-    row = session.scalar(select(FlaggedConceptSet).where(FlaggedConceptSet.name == name))
+    directions = np.asarray(body.directions, dtype=np.float64)  # rectangular: checked above
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(directions, axis=1)
+    if not np.isfinite(norms).all() or (norms == 0).any():  # non-finite entries give a non-finite norm
+        raise Malformed("directions must be finite and non-zero, with a finite length", code="invalid_flagged_set")
+    row = _find_flagged(session, name)
     if row is None:
         row = FlaggedConceptSet(name=name)
         session.add(row)
@@ -72,9 +80,9 @@ def list_flagged(session: SessionDep, caller: AdminCaller) -> list[FlaggedSetOut
     responses=error_responses(401, 403, 404),
 )
 def delete_flagged(name: str, session: SessionDep, caller: AdminCaller) -> None:
-    row = session.scalar(select(FlaggedConceptSet).where(FlaggedConceptSet.name == name))
+    row = _find_flagged(session, name) if storable_name(name) else None
     if row is None:
-        raise NotFound(f"no flagged set {name!r}", code="flagged_set_not_found")
+        raise NotFound(f"no flagged set {name[:100]!r}", code="flagged_set_not_found")
     session.delete(row)
     audit.record(session, caller.node_id, "flagged_concepts.deleted", name)
 
@@ -102,7 +110,7 @@ def audit_log(
     session: SessionDep,
     caller: AdminCaller,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, Query(description="Only entries with id < before")] = None,
+    before: Annotated[int | None, Query(ge=0, le=MAX_BIGINT, description="Only entries with id < before")] = None,
 ) -> list[AuditOut]:
     query = select(AuditEvent, Node.name).outerjoin(Node, Node.id == AuditEvent.actor_id)
     if before is not None:

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
 from broker.errors import error_responses
 from broker.models import Topic
-from broker.schemas import EventPage, PacketOut, TopicOut, TopicUpdate
+from broker.schemas import MAX_BIGINT, EventPage, PacketOut, TopicOut, TopicUpdate
 from broker.services import audit
 from broker.services.subscriptions import event_page, wait_for_events
 from broker.services.topics import get_topic, topic_out
@@ -28,6 +28,16 @@ UPLOAD_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
+
+
+def _resume_from(last_event_id: str | None) -> int:
+    """The cursor an SSE client's Last-Event-ID names; 0 unless it is a seq (ASCII digits, 64-bit).
+
+    ``"²".isdigit()`` is True but ``int("²")`` raises, and so does ``int()`` of over 4,300 digits."""
+    value = last_event_id or ""
+    if 0 < len(value) <= 19 and value.isascii() and value.isdigit() and int(value) <= MAX_BIGINT:
+        return int(value)
+    return 0
 
 
 @router.get("", summary="List topics", responses=error_responses(401))
@@ -45,7 +55,7 @@ def read_topic(topic: str, session: SessionDep, state: StateDep, caller: Current
     return topic_out(session, get_topic(session, topic), state.settings.safety_threshold)
 
 
-@router.patch("/{topic}", summary="Set a topic's safety threshold", responses=error_responses(401, 403, 404))
+@router.patch("/{topic}", summary="Set a topic's safety threshold", responses=error_responses(401, 403, 404, 413))
 def update_topic(topic: str, body: TopicUpdate, session: SessionDep, state: StateDep, caller: AdminCaller) -> TopicOut:
     row = get_topic(session, topic)
     row.safety_threshold = body.safety_threshold
@@ -69,7 +79,7 @@ async def upload_packet(
     response: Response,
     state: StateDep,
     caller: CurrentCaller,
-    content_length: Annotated[int | None, Header()] = None,
+    content_length: Annotated[int | None, Header(include_in_schema=False)] = None,  # transport, not API
 ) -> PacketOut:
     record, created = await receive_packet(state, caller, topic, request.stream(), content_length)
     if not created:
@@ -86,7 +96,7 @@ async def list_packets(
     topic: str,
     state: StateDep,
     caller: CurrentCaller,
-    after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="Return events with seq > after")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
@@ -107,12 +117,11 @@ async def stream_events(
     request: Request,
     state: StateDep,
     caller: CurrentCaller,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     caller.require("read")
-    resume = last_event_id if last_event_id and last_event_id.isdigit() else "0"
-    cursor = after if after is not None else int(resume)
+    cursor = after if after is not None else _resume_from(last_event_id)
     await run_in_threadpool(event_page, state, topic, cursor, 1)  # 404 now, not mid-stream
 
     async def events() -> AsyncIterator[bytes]:

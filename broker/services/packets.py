@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,12 +13,14 @@ from broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, Pack
 from broker.schemas import LineageNode, LineageOut, ReceiptIn, ReceiptOut
 from broker.services import audit
 from broker.services.topics import append_event
+from client.manifest import SHA256_PATTERN
 
 MAX_LINEAGE_DEPTH = 64
 
 
 def get_packet(session: Session, packet_id: str) -> Packet:
-    packet = session.get(Packet, packet_id)
+    # Not a sha256: no such packet (and no query with text the database would refuse, e.g. NUL).
+    packet = session.get(Packet, packet_id) if re.fullmatch(SHA256_PATTERN, packet_id) else None
     if packet is None:
         raise NotFound(f"no packet {packet_id[:64]!r}", code="packet_not_found")
     return packet

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.deps import BrokerState, Caller
-from broker.errors import Conflict, NotFound
+from broker.errors import Conflict, Malformed, NotFound
 from broker.models import Subscription
-from broker.schemas import EventPage, SubscriptionOut
+from broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
 from broker.services.records import event_out
 from broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
 
@@ -48,16 +48,26 @@ def subscription_out(sub: Subscription) -> SubscriptionOut:
 
 
 def get_subscription(session: Session, caller: Caller, name: str) -> Subscription:
-    sub = session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
+    sub = _find(session, caller, name) if storable_name(name) else None
     if sub is None:
-        raise NotFound(f"you have no subscription named {name!r}; create it with PUT", code="subscription_not_found")
+        raise NotFound(
+            f"you have no subscription named {name[:100]!r}; create it with PUT", code="subscription_not_found"
+        )
     return sub
+
+
+def _find(session: Session, caller: Caller, name: str) -> Subscription | None:
+    return session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
 
 
 def ensure_subscription(session: Session, caller: Caller, name: str, topic: str) -> tuple[Subscription, bool]:
     caller.require("read")
+    if not storable_name(name):
+        raise Malformed(
+            f"invalid subscription name {name[:100]!r}: 1-{MAX_NAME_LENGTH} characters, no NUL", code="invalid_name"
+        )
     check_topic_name(topic)
-    sub = session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
+    sub = _find(session, caller, name)
     if sub is not None:
         if sub.topic.name != topic:
             raise Conflict(

@@ -25,9 +25,10 @@ def check_topic_name(name: str) -> None:
 
 
 def get_topic(session: Session, name: str) -> Topic:
-    topic = session.scalar(select(Topic).where(Topic.name == name))
+    # Not a topic name: no such topic (and no query with text the database would refuse, e.g. NUL).
+    topic = session.scalar(select(Topic).where(Topic.name == name)) if re.fullmatch(TOPIC_PATTERN, name) else None
     if topic is None:
-        raise NotFound(f"no topic {name!r}", code="topic_not_found")
+        raise NotFound(f"no topic {name[:140]!r}", code="topic_not_found")
     return topic
 
 
