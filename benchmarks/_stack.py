@@ -51,8 +51,12 @@ class BrokerStack:
 
 
 @contextmanager
-def broker_stack(tmp: Path, database_url: str, broker_log: Path) -> Iterator[BrokerStack]:
-    """Start everything under ``tmp``; stop it and drop the database on the way out."""
+def broker_stack(
+    tmp: Path, database_url: str, broker_log: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[BrokerStack]:
+    """Start everything under ``tmp``; stop it and drop the database on the way out.
+
+    ``extra_env``: more ``M2KT_*`` settings for the broker process (they override the stack's own)."""
     nanio = broker = database = None
     try:
         (tmp / "s3").mkdir()
@@ -71,6 +75,7 @@ def broker_stack(tmp: Path, database_url: str, broker_log: Path) -> Iterator[Bro
                 "M2KT_BOOTSTRAP_ADMIN_TOKEN": admin_token,
                 "M2KT_DATA_DIR": str(tmp / "broker-data"),
                 **s3_env(s3),
+                **(extra_env or {}),
             },
             log_path=broker_log,
         ).start()

@@ -14,7 +14,7 @@ from broker.deps import BrokerState, Caller
 from broker.errors import Conflict, Malformed, NotFound
 from broker.models import Subscription
 from broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
-from broker.services.records import event_out
+from broker.services.records import events_out
 from broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
 
 
@@ -22,7 +22,7 @@ def event_page(state: BrokerState, topic: str, after: int, limit: int) -> EventP
     with state.sessions() as session:
         row = get_topic(session, topic)
         events = events_after(session, row, after, limit)
-        items = [event_out(session, e) for e in events]
+        items = events_out(session, events)
     return EventPage(items=items, cursor=items[-1].seq if items else after)
 
 

@@ -234,8 +234,9 @@ def _store_and_commit(
                 if existing is not None:
                     return packet_out(session, existing), False
                 if not receiver.promoted:
-                    staged.complete()  # S3: the object appears, nothing is copied
-                    state.storage.promote(staged.staging_key, key)
+                    staged.complete()  # S3: the object appears under its final key, nothing is copied
+                    if staged.staging_key != key:  # local: a rename out of incoming/
+                        state.storage.promote(staged.staging_key, key)
                     receiver.promoted = True
                 topic = get_or_create_topic(session, topic_name, caller.node_id)
                 packet = Packet(
