@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from hypothesis import HealthCheck, Verbosity, settings
 
 from tests.conftest import LiveBroker, start_live_broker
 from tests.services import S3Server
@@ -193,3 +194,16 @@ def fuzz_examples(default: int) -> int:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+def hypothesis_settings(max_examples: int, **extra: Any) -> settings:
+    """Fixed budget, no deadline, derandomized in CI; failures are tallied and asserted on at the end."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=in_ci(),
+        database=None if in_ci() else settings.default.database,
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        **extra,
+    )

@@ -50,7 +50,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky, Unsatisfiable
 from schemathesis import Case, GenerationMode
@@ -66,7 +66,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.broker_harness import Node, packet_bytes, register_node
 from tests.conftest import LiveBroker
-from tests.fuzz_tally import Tally, fuzz_examples, in_ci, own_broker, watch_server_errors
+from tests.fuzz_tally import Tally, fuzz_examples, hypothesis_settings, own_broker, watch_server_errors
 from tests.services import S3Server
 
 FUZZ_EXAMPLES = fuzz_examples(10)  # per operation and generation mode
@@ -86,18 +86,6 @@ REFUSALS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422"
 TOPIC = "fuzz.seeded"
 SUBSCRIPTION = "fuzz-sub"
 FLAGGED_SET = "fuzz-set"
-
-
-def hypothesis_settings(max_examples: int, **extra: Any) -> settings:
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        derandomize=in_ci(),
-        database=None if in_ci() else settings.default.database,
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,  # failures are tallied and asserted on at the end, not raised per example
-        **extra,
-    )
 
 
 @dataclass

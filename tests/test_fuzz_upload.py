@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
@@ -53,7 +53,7 @@ from client.keys import SigningKey
 from client.manifest import canonical_json
 from tests.broker_harness import Node, packet_bytes, register_node
 from tests.conftest import LiveBroker
-from tests.fuzz_tally import Tally, fuzz_examples, in_ci, own_broker, watch_server_errors
+from tests.fuzz_tally import Tally, fuzz_examples, hypothesis_settings, own_broker, watch_server_errors
 from tests.services import S3Server
 
 FUZZ_EXAMPLES = fuzz_examples(40)  # packets per family
@@ -98,17 +98,6 @@ KNOWN_CODES = frozenset(
         "upload_incomplete",
     }
 )
-
-
-def hypothesis_settings(max_examples: int) -> settings:
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        derandomize=in_ci(),
-        database=None if in_ci() else settings.default.database,
-        suppress_health_check=list(HealthCheck),
-        verbosity=Verbosity.quiet,  # failures are tallied and asserted on at the end, not raised per example
-    )
 
 
 # ----------------------------------------------------------------------------- the valid packet, taken apart
