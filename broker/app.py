@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
 from broker.deps import BrokerState
+from broker.docs import install_docs
 from broker.errors import install_error_handlers
 from broker.gc import collect_garbage
 from broker.guard import RequestGuard
@@ -187,9 +188,17 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
                     await asyncio.wait_for(listener, 3)
             engine.dispose()
 
-    app = FastAPI(title="M2KT broker", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="M2KT broker",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # broker.docs serves /docs and /redoc without a CDN
+        redoc_url=None,
+    )
     app.state.broker = state
     install_error_handlers(app)
+    install_docs(app)
     for module in (ops, nodes, keys, topics, packets, subscriptions, admin, maintenance):
         app.include_router(module.router)
 
