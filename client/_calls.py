@@ -134,6 +134,10 @@ def receipt(
     )
 
 
+def receipts(packet_id: str) -> Call[list[Receipt]]:
+    return Call("GET", f"/v1/packets/{_q(packet_id)}/receipts", list[Receipt])
+
+
 def ensure_subscription(name: str, topic: str) -> Call[SubscriptionRecord]:
     return Call("PUT", f"/v1/subscriptions/{_q(name)}", SubscriptionRecord, json={"topic": topic})
 

@@ -222,6 +222,10 @@ class BrokerClient(_Base):
     def lineage(self, packet_id: str) -> Lineage:
         return self._send(calls.lineage(packet_id))
 
+    def receipts(self, packet_id: str) -> list[Receipt]:
+        """Ingestion receipts students posted for a packet."""
+        return self._send(calls.receipts(packet_id))
+
     def key(self, fingerprint: str) -> KeyRecord:
         return self._send(calls.key(fingerprint))
 
@@ -483,6 +487,9 @@ class AsyncBrokerClient(_Base):
 
     async def lineage(self, packet_id: str) -> Lineage:
         return await self._send(calls.lineage(packet_id))
+
+    async def receipts(self, packet_id: str) -> list[Receipt]:
+        return await self._send(calls.receipts(packet_id))
 
     async def key(self, fingerprint: str) -> KeyRecord:
         return await self._send(calls.key(fingerprint))

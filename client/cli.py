@@ -198,6 +198,7 @@ def packet_schema() -> None:
 
 
 import client.cli_bench  # noqa: E402,F401 - registers `m2kt bench`
+import client.cli_demo  # noqa: E402,F401 - registers `m2kt demo`
 import client.cli_node  # noqa: E402,F401 - registers the model commands (pack) on `app`
 import client.cli_remote  # noqa: E402,F401 - registers the broker-facing commands on `app`
 
