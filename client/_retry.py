@@ -28,7 +28,6 @@ class RetryPolicy:
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
 
-
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
