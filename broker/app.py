@@ -40,7 +40,8 @@ provenance in a database.
 admin → `admin`; teacher → `read`, `keys`, `publish:*`; student → `read`, `receipt`, `keys`.
 
 Errors are `{"code": "...", "message": "..."}` with a stable `code`: 400 malformed, 401/403
-auth, 404, 409 conflict, 413 too large, 422 failed validation, 503 a dependency is down.
+auth, 404, 409 conflict, 413 too large, 422 failed validation, 429 too many uploads (see `Retry-After`),
+503 a dependency is down. Threat model and limits: SECURITY.md in the repository.
 """
 
 
