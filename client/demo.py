@@ -167,7 +167,6 @@ class _Nodes:
     teacher: Any  # BrokerClient with the teacher's token
     student: Any
     teacher_key: Any  # SigningKey
-    names: tuple[str, str]
 
 
 def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
@@ -184,9 +183,9 @@ def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
             key = load_signing_key(paths.private)
             client = BrokerClient(broker_url, created.token.token, quiet=True)
             client.register_key(paths.public)
-            clients.append((client, key, created.node.name))
-    (teacher, teacher_key, teacher_name), (student, _, student_name) = clients
-    return _Nodes(teacher, student, teacher_key, (teacher_name, student_name))
+            clients.append((client, key))
+    (teacher, teacher_key), (student, _) = clients
+    return _Nodes(teacher, student, teacher_key)
 
 
 def train_models(device: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
@@ -224,15 +223,30 @@ def build_and_publish(teacher: Any, nodes: _Nodes, out: Path) -> tuple[Path, Any
     return path, nodes.teacher.publish(path, TOPIC)
 
 
-def receive_and_ingest(core: Any, nodes: _Nodes, packet_id: str, out: Path, device: str, steps: int) -> tuple:
-    """Subscribe, fetch + verify the packet, ingest it, post the receipt; returns (student, report, path)."""
-    from client.student import CALConfig, IngestConfig, InjectConfig, ProbeSuite, Student, ingest
+def receive_and_ingest(
+    core: Any, nodes: _Nodes, packet_id: str, out: Path, device: str, steps: int
+) -> tuple[Any, dict[str, Any], Path]:
+    """Subscribe, fetch + verify the packet, ingest it, post the receipt; returns (student, report, path).
 
+    The delivery is acknowledged (the subscription's cursor moves past it) once it has been handled."""
+    done: tuple[Any, dict[str, Any], Path] | None = None
     for delivery in nodes.student.subscribe(TOPIC, name="demo", dest=out / "student" / "inbox", once=True):
         if delivery.kind == "published" and delivery.packet_id == packet_id and delivery.path is not None:
-            break
-    else:
+            verify_key = nodes.student.verify_key_for(delivery.record.key_fingerprint)
+            student, report = _ingest(core, delivery.path, verify_key, out, device, steps)
+            scores = report["probe_scores"]
+            numbers = {k: float(scores[k]) for k in ("before", "after") if isinstance(scores.get(k), (int, float))}
+            nodes.student.post_receipt(packet_id, report["decision"], numbers, report)
+            done = (student, report, delivery.path)
+    if done is None:
         raise DemoError(f"the subscription never delivered packet {packet_id[:16]}…")
+    return done
+
+
+def _ingest(core: Any, path: Path, verify_key: Any, out: Path, device: str, steps: int) -> tuple[Any, dict[str, Any]]:
+    """Algorithm 2 on the verified packet: a linear CAL for the targets 'plus' and 'minus' at the embedding."""
+    from client.student import CALConfig, IngestConfig, InjectConfig, ProbeSuite, Student, ingest
+
     student = Student(core)
     config = IngestConfig(
         targets=["token:plus", "token:minus"],
@@ -242,14 +256,10 @@ def receive_and_ingest(core: Any, nodes: _Nodes, packet_id: str, out: Path, devi
         device=device,
     )
     suite = ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3])
-    verify_key = nodes.student.verify_key_for(delivery.record.key_fingerprint)
-    report = ingest(student, delivery.path, config, keys=verify_key, suite=suite)
+    report = ingest(student, path, config, keys=verify_key, suite=suite)
     student.save_trainable(out / "student" / "ingested.safetensors")
     (out / "student" / "ingest-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    scores = report["probe_scores"]
-    numbers = {k: float(scores[k]) for k in ("before", "after") if isinstance(scores.get(k), (int, float))}
-    nodes.student.post_receipt(packet_id, report["decision"], numbers, report)
-    return student, report, delivery.path
+    return student, report
 
 
 def run_demo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_demo_on_the_embedded_broker(tmp_path: Path) -> None:
     result = run_demo(tmp_path)
     report = check_report(result, tmp_path / "demo")
     assert report["broker"].startswith("http://127.0.0.1:")
-    assert (tmp_path / "demo" / "broker" / "m2kt.db").exists()
+    with sqlite3.connect(tmp_path / "demo" / "broker" / "m2kt.db") as db:  # acknowledged once handled
+        assert db.execute("SELECT cursor FROM subscriptions WHERE name = 'demo'").fetchone() == (1,)
     assert "starting the embedded broker" in result.stderr
 
 
