@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
 from broker.deps import BrokerState
@@ -80,8 +81,6 @@ def _bootstrap_admin(state: BrokerState) -> None:
 
 async def _gc_every(state: BrokerState, interval: float, stop: asyncio.Event) -> None:
     """Run garbage collection every ``interval`` seconds until ``stop``; a failed run is logged and retried."""
-    from starlette.concurrency import run_in_threadpool
-
     while True:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
@@ -133,6 +132,16 @@ class RequestMetrics:
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
 
 
+def make_storage(settings: Settings) -> BlobStore:
+    """The blob store the settings name (S3 or a local directory)."""
+    return storage_from_url(
+        settings.effective_storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        part_size=settings.upload_part_bytes,
+        public_endpoint_url=settings.s3_public_endpoint_url,
+    )
+
+
 def create_app(settings: Settings | None = None, *, storage: BlobStore | None = None) -> FastAPI:
     """Build the broker. Nothing connects until start-up, which checks the schema first."""
     settings = settings or Settings()
@@ -143,13 +152,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        storage=storage
-        or storage_from_url(
-            settings.effective_storage_url,
-            endpoint_url=settings.s3_endpoint_url,
-            part_size=settings.upload_part_bytes,
-            public_endpoint_url=settings.s3_public_endpoint_url,
-        ),
+        storage=storage or make_storage(settings),
         hub=Hub(),
         metrics=Metrics(),
         uploads=UploadRateLimiter(settings.upload_rate_per_minute, settings.upload_burst),

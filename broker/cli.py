@@ -59,17 +59,15 @@ def gc_cmd(
     """Remove packet blobs no committed row points to, and abandoned staged uploads, after a grace period."""
     import json
 
+    from broker.app import make_storage
     from broker.db import make_sessionmaker
     from broker.gc import collect_garbage
-    from broker.storage import storage_from_url
 
     settings = Settings()
     engine = make_engine(settings.effective_database_url)
     try:
         check_schema(engine)
-        storage = storage_from_url(
-            settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, part_size=settings.upload_part_bytes
-        )
+        storage = make_storage(settings)
         grace = settings.gc_grace_seconds if grace_seconds is None else grace_seconds
         report = collect_garbage(make_sessionmaker(engine), storage, grace, dry_run=dry_run)
     except SchemaOutOfDate as exc:

@@ -88,14 +88,17 @@ class Caller:
             raise Forbidden(f"this token does not grant {what}", code="insufficient_scope")
 
 
+def missing_token() -> Unauthorized:
+    """The refusal of a request without a bearer token (here and in the request guard)."""
+    return Unauthorized(
+        "send an API token: Authorization: Bearer m2kt_…", code="missing_token", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
 def authenticate(state: BrokerState, token: str | None) -> Caller:
     """Resolve a bearer token to its node; refuses unknown, expired, revoked or disabled."""
     if not token:
-        raise Unauthorized(
-            "send an API token: Authorization: Bearer m2kt_…",
-            code="missing_token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise missing_token()
     now = datetime.now(UTC)
     try:
         with state.sessions.begin() as session:

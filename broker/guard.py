@@ -14,6 +14,8 @@ import json
 import re
 from typing import Any
 
+from broker.deps import missing_token
+
 UPLOAD_PATH = re.compile(r"^/v1/topics/[^/]+/packets/?$")
 
 
@@ -46,13 +48,8 @@ class RequestGuard:
             auth = _header(scope, b"authorization") or ""
             scheme, _, credentials = auth.partition(" ")
             if scheme.lower() != "bearer" or not credentials.strip():
-                await _send_error(
-                    send,
-                    401,
-                    "missing_token",
-                    "send an API token: Authorization: Bearer m2kt_…",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+                refusal = missing_token()
+                await _send_error(send, refusal.status, refusal.code, refusal.message, refusal.headers)
                 return
         if scope["method"] == "POST" and UPLOAD_PATH.match(path):
             await self.app(scope, receive, send)  # packets have their own, much larger, limits

@@ -139,7 +139,8 @@ def embedded_broker(data_dir: Path) -> Iterator[tuple[str, str]]:
 # ----------------------------------------------------------------------------- the steps
 
 
-def _accuracy(student: Any, texts: list[str], answers: list[str]) -> float:
+def accuracy(student: Any, texts: list[str], answers: list[str]) -> float:
+    """The share of ``texts`` the student answers right."""
     return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
 
 
@@ -190,9 +191,10 @@ def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
 
 def train_models(device: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
     """The teacher (d=64, L=2, seed 0; knows the synonyms) and the student (d=48, L=3, seed 1; does not)."""
+    from client.teacher.adapters import pick_device
     from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny
 
-    train_device = "cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device)
+    train_device = str(pick_device(device))
     teacher, teacher_metrics = train_tiny(
         TEACHER_TASK, TinyConfig.for_task(TEACHER_TASK), TrainConfig(seed=0, steps=600, device=train_device)
     )
@@ -202,12 +204,6 @@ def train_models(device: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]
         TrainConfig(seed=1, steps=600, device=train_device),
     )
     return teacher, teacher_metrics, student, student_metrics
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_and_publish(teacher: Any, nodes: _Nodes, out: Path) -> tuple[Path, Any]:
@@ -307,17 +303,17 @@ def run_demo(
             teacher, teacher_metrics, core, _ = train_models(device)
         cases = _synonym_cases()
         teacher_view = Student(copy.deepcopy(teacher))
-        teacher_acc = sum(_accuracy(teacher_view, *cases[w]) for w in SYNONYMS) / len(SYNONYMS)
+        teacher_acc = sum(accuracy(teacher_view, *cases[w]) for w in SYNONYMS) / len(SYNONYMS)
         before_view = Student(copy.deepcopy(core))
-        before = {w: _accuracy(before_view, *cases[w]) for w in SYNONYMS}
+        before = {w: accuracy(before_view, *cases[w]) for w in SYNONYMS}
         known = [e for e in STUDENT_TASK.examples()]
         known_texts, known_answers = [" ".join(e.tokens) for e in known], [e.answer for e in known]
-        known_before = _accuracy(before_view, known_texts, known_answers)
+        known_before = accuracy(before_view, known_texts, known_answers)
         with step("publish", "extracting operator concepts, signing and publishing the packet"):
             path, record = build_and_publish(teacher, nodes, out)
         with step("ingest", "student: subscribing, fetching, verifying, ingesting, posting the receipt"):
             student, ingest_report, inbox_path = receive_and_ingest(core, nodes, record.id, out, device, steps)
-        after = {w: _accuracy(student, *cases[w]) for w in SYNONYMS}
+        after = {w: accuracy(student, *cases[w]) for w in SYNONYMS}
         report = DemoReport(
             broker=broker_url,
             device=str(ingest_report["device"]),
@@ -326,7 +322,7 @@ def run_demo(
             student_before=before,
             student_after=after,
             student_known_before=known_before,
-            student_known_after=_accuracy(student, known_texts, known_answers),
+            student_known_after=accuracy(student, known_texts, known_answers),
             decision=str(ingest_report["decision"]),
             packet_id=record.id,
             packet_bytes=record.size,

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from client.demo import P, accuracy, probes  # noqa: F401 - the same task size, probes and measure as the demo
 from client.keys import SigningKey
-from client.student import ProbeSuite, Student
+from client.student import ProbeSuite
 from client.symbolic import ModularTask
 from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
 from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny
 
-P = 11
 ALIAS = "seven'"
 TEACHER_TASK = ModularTask(
     p=P, operators={"add": "add", "sub": "sub", "plus": "add", "minus": "sub"}, number_aliases={ALIAS: 7}
@@ -29,10 +29,6 @@ STUDENT_TASK = ModularTask(
     p=P, operators={"add": "add", "sub": "sub"}, number_aliases={ALIAS: 7}, vocab_operators=("minus", "plus")
 )
 SYNONYMS = {"plus": "add", "minus": "sub"}
-
-
-def probes(op: str, n: int = 12) -> tuple[str, ...]:
-    return tuple(f"{a} {op} {b} =" for a in range(P) for b in range(P))[:n]
 
 
 def make_synonym_pair(directory: Path) -> dict[str, Any]:
@@ -76,10 +72,6 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
         "answers": [e.answer for e in subs],
         "suite": ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3]),
     }
-
-
-def accuracy(student: Student, texts: list[str], answers: list[str]) -> float:
-    return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
 
 
 def alias_packet(pair: dict[str, Any], path: Path) -> Path:

@@ -26,7 +26,7 @@ def get_key(session: Session, fingerprint: str) -> PublicKey:
 
 
 def register_key(session: Session, caller: Caller, text: str, owner: str | None) -> tuple[PublicKey, bool]:
-    caller.require("keys")
+    """The caller's 'keys' scope is checked by the route (KeysCaller)."""
     try:
         verify_key = parse_verify_key(text)
     except (KeyFileError, ValueError) as exc:
@@ -55,8 +55,8 @@ def register_key(session: Session, caller: Caller, text: str, owner: str | None)
 
 
 def revoke_key(session: Session, caller: Caller, fingerprint: str, reason: str | None) -> tuple[PublicKey, int]:
-    """Revoke a key (admin or owner): its packets become revoked and subscribers get an event each."""
-    caller.require("keys")
+    """Revoke a key (admin or owner; the 'keys' scope is the route's): its packets become revoked and
+    subscribers get an event each."""
     key = get_key(session, fingerprint)
     if key.owner_id != caller.node_id and not caller.is_admin:
         raise Forbidden("only the key's owner or an admin can revoke it", code="insufficient_scope")

@@ -61,7 +61,7 @@ def _find(session: Session, caller: Caller, name: str) -> Subscription | None:
 
 
 def ensure_subscription(session: Session, caller: Caller, name: str, topic: str) -> tuple[Subscription, bool]:
-    caller.require("read")
+    """The caller's 'read' scope is checked by the route (ReadCaller)."""
     if not storable_name(name):
         raise Malformed(
             f"invalid subscription name {name[:100]!r}: 1-{MAX_NAME_LENGTH} characters, no NUL", code="invalid_name"

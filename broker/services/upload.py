@@ -332,9 +332,8 @@ async def receive_packet(
         except ClientDisconnect:
             raise Malformed("the client disconnected before the upload finished", code="upload_incomplete") from None
         received = await run_in_threadpool(stream.finish)
-        checked, key, staged = receiver.checked, receiver.key, receiver.staged
-        assert checked is not None and key is not None and staged is not None, "finish() returns only after the header"
-        report = await run_in_threadpool(_safety, state, received, checked)
+        assert receiver.checked is not None, "finish() returns only after the header"
+        report = await run_in_threadpool(_safety, state, received, receiver.checked)
         status = PacketStatus.accepted
         if not report.passed:
             if settings.safety_action == "reject":
