@@ -1,7 +1,7 @@
 """Broker memory while a big packet streams through it, and its speed next to raw boto3.
 
-    python benchmarks/broker_memory.py                       # 512 MiB packet
-    python benchmarks/broker_memory.py --size-mib 64 --database-url postgresql+psycopg://…/test
+    python -m m2kt.benchmarks.broker_memory                       # 512 MiB packet
+    python -m m2kt.benchmarks.broker_memory --size-mib 64 --database-url postgresql+psycopg://…/test
 
 Everything runs for real on loopback: nanio (a file-backed S3 server, started here on a free
 port with a temporary data dir), a fresh PostgreSQL database (created on the server of
@@ -28,20 +28,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `tests` (the harness) lives at the repository root
-    sys.path.insert(0, str(ROOT))
+import httpx
+import numpy as np
+import psutil
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from benchmarks._stack import broker_stack  # noqa: E402
-from client.keys import SigningKey  # noqa: E402
-from client.packet import write_packet  # noqa: E402
-from tests.broker_harness import register_node  # noqa: E402
-from tests.conftest import make_body  # noqa: E402
-from tests.services import DEFAULT_DATABASE_URL  # noqa: E402
+from m2kt.benchmarks.harness.brokers import register_node
+from m2kt.benchmarks.harness.packets import make_body
+from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
+from m2kt.benchmarks.harness.stack import broker_stack
+from m2kt.format import write_packet
+from m2kt.format.keys import SigningKey
 
 MiB = 1 << 20
 CHUNK = 1 * MiB  # upload chunk read from the file

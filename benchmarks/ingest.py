@@ -1,6 +1,6 @@
 """Student ingestion (Algorithm 2): does a renamed concept cross, what each loss term does, what it costs.
 
-    python benchmarks/ingest.py [--device cpu|cuda] [--steps 50]
+    python -m m2kt.benchmarks.ingest [--device cpu|cuda] [--steps 50]
 
 The pair of tests/student_pair.py: a teacher that knows the synonyms 'plus' and 'minus' and the
 number alias "seven'"; a differently shaped, independently trained student that has those
@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from client.student import (  # noqa: E402
-    CALConfig,
-    IngestConfig,
-    InjectConfig,
-    LossWeights,
-    ProbeSuite,
-    Student,
-    VerifierConfig,
-    ingest,
-)
-from tests.student_pair import ALIAS, STUDENT_TASK, accuracy, alias_packet, make_synonym_pair, probes  # noqa: E402
+from m2kt.benchmarks.harness.student_pair import ALIAS, STUDENT_TASK, accuracy, alias_packet, make_synonym_pair, probes
+from m2kt.student import CALConfig, IngestConfig, InjectConfig, LossWeights, ProbeSuite, Student, VerifierConfig, ingest
 
 
 def main() -> None:
@@ -99,9 +85,7 @@ def main() -> None:
                     cells = "; ".join(
                         f"{w} {before[w]:.3f} → {after[w]:.3f} ({100 * after[w] / ceiling[w]:.0f}%)" for w in which
                     )
-                    print(
-                        f"| {name} | {kind} | {report['steps_run']} | {cells} | {report['decision']} | {seconds:.2f} |"
-                    )
+                    print(f"| {name} | {kind} | {report.steps_run} | {cells} | {report.decision} | {seconds:.2f} |")
 
         print("\n| ablation (linear CAL) | geo | struct | reason | safety | total | 'minus' after |")
         print("|---|---|---|---|---|---|---|")
@@ -121,7 +105,7 @@ def main() -> None:
             )
             student = Student(copy.deepcopy(core))
             report = ingest(student, packet, config, keys=key.verify_key, suite=flagged)
-            last = report["losses"][-1]
+            last = report.losses[-1]
             print(
                 f"| {'full' if off is None else 'without ' + off} | {last['geo']:.5f} | {last['struct']:.5f} | "
                 f"{last['reason']:.5f} | {last['safety']:.5f} | {last['total']:.5f} | "
@@ -142,9 +126,9 @@ def main() -> None:
             device=args.device,
         )
         report, _, _, seconds = run(config, ["plus", "minus"], packet)
-        t = report["timings"]
+        t = report.timings
         print(
-            f"\ndevice {report['device']} (mixed precision: {report['mixed_precision']}): ingestion {seconds:.3f} s "
+            f"\ndevice {report.device} (mixed precision: {report.mixed_precision}): ingestion {seconds:.3f} s "
             f"= probe {t['probe']:.3f} + train {t['train']:.3f} ({t['steps_per_second']:.0f} steps/s) + verify "
             f"{t['verify']:.3f}; reference forward over {len(batch)} probe inputs {reference * 1000:.1f} ms; ratio "
             f"{seconds / reference:.0f}×"

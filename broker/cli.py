@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from broker.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
-from broker.settings import Settings
+from m2kt.broker.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
+from m2kt.broker.settings import Settings
 
 app = typer.Typer(help="Run the broker service and manage its database.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ def serve(
     """Run the broker (embedded SQLite + ./m2kt-data unless M2KT_DATABASE_URL / M2KT_STORAGE_URL are set)."""
     import uvicorn
 
-    from broker.app import create_app, prepare_database
+    from m2kt.broker.app import create_app, prepare_database
 
     settings = Settings()
     if migrate:
@@ -59,9 +59,9 @@ def gc_cmd(
     """Remove packet blobs no committed row points to, and abandoned staged uploads, after a grace period."""
     import json
 
-    from broker.app import make_storage
-    from broker.db import make_sessionmaker
-    from broker.gc import collect_garbage
+    from m2kt.broker.app import make_storage
+    from m2kt.broker.db import make_sessionmaker
+    from m2kt.broker.gc import collect_garbage
 
     settings = Settings()
     engine = make_engine(settings.effective_database_url)

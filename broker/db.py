@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,15 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-import migrations
 
-MIGRATIONS_DIR = Path(migrations.__file__).parent
+def _migrations_dir() -> Path:
+    """Where the Alembic scripts are (the ``m2kt.migrations`` package), found without importing them."""
+    spec = importlib.util.find_spec("m2kt.migrations")
+    assert spec is not None and spec.submodule_search_locations, "the m2kt.migrations package is not installed"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 class SchemaOutOfDate(RuntimeError):

@@ -6,7 +6,7 @@ disconnected network they stay blank. Here every asset comes from the broker its
 Swagger UI is Apache-2.0, ReDoc MIT). The pages also carry a Content-Security-Policy that lets the
 browser fetch nothing from any other origin.
 
-Swagger UI shows the broker's bearer scheme (``token``, see ``broker.deps``): *Authorize* takes an
+Swagger UI shows the broker's bearer scheme (``token``, see :mod:`m2kt.broker.deps`): *Authorize* takes an
 API token, which the page then sends with *Try it out*, so an admin can call admin routes from it.
 """
 

@@ -1,27 +1,24 @@
-"""One error base with an HTTP status and a stable code; one handler renders ``{"code", "message"}``.
+"""One error base with an HTTP status and a stable code; :mod:`m2kt.broker.handlers` renders
+``{"code", "message"}``.
 
-Services raise these (``PacketNotFound``, ``Forbidden`` …), never ``HTTPException``.
+Services raise these (``NotFound``, ``Forbidden`` …), never ``HTTPException``; this module knows no FastAPI.
+A dependency that fails — storage or the database — is one 503 each, built in one place
+(:func:`dependency_down`): ``storage_unavailable`` and ``database_unavailable``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import DataError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from client.packet import PacketError
+from m2kt.broker.storage import StorageError
+from m2kt.errors import PacketError
 
-log = logging.getLogger("m2kt.broker")
-
-# FastAPI's detail when a JSON body cannot be decoded at all (e.g. invalid UTF-8); malformed JSON text
-# is a RequestValidationError (422) instead.
-_FASTAPI_BODY_NOT_PARSED = "There was an error parsing the body"
+#: What counts as the database being down (connection refused or lost, pool exhausted).
+DATABASE_FAILURES = (OperationalError, PoolTimeout)
 
 
 class ErrorBody(BaseModel):
@@ -78,6 +75,8 @@ class TooManyRequests(BrokerError):
 
 
 class DependencyDown(BrokerError):
+    """Storage or the database is unavailable; built by :func:`dependency_down`."""
+
     status, code = 503, "dependency_unavailable"
 
 
@@ -91,10 +90,6 @@ def from_packet_error(exc: PacketError) -> BrokerError:
         return TooLarge(exc.message, code=exc.code)
     cls = Malformed if exc.kind == "malformed" else ValidationFailed
     return cls(exc.message, code=exc.code)
-
-
-def _body(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -114,53 +109,20 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": described[s]} for s in statuses}
 
 
-async def _refused_token(request: Request) -> JSONResponse | None:
-    """The 401 for this request's bearer token, or None when the token is good."""
-    from starlette.concurrency import run_in_threadpool
+def storage_unavailable(exc: BaseException) -> DependencyDown:
+    return DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable")
 
-    from broker.deps import authenticate, get_state
 
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    try:
-        await run_in_threadpool(authenticate, get_state(request), token.strip() if scheme.lower() == "bearer" else None)
-    except BrokerError as exc:
-        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+def database_unavailable(exc: BaseException) -> DependencyDown:
+    return DependencyDown(
+        f"the database is unavailable: {getattr(exc, 'orig', None) or exc}", code="database_unavailable"
+    )
+
+
+def dependency_down(exc: BaseException) -> DependencyDown | None:
+    """The 503 for a storage or database failure (one code each); None for any other exception."""
+    if isinstance(exc, StorageError):
+        return storage_unavailable(exc)
+    if isinstance(exc, DATABASE_FAILURES):
+        return database_unavailable(exc)
     return None
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(BrokerError)
-    async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
-        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            # FastAPI parses a JSON body before it runs the auth dependency: a bad token still comes first.
-            refused = await _refused_token(request)
-            if refused is not None:
-                return refused
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_NOT_PARSED:
-            # A JSON body that is not even UTF-8: the same answer as for one that is not JSON (422),
-            # after the token's.
-            refused = await _refused_token(request)
-            if refused is not None:
-                return refused
-            return JSONResponse(_body("invalid_request", "body: not valid UTF-8 JSON"), status_code=422)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(DataError)
-    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value from the request (too long, out of range, a NUL character):
-        # a request the edge validation should have refused. Answer 422, not 500, and say so in the log.
-        reason = str(exc.orig or exc).splitlines()[0][:200]
-        log.warning("database refused a request value on %s %s: %s", request.method, request.url.path, reason)
-        return JSONResponse(_body("invalid_value", f"a value in the request cannot be stored: {reason}"), 422)

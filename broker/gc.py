@@ -5,7 +5,7 @@ crash, a dropped database connection or a refused commit between the two leaves 
 row, and a crash mid-upload leaves a staged upload (a file under ``incoming/`` or an unfinished S3
 multipart upload). This module removes both once older than ``grace_seconds`` — and never a blob
 that a committed row points to: each candidate is re-checked and deleted while holding the blob
-key's lock (:mod:`broker.bloblocks`), which an upload holds from making its blob visible until its
+key's lock (:mod:`m2kt.broker.bloblocks`), which an upload holds from making its blob visible until its
 row commits; a blob whose lock is busy is skipped.
 
 Safe to run from several brokers at once (deleting twice is harmless) and while uploads go on.
@@ -21,9 +21,9 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.bloblocks import try_locked_transaction
-from broker.models import Packet
-from broker.storage import BlobStore, StorageError
+from m2kt.broker.bloblocks import try_locked_transaction
+from m2kt.broker.models import Packet
+from m2kt.broker.storage import BlobStore, StorageError
 
 log = logging.getLogger("m2kt.broker.gc")
 

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from broker.deps import missing_token
+from m2kt.broker.services.auth import missing_token
 
 UPLOAD_PATH = re.compile(r"^/v1/topics/[^/]+/packets/?$")
 

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 
+from sqlalchemy import event as orm_event
 from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("m2kt.broker.pubsub")
 CHANNEL = "m2kt_events"
@@ -60,11 +61,27 @@ class Hub:
             loop.call_soon_threadsafe(self._wake, topic)
 
 
+_PENDING = "m2kt_notify"  # session.info key: topics to wake once this session commits
+
+
+def wire_notifications(sessions: sessionmaker[Session], hub: Hub) -> None:
+    """After a commit, wake ``hub``'s local waiters on the topics that session appended events to."""
+
+    @orm_event.listens_for(sessions, "after_commit")
+    def _after_commit(session: Session) -> None:
+        for topic in session.info.pop(_PENDING, ()):
+            hub.notify(topic)
+
+    @orm_event.listens_for(sessions, "after_rollback")
+    def _after_rollback(session: Session) -> None:
+        session.info.pop(_PENDING, None)
+
+
 def notify_in_transaction(session: Session, topic: str) -> None:
     """Queue a cross-replica NOTIFY (Postgres) and a local wake-up after this session commits."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic})
-    pending: set[str] = session.info.setdefault("m2kt_notify", set())
+    pending: set[str] = session.info.setdefault(_PENDING, set())
     pending.add(topic)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from broker.models import EventKind, PacketStatus, Role
+from m2kt.broker.models import EventKind, PacketStatus, Role
 
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,99}$"
 MAX_BIGINT = (1 << 63) - 1  # sequence numbers, cursors and ids are 64-bit columns

@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from broker.models import Role
+from m2kt.broker.models import Role
 
 TOKEN_PREFIX = "m2kt_"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker.errors import TooLarge, from_packet_error
-from client.keys import VerifyKey
-from client.packet import DTYPES, PacketError, PacketHeader, ReadLimits, StreamVerifier, verify_signature
+from m2kt.broker.errors import TooLarge, from_packet_error
+from m2kt.format import DTYPES, PacketError, PacketHeader, ReadLimits, StreamVerifier, verify_signature
+from m2kt.format.keys import VerifyKey
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Received:
 class StreamingPacket:
     """Feed upload bytes in order; the header is available as soon as it has arrived.
 
-    The packet checks are :class:`client.packet.StreamVerifier`'s; this adds the broker's size
+    The packet checks are :class:`m2kt.format.stream.StreamVerifier`'s; this adds the broker's size
     limits, keeps the ``concepts`` bytes for the safety check, and turns refusals into 4xx errors.
     A chunk may still be hashed in a helper thread after feed() returns: it must stay unchanged
     until the next feed(), finish() or close() returns (``bytes`` always do).

@@ -27,9 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from client.symbolic import ModularTask
+from m2kt.errors import DemoError
+from m2kt.toy.probes import operator_probes
+from m2kt.toy.symbolic import ModularTask
+
+if TYPE_CHECKING:
+    from m2kt.student.report import IngestReport
 
 P = 11
 TOPIC = "demo.arith-synonyms"
@@ -39,13 +44,9 @@ STUDENT_TASK = ModularTask(p=P, operators={"add": "add", "sub": "sub"}, vocab_op
 MARKER = ".m2kt-demo"  # marks a directory this command made, so a rerun may replace it
 
 
-class DemoError(Exception):
-    """A step of the demo failed; the message says which and why."""
-
-
 def probes(op: str, n: int = 12) -> tuple[str, ...]:
-    """The first ``n`` expressions ``a op b =`` (inputs only: the teacher is never given answers)."""
-    return tuple(f"{a} {op} {b} =" for a in range(P) for b in range(P))[:n]
+    """The first ``n`` expressions ``a op b =`` over Z_11 (inputs only: the teacher is never given answers)."""
+    return operator_probes(op, P, n)
 
 
 @dataclass
@@ -110,8 +111,8 @@ def embedded_broker(data_dir: Path) -> Iterator[tuple[str, str]]:
     Yields (base URL, admin token); stops the server on the way out."""
     import uvicorn
 
-    from broker.app import create_app
-    from broker.settings import Settings
+    from m2kt.broker.app import create_app
+    from m2kt.broker.settings import Settings
 
     settings = Settings(data_dir=data_dir, database_url=None, storage_url=None, upload_rate_per_minute=0)
     app = create_app(settings)
@@ -141,7 +142,7 @@ def embedded_broker(data_dir: Path) -> Iterator[tuple[str, str]]:
 
 def accuracy(student: Any, texts: list[str], answers: list[str]) -> float:
     """The share of ``texts`` the student answers right."""
-    return sum(p == a for p, a in zip(student.predict(texts), answers, strict=True)) / len(texts)
+    return float(student.accuracy(texts, answers))
 
 
 def _synonym_cases() -> dict[str, tuple[list[str], list[str]]]:
@@ -172,8 +173,8 @@ class _Nodes:
 
 def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
     """A teacher and a student node (unique names), each with a fresh key registered by itself."""
-    from client.api import BrokerClient
-    from client.keys import generate_keypair, load_signing_key
+    from m2kt.format.keys import generate_keypair, load_signing_key
+    from m2kt.sdk.client import BrokerClient
 
     suffix = secrets.token_hex(3)
     clients = []
@@ -191,8 +192,9 @@ def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
 
 def train_models(device: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
     """The teacher (d=64, L=2, seed 0; knows the synonyms) and the student (d=48, L=3, seed 1; does not)."""
-    from client.teacher.adapters import pick_device
-    from client.teacher.tiny_model import TinyConfig, TrainConfig, train_tiny
+    from m2kt.nn.device import pick_device
+    from m2kt.toy.model import TinyConfig
+    from m2kt.toy.train import TrainConfig, train_tiny
 
     train_device = str(pick_device(device))
     teacher, teacher_metrics = train_tiny(
@@ -208,7 +210,7 @@ def train_models(device: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]
 
 def build_and_publish(teacher: Any, nodes: _Nodes, out: Path) -> tuple[Path, Any]:
     """Operator concepts read at the teacher's embedding layer, signed with its key, published."""
-    from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
+    from m2kt.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
 
     named = tuple(
         NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "plus", "minus")
@@ -221,27 +223,25 @@ def build_and_publish(teacher: Any, nodes: _Nodes, out: Path) -> tuple[Path, Any
 
 def receive_and_ingest(
     core: Any, nodes: _Nodes, packet_id: str, out: Path, device: str, steps: int
-) -> tuple[Any, dict[str, Any], Path]:
+) -> tuple[Any, IngestReport, Path]:
     """Subscribe, fetch + verify the packet, ingest it, post the receipt; returns (student, report, path).
 
     The delivery is acknowledged (the subscription's cursor moves past it) once it has been handled."""
-    done: tuple[Any, dict[str, Any], Path] | None = None
+    done: tuple[Any, IngestReport, Path] | None = None
     for delivery in nodes.student.subscribe(TOPIC, name="demo", dest=out / "student" / "inbox", once=True):
         if delivery.kind == "published" and delivery.packet_id == packet_id and delivery.path is not None:
             verify_key = nodes.student.verify_key_for(delivery.record.key_fingerprint)
             student, report = _ingest(core, delivery.path, verify_key, out, device, steps)
-            scores = report["probe_scores"]
-            numbers = {k: float(scores[k]) for k in ("before", "after") if isinstance(scores.get(k), (int, float))}
-            nodes.student.post_receipt(packet_id, report["decision"], numbers, report)
+            nodes.student.post_receipt(packet_id, report.decision, report.scores(), report.to_json())
             done = (student, report, delivery.path)
     if done is None:
         raise DemoError(f"the subscription never delivered packet {packet_id[:16]}…")
     return done
 
 
-def _ingest(core: Any, path: Path, verify_key: Any, out: Path, device: str, steps: int) -> tuple[Any, dict[str, Any]]:
+def _ingest(core: Any, path: Path, verify_key: Any, out: Path, device: str, steps: int) -> tuple[Any, IngestReport]:
     """Algorithm 2 on the verified packet: a linear CAL for the targets 'plus' and 'minus' at the embedding."""
-    from client.student import CALConfig, IngestConfig, InjectConfig, ProbeSuite, Student, ingest
+    from m2kt.student import CALConfig, IngestConfig, InjectConfig, ProbeSuite, Student, ingest
 
     student = Student(core)
     config = IngestConfig(
@@ -254,7 +254,7 @@ def _ingest(core: Any, path: Path, verify_key: Any, out: Path, device: str, step
     suite = ProbeSuite(task=[" ".join(e.tokens) for e in STUDENT_TASK.examples()][::3])
     report = ingest(student, path, config, keys=verify_key, suite=suite)
     student.save_trainable(out / "student" / "ingested.safetensors")
-    (out / "student" / "ingest-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    report.save(out / "student" / "ingest-report.json")
     return student, report
 
 
@@ -270,7 +270,7 @@ def run_demo(
     """Run the demo end to end (see the module docstring); raises DemoError on any failure."""
     import copy
 
-    from client.student import Student
+    from m2kt.student import Student
 
     _prepare_out(out)
     seconds: dict[str, float] = {}
@@ -316,14 +316,14 @@ def run_demo(
         after = {w: accuracy(student, *cases[w]) for w in SYNONYMS}
         report = DemoReport(
             broker=broker_url,
-            device=str(ingest_report["device"]),
+            device=ingest_report.device,
             teacher_accuracy=teacher_acc,
             teacher_held_out=float(teacher_metrics["test_accuracy"]),
             student_before=before,
             student_after=after,
             student_known_before=known_before,
             student_known_after=accuracy(student, known_texts, known_answers),
-            decision=str(ingest_report["decision"]),
+            decision=ingest_report.decision,
             packet_id=record.id,
             packet_bytes=record.size,
             concepts=len(record.manifest["concepts"]),

@@ -1,11 +1,11 @@
-"""Alembic environment: runs migrations on the URL set by broker.db.alembic_config."""
+"""Alembic environment: runs migrations on the URL set by m2kt.broker.db.alembic_config."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from broker.db import make_engine
-from broker.models import Base
+from m2kt.broker.db import make_engine
+from m2kt.broker.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from client import AsyncBrokerClient, BrokerClient
+from m2kt import AsyncBrokerClient, BrokerClient
 
 
 class AsyncFacade:

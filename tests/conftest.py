@@ -6,24 +6,18 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
-from client.keys import SigningKey
-from client.manifest import (
-    ConceptEntry,
-    DataUsage,
-    ExtractionInfo,
-    ExtractionStep,
+from m2kt.benchmarks.harness.packets import make_body
+from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL, S3Server, libpq_url, start_nanio
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import (
     ManifestBody,
-    SafetyInfo,
-    TeacherInfo,
 )
-from tests.services import DEFAULT_DATABASE_URL, S3Server, libpq_url, start_nanio, unavailable
+from tests.services import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -34,36 +28,6 @@ def signing_key() -> SigningKey:
 @pytest.fixture(scope="session")
 def other_key() -> SigningKey:
     return SigningKey.from_seed(bytes(range(1, 33)))
-
-
-def make_body(k: int = 4, d: int = 8, topic: str = "arith.mod97", **overrides: object) -> ManifestBody:
-    fields: dict[str, object] = dict(
-        topic=topic,
-        teacher=TeacherInfo(
-            model_name="tiny-transformer", architecture=f"TinyTransformer(d={d})", d_model=d, layers=["blocks.1"]
-        ),
-        concepts=[
-            ConceptEntry(id=f"op:{i}", label=f"concept {i} — ü", kind="named", safety_score=0.01 * i) for i in range(k)
-        ],
-        extraction=ExtractionInfo(
-            concepts=ExtractionStep(method="named_probes", params={"layer": "blocks.1", "position": -1}),
-            traces=ExtractionStep(method="layer_states", params={"steps": 3}),
-        ),
-        data_usage=DataUsage(probe_count=16, teacher_forward_passes=2),
-        created_at=datetime(2026, 11, 22, 12, 0, 0, 123456, tzinfo=UTC),
-        safety=SafetyInfo(scorer="flagged-cosine", version="1", threshold=0.8),
-    )
-    fields.update(overrides)
-    return ManifestBody(**fields)  # type: ignore[arg-type]
-
-
-def make_tensors(k: int = 4, d: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "concepts": rng.standard_normal((k, d)).astype(np.float32),
-        "traces": rng.standard_normal((3, 3, d)).astype(np.float16),
-        "probe_tokens": rng.integers(0, 97, (3, 5)).astype(np.int64),
-    }
 
 
 @pytest.fixture
@@ -123,7 +87,7 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
 class LiveBroker:
     url: str
     admin_token: str
-    state: object  # broker.deps.BrokerState
+    state: object  # m2kt.broker.state.BrokerState
     bucket: str
 
     def admin(self) -> httpx.Client:
@@ -133,8 +97,8 @@ class LiveBroker:
 @pytest.fixture(scope="session")
 def broker_database(postgres_url: str) -> Iterator[str]:
     """A fresh Postgres database for this test session, migrated to head."""
-    from broker.db import upgrade
-    from tests.broker_harness import create_database, drop_database
+    from m2kt.benchmarks.harness.brokers import create_database, drop_database
+    from m2kt.broker.db import upgrade
 
     url = create_database(postgres_url)
     upgrade(url)
@@ -161,10 +125,10 @@ def start_live_broker(
     """A broker app on Postgres + S3, served by uvicorn on a loopback socket in this process.
 
     ``token`` bootstraps the first admin; pass the existing admin's token when the database has one."""
-    from broker.app import create_app
-    from broker.settings import Settings
-    from broker.storage import S3Store
-    from tests.broker_harness import uvicorn_thread
+    from m2kt.benchmarks.harness.brokers import uvicorn_thread
+    from m2kt.broker.app import create_app
+    from m2kt.broker.settings import Settings
+    from m2kt.broker.storage import S3Store
 
     token = token or "m2kt_admin_" + uuid.uuid4().hex
     config = Settings(

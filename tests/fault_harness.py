@@ -33,23 +33,23 @@ import psycopg
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.db import make_engine, make_sessionmaker, upgrade
-from broker.gc import GcReport, collect_garbage
-from broker.models import Packet
-from broker.services.upload import blob_key
-from broker.storage import S3Store
-from tests.broker_harness import (
+from m2kt.benchmarks.harness.brokers import (
     BrokerProcess,
     Node,
     create_database,
     drop_database,
-    packet_bytes,
     register_node,
     s3_env,
     unique,
 )
-from tests.conftest import make_tensors
-from tests.services import S3Server, libpq_url, start_nanio, unavailable
+from m2kt.benchmarks.harness.packets import make_tensors, packet_bytes
+from m2kt.benchmarks.harness.services import S3Server, libpq_url, start_nanio
+from m2kt.broker.db import make_engine, make_sessionmaker, upgrade
+from m2kt.broker.gc import GcReport, collect_garbage
+from m2kt.broker.models import Packet
+from m2kt.broker.services.upload import blob_key
+from m2kt.broker.storage import S3Store
+from tests.services import unavailable
 
 T = TypeVar("T")
 
@@ -336,7 +336,7 @@ def wait_for_listener(stack: Stack, timeout: float = 15.0) -> None:
 
 
 def gc_in_process(stack: Stack) -> GcReport:
-    """``broker.gc.collect_garbage`` called here, with no grace period."""
+    """``m2kt.broker.gc.collect_garbage`` called here, with no grace period."""
     with stack.sessions() as sessions:
         return collect_garbage(sessions, stack.storage(), 0.0)
 

@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 from hypothesis import HealthCheck, Verbosity, settings
 
+from m2kt.benchmarks.harness.services import S3Server
 from tests.conftest import LiveBroker, start_live_broker
-from tests.services import S3Server
 
 # Loggers whose ERROR records mean the server hit something it did not handle. "uvicorn" does not
 # propagate to the root logger, so it is watched directly.
@@ -140,8 +140,8 @@ def own_broker(postgres_url: str, s3_server: S3Server, tmp: Path, **settings: ob
     Its own state, so fuzzed admin calls (revoking tokens and keys, creating nodes) cannot disturb
     other tests, and so "nothing was stored" can be checked exactly. Uploads are not rate-limited,
     so every fuzzed packet reaches the parser."""
-    from broker.db import upgrade
-    from tests.broker_harness import create_database, drop_database
+    from m2kt.benchmarks.harness.brokers import create_database, drop_database
+    from m2kt.broker.db import upgrade
 
     database = create_database(postgres_url)
     bucket = f"m2kt-fuzz-{uuid.uuid4().hex[:10]}"

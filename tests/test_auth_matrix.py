@@ -19,9 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from broker.models import ApiToken
-from client.keys import SigningKey
-from tests.broker_harness import packet_bytes, register_node, unique
+from m2kt.benchmarks.harness.brokers import register_node, unique
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.broker.models import ApiToken
+from m2kt.format.keys import SigningKey
 from tests.conftest import LiveBroker
 
 Route = tuple[str, str]  # (method, path template), as in the OpenAPI document

@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy import update
 
-from broker.models import ApiToken
-from tests.broker_harness import packet_bytes, register_node, unique
+from m2kt.benchmarks.harness.brokers import register_node, unique
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.broker.models import ApiToken
 from tests.conftest import LiveBroker
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 
-from broker.services.upload import blob_key
-from tests.broker_harness import BrokerProcess, packet_bytes, register_node
+from m2kt.benchmarks.harness.brokers import BrokerProcess, register_node
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.broker.services.upload import blob_key
 
 
 def test_one_command_gives_a_working_broker(tmp_path: Path) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.gc import collect_garbage
-from client._exceptions import ServiceUnavailable, TransportError
-from client._retry import RetryPolicy
-from client.api import BrokerClient
-from tests.broker_harness import unique
+from m2kt.benchmarks.harness.brokers import unique
+from m2kt.broker.gc import collect_garbage
+from m2kt.errors import ServiceUnavailable, TransportError
+from m2kt.sdk.client import BrokerClient
+from m2kt.sdk.retry import RetryPolicy
 from tests.fault_harness import (
     CONNECTION_DROPPED,
     CutDownload,

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from broker.gc import collect_garbage
-from tests.broker_harness import packet_bytes, register_node, unique
+from m2kt.benchmarks.harness.brokers import register_node, unique
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.broker.gc import collect_garbage
 from tests.conftest import LiveBroker, start_live_broker
 
 ORPHAN = "packets/" + "a" * 64 + "-" + "b" * 64 + ".m2kt"

@@ -11,9 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-from broker.ratelimit import UploadRateLimiter
-from tests.broker_harness import Node, packet_bytes, register_node, unique
-from tests.conftest import LiveBroker, make_body, make_tensors, start_live_broker
+from m2kt.benchmarks.harness.brokers import Node, register_node, unique
+from m2kt.benchmarks.harness.packets import make_body, make_tensors, packet_bytes
+from m2kt.broker.ratelimit import UploadRateLimiter
+from tests.conftest import LiveBroker, start_live_broker
 
 
 def post(url: str, node: Node, topic: str, data: bytes) -> httpx.Response:
@@ -132,7 +133,7 @@ def test_tokens_expire_by_default_and_rotate(live_broker: LiveBroker) -> None:
 
 @pytest.mark.parametrize("limited", [{"upload_rate_per_minute": 120, "upload_burst": 1}], indirect=True)
 def test_sdk_publish_waits_out_a_429(limited: str, live_broker: LiveBroker, tmp_path: Path) -> None:
-    from client.api import BrokerClient
+    from m2kt.sdk.client import BrokerClient
 
     teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
     assert teacher.key

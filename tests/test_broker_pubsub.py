@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.broker_harness import BrokerProcess, Node, packet_bytes, register_node, s3_env, unique
+from m2kt.benchmarks.harness.brokers import BrokerProcess, Node, register_node, s3_env, unique
+from m2kt.benchmarks.harness.packets import packet_bytes
 from tests.conftest import LiveBroker
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from broker.models import AuditEvent, Packet
-from broker.services.upload import blob_key
-from client.keys import SigningKey
-from client.manifest import Manifest
-from client.packet import _header_bytes
-from tests.broker_harness import Node, packet_bytes, register_node, unique
-from tests.conftest import LiveBroker, make_tensors, start_live_broker
+from m2kt.benchmarks.harness.brokers import Node, register_node, unique
+from m2kt.benchmarks.harness.packets import make_tensors, packet_bytes
+from m2kt.broker.models import AuditEvent, Packet
+from m2kt.broker.services.upload import blob_key
+from m2kt.format.header import encode_header as _header_bytes
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import Manifest
+from tests.conftest import LiveBroker, start_live_broker
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +276,7 @@ def test_refusals_leave_nothing_behind(
     elif case == "topic-mismatch":
         data = packet_bytes(tmp_path, teacher.key, unique("elsewhere"))
     elif case == "declared-unsafe":
-        from client.manifest import ConceptEntry
+        from m2kt.format.manifest import ConceptEntry
 
         concepts = [
             ConceptEntry(id=f"c{i}", label="x", kind="named", safety_score=0.9 if i == 2 else 0.0) for i in range(4)
@@ -383,7 +384,7 @@ def test_quarantine_policy_stores_but_does_not_serve(
         token=live_broker.admin_token,
         safety_action="quarantine",
     )
-    from client.manifest import ConceptEntry
+    from m2kt.format.manifest import ConceptEntry
 
     topic = unique("quar")
     concepts = [ConceptEntry(id=f"c{i}", label="x", kind="named", safety_score=0.99) for i in range(4)]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import EXIT_FILE, EXIT_REFUSED, app
-from client.keys import load_signing_key
-from client.manifest import manifest_json_schema
-from client.packet import write_packet
-from tests.conftest import make_body, make_tensors
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.cli.app import EXIT_FILE, EXIT_REFUSED, app
+from m2kt.format import write_packet
+from m2kt.format.keys import load_signing_key
+from m2kt.format.manifest import manifest_json_schema
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ pytest.importorskip("fastapi", reason="the reference documents `m2kt broker` (th
 
 import typer.main  # noqa: E402
 
-from client import cli_reference as ref  # noqa: E402
-from client.cli import app  # noqa: E402
+from m2kt.cli import reference as ref  # noqa: E402
+from m2kt.cli.main import app  # noqa: E402
 
 FIX = f"regenerate it with `{ref.REGENERATE}` and commit the result"
 

@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-import client
-from client import (
+import m2kt
+from m2kt import (
     AsyncBrokerClient,
     AuthError,
     BrokerClient,
@@ -19,7 +19,7 @@ from client import (
     TransportError,
     ValidationError,
 )
-from client._retry import parse_retry_after
+from m2kt.sdk.retry import parse_retry_after
 
 PUBLIC = {
     "AsyncBrokerClient",
@@ -42,7 +42,6 @@ PUBLIC = {
     "PacketError",
     "PacketFormatError",
     "PacketRecord",
-    "PacketVerificationError",
     "PermissionDenied",
     "RateLimited",
     "Receipt",
@@ -67,11 +66,11 @@ PUBLIC = {
 
 
 def test_public_names_are_pinned() -> None:
-    assert set(client.__all__) == PUBLIC
-    for name in client.__all__:
-        assert getattr(client, name) is not None
+    assert set(m2kt.__all__) == PUBLIC
+    for name in m2kt.__all__:
+        assert getattr(m2kt, name) is not None
     assert all(
-        issubclass(getattr(client, n), M2KTError)
+        issubclass(getattr(m2kt, n), M2KTError)
         for n in (
             "AuthError",
             "NotFound",
@@ -181,7 +180,7 @@ def test_errors_carry_the_brokers_code(kind: str, status: int, code: str, exc: t
 
 
 def test_login_config_is_private_and_env_overrides(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from client._config import load_config, save_config
+    from m2kt.sdk.config import load_config, save_config
 
     monkeypatch.setenv("M2KT_CONFIG", str(tmp_path / "cfg" / "config.json"))
     monkeypatch.delenv("M2KT_URL", raising=False)

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import EXIT_BROKER, EXIT_HANDLER, EXIT_REFUSED, EXIT_UNAVAILABLE, app
-from client.packet import write_packet
-from tests.broker_harness import register_node, unique
-from tests.conftest import LiveBroker, make_body, make_tensors
-from tests.services import free_port
+from m2kt.benchmarks.harness.brokers import register_node, unique
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.benchmarks.harness.services import free_port
+from m2kt.cli.app import EXIT_BROKER, EXIT_HANDLER, EXIT_REFUSED, EXIT_UNAVAILABLE, app
+from m2kt.format import write_packet
+from tests.conftest import LiveBroker
 
 runner = CliRunner()
 M2KT = str(Path(sys.executable).with_name("m2kt"))
@@ -44,7 +45,7 @@ def test_admin_teacher_student_workflow(live_broker: LiveBroker, env: dict[str, 
     assert keys.exit_code == 0
     assert m2kt("key", "register", str(tmp_path / "keys" / "teacher.pub"), token=teacher_token, env=env).exit_code == 0
 
-    from client.keys import load_signing_key
+    from m2kt.format.keys import load_signing_key
 
     topic = unique("cli")
     key = load_signing_key(tmp_path / "keys" / "teacher.key")

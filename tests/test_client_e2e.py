@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import PermissionDenied, VerificationError, verify_packet
-from client.packet import write_packet
-from tests.broker_harness import register_node, unique
+from m2kt import PermissionDenied, VerificationError, verify_packet
+from m2kt.benchmarks.harness.brokers import register_node, unique
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.format import write_packet
 from tests.client_facade import make_client
-from tests.conftest import LiveBroker, make_body, make_tensors
+from tests.conftest import LiveBroker
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -179,7 +180,7 @@ def test_subscription_survives_a_broker_restart(
     import threading
     import time
 
-    from tests.broker_harness import BrokerProcess, s3_env
+    from m2kt.benchmarks.harness.brokers import BrokerProcess, s3_env
 
     teacher, client = nodes
     env = {
@@ -217,6 +218,6 @@ def test_subscription_survives_a_broker_restart(
 
 
 def make_client_for(factory, token: str, url: str):  # type: ignore[no-untyped-def]
-    from client import RetryPolicy
+    from m2kt import RetryPolicy
 
     return factory(token, base_url=url, retry=RetryPolicy(attempts=3, backoff=0.2, max_backoff=1.0))

@@ -25,9 +25,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from broker.app import create_app
-from broker.settings import Settings
-from tests.broker_harness import uvicorn_thread
+from m2kt.benchmarks.harness.brokers import uvicorn_thread
+from m2kt.broker.app import create_app
+from m2kt.broker.settings import Settings
 from tests.chromium import ERR_PROXY_CONNECTION_FAILED, DevTools, Page, render
 
 ROOT = Path(__file__).resolve().parents[1]

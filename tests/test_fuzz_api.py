@@ -64,10 +64,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.broker_harness import Node, packet_bytes, register_node
+from m2kt.benchmarks.harness.brokers import Node, register_node
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.benchmarks.harness.services import S3Server
 from tests.conftest import LiveBroker
 from tests.fuzz_tally import Tally, fuzz_examples, hypothesis_settings, own_broker, watch_server_errors
-from tests.services import S3Server
 
 FUZZ_EXAMPLES = fuzz_examples(10)  # per operation and generation mode
 STATEFUL_EXAMPLES = max(FUZZ_EXAMPLES // 2, 3)  # scenarios of up to STATEFUL_STEPS calls
@@ -175,9 +176,9 @@ class Credentials:
     def heal(self, code: str) -> None:
         from sqlalchemy import select
 
-        from broker.models import ApiToken
-        from broker.security import hash_token
-        from broker.services.nodes import issue_token
+        from m2kt.broker.models import ApiToken
+        from m2kt.broker.security import hash_token
+        from m2kt.broker.services.nodes import issue_token
 
         with self.broker.state.sessions.begin() as session:  # type: ignore[attr-defined]
             row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(self.token)))

@@ -48,13 +48,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from broker.models import Packet
-from client.keys import SigningKey
-from client.manifest import canonical_json
-from tests.broker_harness import Node, packet_bytes, register_node
+from m2kt.benchmarks.harness.brokers import Node, register_node
+from m2kt.benchmarks.harness.packets import packet_bytes
+from m2kt.benchmarks.harness.services import S3Server
+from m2kt.broker.models import Packet
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import canonical_json
 from tests.conftest import LiveBroker
 from tests.fuzz_tally import Tally, fuzz_examples, hypothesis_settings, own_broker, watch_server_errors
-from tests.services import S3Server
 
 FUZZ_EXAMPLES = fuzz_examples(40)  # packets per family
 TOPIC = "fuzz.upload"

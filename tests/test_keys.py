@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.keys import (
-    KeyFileError,
-    SigningKey,
-    generate_keypair,
-    load_signing_key,
-    load_verify_key,
-    parse_verify_key,
-)
+from m2kt.errors import KeyFileError
+from m2kt.format.keys import SigningKey, generate_keypair, load_signing_key, load_verify_key, parse_verify_key
 
 
 @pytest.mark.parametrize("fmt", ["pem", "raw"])

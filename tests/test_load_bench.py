@@ -1,4 +1,4 @@
-"""The load run (benchmarks/load.py): a miniature real run, and its retry and verdict logic.
+"""The load run (m2kt.benchmarks.load): a miniature real run, and its retry and verdict logic.
 
 The miniature run starts the real stack (nanio, a throw-away Postgres database, ``m2kt broker
 serve``), publishes 4 × 3 packets to one topic with 2 subscribers and checks the written report:
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.load import LoadConfig, Outcome, failures, main, parse_args, publish_one
+from m2kt.benchmarks.load import LoadConfig, Outcome, failures, main, parse_args, publish_one
 from tests.services import unavailable
 
 SUMMARY_FIELDS = {"publish", "reference", "delivery", "broker_rss_mib", "cpu_seconds", "complete", "settings"}

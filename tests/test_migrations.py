@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from broker.db import SchemaOutOfDate, check_schema, current_revision, downgrade, head_revision, make_engine, upgrade
-from broker.models import Base
-from tests.broker_harness import create_database, drop_database
+from m2kt.benchmarks.harness.brokers import create_database, drop_database
+from m2kt.broker.db import (
+    SchemaOutOfDate,
+    check_schema,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    upgrade,
+)
+from m2kt.broker.models import Base
 
 TABLES = set(Base.metadata.tables) | {"alembic_version"}
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.packet import PacketError, ReadLimits, open_packet, parse_header, verify_packet, write_packet
-from tests.conftest import make_body, make_tensors
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.format import PacketError, ReadLimits, open_packet, parse_header, verify_packet, write_packet
 
 MEMORY_CEILING = 32 << 20  # bytes the reader may allocate for any one hostile input
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.packet import open_packet, verify_packet, write_packet
-from tests.conftest import make_body
+from m2kt.benchmarks.harness.packets import make_body
+from m2kt.format import open_packet, verify_packet, write_packet
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
@@ -30,8 +30,8 @@ def test_round_trip_of_a_256_mib_tensor(tmp_path: Path, signing_key) -> None:
 
 READER = """
 import json, resource, sys
-from client.keys import VerifyKey
-from client.packet import open_packet, verify_packet
+from m2kt.format.keys import VerifyKey
+from m2kt.format import open_packet, verify_packet
 path, key = sys.argv[1], VerifyKey.from_raw(bytes.fromhex(sys.argv[2]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with open_packet(path) as p:

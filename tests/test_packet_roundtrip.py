@@ -10,16 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from client.manifest import Manifest
-from client.packet import (
-    PacketVerificationError,
-    open_packet,
-    packet_id,
-    read_header,
-    verify_packet,
-    write_packet,
-)
-from tests.conftest import make_body, make_tensors
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.format import VerificationError, open_packet, packet_id, read_header, verify_packet, write_packet
+from m2kt.format.manifest import Manifest
 
 
 def _tensor(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -131,14 +124,14 @@ def test_writer_refuses_non_finite_and_leaves_nothing(tmp_path: Path, signing_ke
     concepts = np.zeros((4, 8), np.float32)
     extra = np.zeros(10, ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     extra[7] = bad
-    with pytest.raises(PacketVerificationError) as err:
+    with pytest.raises(VerificationError) as err:
         write_packet(tmp_path / "p.m2kt", make_body(), {"concepts": concepts, "x": extra}, signing_key)
     assert err.value.code == "non_finite" and "'x'" in err.value.message
     assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_checks_manifest_against_tensors(tmp_path: Path, signing_key) -> None:
-    with pytest.raises(PacketVerificationError) as err:
+    with pytest.raises(VerificationError) as err:
         write_packet(tmp_path / "p.m2kt", make_body(k=4), {"concepts": np.zeros((5, 8), np.float32)}, signing_key)
     assert err.value.code == "manifest_invalid" and "5" in err.value.message
     with pytest.raises(TypeError, match="complex64"):

@@ -12,15 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from client.packet import (
-    PacketError,
-    PacketFormatError,
-    PacketVerificationError,
-    open_packet,
-    verify_packet,
-    write_packet,
-)
-from tests.conftest import make_body, make_tensors
+from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.format import PacketError, PacketFormatError, VerificationError, open_packet, verify_packet, write_packet
 
 FLIPS = (0x01, 0x20, 0x80)  # low bit, case/space bit, high bit (breaks UTF-8)
 HEADER_STRUCTURE = {
@@ -154,7 +147,7 @@ def test_tampering_is_caught_reading_from_a_file_too(packet: bytes, signing_key,
             verify_packet(path, signing_key.verify_key)
         assert err.value.code == code
         if code == "digest_mismatch":  # open_packet checks structure only; .verify() does the rest
-            with open_packet(path) as p, pytest.raises(PacketVerificationError):
+            with open_packet(path) as p, pytest.raises(VerificationError):
                 p.verify(signing_key.verify_key)
 
 
@@ -198,8 +191,8 @@ def test_signed_non_finite_values_are_refused(tmp_path: Path, signing_key) -> No
     data[at : at + 2] = np.array([np.inf], np.float16).tobytes()
     import hashlib
 
-    from client.manifest import Manifest
-    from client.packet import _header_bytes
+    from m2kt.format.header import encode_header as _header_bytes
+    from m2kt.format.manifest import Manifest
 
     digest = hashlib.sha256(bytes(data[written.header.data_offset :])).hexdigest()
     manifest = Manifest(**{**written.manifest.model_dump(), "data_sha256": digest})
@@ -223,5 +216,5 @@ def test_verify_checks_the_mapped_file_not_a_replacement(tmp_path: Path, signing
         replacement.replace(path)  # a new inode at the same path
         packet.verify(signing_key.verify_key)  # verifies the bytes that are mapped, and they are intact
         assert packet.tensors["concepts"].tobytes() == good
-    with pytest.raises(PacketVerificationError):
+    with pytest.raises(VerificationError):
         verify_packet(path, signing_key.verify_key)

@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.services import libpq_url
+from m2kt.benchmarks.harness.services import libpq_url
 
 
 def test_postgres_transaction_and_jsonb(postgres_url: str) -> None:
@@ -59,7 +59,7 @@ def test_s3_put_get_presign_and_multipart(s3_server, s3_bucket: str) -> None:
 def test_broker_skeleton_answers_health() -> None:
     import asyncio
 
-    from broker.app import create_app
+    from m2kt.broker.app import create_app
 
     async def get() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://broker") as c:

@@ -1,4 +1,4 @@
-"""broker.storage: the same behaviour from LocalStore and from S3Store against a real S3-protocol server."""
+"""m2kt.broker.storage: the same behaviour from LocalStore and from S3Store against a real S3-protocol server."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.storage import (
-    PARTS_IN_FLIGHT,
+from m2kt.benchmarks.harness.services import S3Server, free_port
+from m2kt.broker.storage import (
     BlobNotFound,
     BlobStore,
     LocalStore,
@@ -24,7 +24,7 @@ from broker.storage import (
     make_s3_client,
     storage_from_url,
 )
-from tests.services import S3Server, free_port
+from m2kt.broker.storage.s3 import PARTS_IN_FLIGHT
 
 PART = 5 << 20
 

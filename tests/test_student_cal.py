@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.student.cal import (
+from m2kt.student.cal import (
     MLPCAL,
     AnchorRelativeCAL,
     CALConfig,

@@ -11,13 +11,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.keys import SigningKey, generate_keypair, load_signing_key
-from client.student import (
+from m2kt.benchmarks.harness.student_pair import ALIAS, STUDENT_TASK, accuracy, alias_packet, make_synonym_pair, probes
+from m2kt.cli.main import app
+from m2kt.errors import IngestError
+from m2kt.format.keys import SigningKey, generate_keypair, load_signing_key
+from m2kt.nn.digest import state_dict_sha256
+from m2kt.student import (
     AdapterConfig,
     CALConfig,
     IngestConfig,
-    IngestError,
     InjectConfig,
     LossWeights,
     ProbeSuite,
@@ -25,10 +27,8 @@ from client.student import (
     VerifierConfig,
     ingest,
 )
-from client.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
-from client.teacher.adapters import state_dict_sha256
-from client.teacher.tiny_model import save_tiny
-from tests.student_pair import ALIAS, STUDENT_TASK, accuracy, alias_packet, make_synonym_pair, probes
+from m2kt.teacher import ConceptsSpec, NamedProbe, PacketSpec, build_packet
+from m2kt.toy.checkpoint import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,11 @@ def test_renamed_concepts_cross_zero_shot_with_the_anchor_relative_cal(pair: dic
     config = IngestConfig(targets=["token:plus", "token:minus"], cal=CALConfig(kind="anchor"), steps=0)
     report = ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
     after = {k: accuracy(student, new, ans) for k, (new, _, ans) in cases.items()}
-    assert report["decision"] == "accepted" and report["injected"] == ["token:plus", "token:minus"]
+    assert report.decision == "accepted" and report.injected == ["token:plus", "token:minus"]
     assert min(before.values()) < 0.35, before  # an untrained token falls back to one operation, not both
     assert all(after[k] >= 0.95 * ceiling[k] for k in cases), (before, after, ceiling)
-    assert report["data_usage"]["labelled_examples"] == 0 and report["data_usage"]["teacher_queries"] == 48
-    assert report["steps_run"] == 0 and report["device"] == "cpu"
+    assert report.data_usage["labelled_examples"] == 0 and report.data_usage["teacher_queries"] == 48
+    assert report.steps_run == 0 and report.device == "cpu"
 
 
 @pytest.mark.parametrize("kind", ["anchor", "linear"])
@@ -71,9 +71,7 @@ def test_number_alias_crosses_at_the_token_embedding_in_every_position(pair: dic
     )
     report = ingest(student, packet, config, keys=pair["key"].verify_key)
     after = accuracy(student, texts, answers)
-    assert (
-        report["decision"] == "accepted" and len(report["anchors"]["train"]) + len(report["anchors"]["holdout"]) == 11
-    )
+    assert report.decision == "accepted" and len(report.anchors["train"]) + len(report.anchors["holdout"]) == 11
     assert after >= 0.95 * ceiling and after > before + 0.3, (before, after, ceiling)
 
 
@@ -84,7 +82,7 @@ def test_core_parameters_are_bit_identical_after_ingestion(pair: dict) -> None:
         targets=["token:minus"], cal=CALConfig(kind="linear"), steps=15, adapter=AdapterConfig(enabled=True, rank=4)
     )
     report = ingest(student, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
-    assert report["steps_run"] > 0 and report["trainable_parameters"] > 0
+    assert report.steps_run > 0 and report.trainable_parameters > 0
     after = student.core.state_dict()
     assert all(torch.equal(core_before[k], after[k]) for k in core_before)
     assert state_dict_sha256(student.core) == student.core_sha256
@@ -102,7 +100,7 @@ def test_flagged_concept_is_caught_and_rolled_back_to_the_exact_previous_weights
         keys=pair["key"].verify_key,
         suite=pair["suite"],
     )
-    assert first["decision"] == "accepted"
+    assert first.decision == "accepted"
     state = student.trainable_state()
     outputs = student.answer_distribution(pair["minus"] + pair["sub"])
     suite = ProbeSuite(task=pair["suite"].task, flagged={"banned:subtraction": list(probes("sub"))}, flagged_position=1)
@@ -115,7 +113,7 @@ def test_flagged_concept_is_caught_and_rolled_back_to_the_exact_previous_weights
         keys=pair["key"].verify_key,
         suite=suite,
     )
-    assert watched["losses"][0]["safety"] > 0
+    assert watched.losses[0]["safety"] > 0
     # ...and the auditor refuses it and restores the exact previous state
     report = ingest(
         student,
@@ -124,13 +122,13 @@ def test_flagged_concept_is_caught_and_rolled_back_to_the_exact_previous_weights
         keys=pair["key"].verify_key,
         suite=suite,
     )
-    assert report["decision"] == "rolled_back"
-    assert any("banned:subtraction" in r for r in report["reasons"]), report["reasons"]
+    assert report.decision == "rolled_back"
+    assert any("banned:subtraction" in r for r in report.reasons), report.reasons
     restored = student.trainable_state()
     assert restored.keys() == state.keys()
     assert all(torch.equal(restored[k], state[k]) for k in state)
     assert torch.equal(student.answer_distribution(pair["minus"] + pair["sub"]), outputs)
-    assert report["injected"] == []
+    assert report.injected == []
 
 
 def test_each_loss_term_off_changes_the_report(pair: dict) -> None:
@@ -149,7 +147,7 @@ def test_each_loss_term_off_changes_the_report(pair: dict) -> None:
             verifier=VerifierConfig(safety_threshold=1.0),
         )
         report = ingest(fresh(pair), pair["packet"], config, keys=pair["key"].verify_key, suite=suite)
-        last = report["losses"][-1]
+        last = report.losses[-1]
         if off:
             assert last[off] == 0.0
         results[off] = (round(last["total"], 7), round(last["geo"], 7))
@@ -186,7 +184,7 @@ def test_config_round_trip_and_refusals(pair: dict, tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="no concept"):
         ingest(student, pair["packet"], IngestConfig(targets=["token:times"]), keys=pair["key"].verify_key)
     other = SigningKey.from_seed(bytes(32))
-    from client.packet import PacketError
+    from m2kt.format import PacketError
 
     with pytest.raises(PacketError):
         ingest(student, pair["packet"], IngestConfig(targets=["token:minus"]), keys=other.verify_key)
@@ -251,7 +249,7 @@ def test_cli_ingest_writes_weights_and_report(pair: dict, tmp_path: Path) -> Non
 
 
 def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_path: Path) -> None:
-    from tests.broker_harness import register_node, unique
+    from m2kt.benchmarks.harness.brokers import register_node, unique
 
     teacher = register_node(live_broker.url, live_broker.admin_token, "teacher")
     student_node = register_node(live_broker.url, live_broker.admin_token, "student", with_key=False)
@@ -322,7 +320,7 @@ def test_trust_region_keeps_mapped_targets_near_the_zero_shot_map(pair: dict) ->
         loss=LossWeights(geo=1.0, struct=1.0, reason=1.0),
     )
     report = ingest(bounded, pair["packet"], config, keys=pair["key"].verify_key)
-    assert report["steps_run"] == 20
+    assert report.steps_run == 20
     base, moved = zero.injector.vectors, bounded.injector.vectors
     assert float((moved - base).norm() / base.norm()) <= 0.0101
 

@@ -1,4 +1,4 @@
-"""The student's composite loss (client.student.losses): each term on hand-checkable inputs, then the composite."""
+"""The student's composite loss (m2kt.student.losses): each term on hand-checkable inputs, then the composite."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from client.student.losses import (
+from m2kt.student.losses import (
     CompositeLoss,
     LossTerms,
     LossWeights,

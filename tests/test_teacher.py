@@ -13,32 +13,33 @@ import torch
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.keys import SigningKey, generate_keypair, load_verify_key
-from client.packet import open_packet, verify_packet
-from client.symbolic import ModularTask
-from client.teacher import (
+from m2kt.benchmarks.harness.teacher_data import TOPICS, purity
+from m2kt.cli.main import app
+from m2kt.errors import SpecError
+from m2kt.format import open_packet, verify_packet
+from m2kt.format.keys import SigningKey, generate_keypair, load_verify_key
+from m2kt.format.probe_text import decode_probe_texts
+from m2kt.nn import HookAdapter, adapter_for
+from m2kt.teacher import (
     AttentionSpec,
     AttributionSpec,
     ClusteringSpec,
     ConceptsSpec,
     GraphSpec,
-    HookAdapter,
     NamedProbe,
     PacketSpec,
     SafetySpec,
-    SpecError,
     TracesSpec,
-    adapter_for,
     build_packet,
     extract,
     load_spec,
 )
-from client.teacher.build import read_probe_texts
-from client.teacher.concepts import _integrated_gradients, layer_baseline
-from client.teacher.probing import run_probes
-from client.teacher.tiny_model import TinyConfig, TinyTransformer, TrainConfig, save_tiny, train_tiny
-from tests.teacher_data import TOPICS, purity
+from m2kt.teacher.concepts import _integrated_gradients, layer_baseline
+from m2kt.teacher.probing import run_probes
+from m2kt.toy.checkpoint import save_tiny
+from m2kt.toy.model import TinyConfig, TinyTransformer
+from m2kt.toy.symbolic import ModularTask
+from m2kt.toy.train import TrainConfig, train_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -209,7 +210,7 @@ def test_packet_holds_attention_traces_graph_and_safety(teacher, signing_key: Si
         assert t["graph_edges"].shape == (23 * 22 // 2, 2)  # every pair passes a threshold of -1
         assert t["graph_weights"].shape == (23 * 22 // 2,) and (t["graph_edges"][:, 0] < t["graph_edges"][:, 1]).all()
         assert t["probe_tokens"].shape == (46, 4) and (t["probe_lengths"] == 4).all()
-        assert read_probe_texts(t) == [text for probe in named for text in probe.inputs]
+        assert decode_probe_texts(t) == [text for probe in named for text in probe.inputs]
         scores = {c.label: c.safety_score for c in m.concepts}
         assert scores["result:7"] >= 0.8
         assert max(v for k, v in scores.items() if k != "result:7") < 0.8
@@ -531,7 +532,7 @@ def test_cli_train_tiny_saves_a_loadable_model(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "held-out" in result.output and (tmp_path / "t" / "m2kt_tiny.json").is_file()
-    from client.teacher.loading import load_model
+    from m2kt.cli.models import load_model
 
     loaded = load_model(str(tmp_path / "t"))
     assert loaded.model.config.d_model == 16 and loaded.tokenizer is None

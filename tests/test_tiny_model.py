@@ -1,4 +1,4 @@
-"""The symbolic tasks (client.symbolic) and the tiny transformer teacher (client.teacher.tiny_model)."""
+"""The symbolic tasks (m2kt.toy.symbolic) and the tiny transformer (m2kt.toy.model, .train, .checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,11 @@ import safetensors.numpy
 
 torch = pytest.importorskip("torch")
 
-from client.symbolic import (  # noqa: E402
-    EQUALS,
-    OPERATIONS,
-    PAD,
-    ModularTask,
-    UnknownTokenError,
-    Vocabulary,
-    parse_expression,
-)
-from client.teacher.tiny_model import (  # noqa: E402
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    TinyConfig,
-    TinyTransformer,
-    TrainConfig,
-    accuracy,
-    answer_logits,
-    encode_batch,
-    load_tiny,
-    save_tiny,
-    train_tiny,
-    weights_sha256,
-)
+from m2kt.nn.digest import state_dict_sha256  # noqa: E402
+from m2kt.toy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tiny, save_tiny  # noqa: E402
+from m2kt.toy.model import TinyConfig, TinyTransformer  # noqa: E402
+from m2kt.toy.symbolic import EQUALS, OPERATIONS, PAD, ModularTask, UnknownTokenError, Vocabulary, parse_expression  # noqa: E402
+from m2kt.toy.train import TrainConfig, accuracy, answer_logits, encode_batch, train_tiny  # noqa: E402
 
 ADD_SUB = ModularTask(p=23, operators={"add": "add", "sub": "sub"})
 
@@ -242,12 +224,12 @@ def test_same_seed_trains_bit_identical_weights() -> None:
     short = TrainConfig(steps=50)
     first, m1 = train_tiny(ADD_SUB, config, short)
     second, m2 = train_tiny(ADD_SUB, config, short)
-    assert weights_sha256(first) == weights_sha256(second)
+    assert state_dict_sha256(first) == state_dict_sha256(second)
     s1, s2 = first.state_dict(), second.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert m1["train_accuracy"] == m2["train_accuracy"] and m1["steps"] == 50
     minibatch, _ = train_tiny(ADD_SUB, config, TrainConfig(steps=5, batch_size=64, seed=1))
-    assert weights_sha256(minibatch) != weights_sha256(first)
+    assert state_dict_sha256(minibatch) != state_dict_sha256(first)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -268,17 +250,17 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     ids, mask = encode_batch(vocab, [("3", "add", "5", "="), ("1", "=")], "cpu")
     with torch.no_grad():
         assert torch.equal(model(ids, mask), loaded(ids, mask))
-    assert weights_sha256(loaded) == weights_sha256(model)
+    assert state_dict_sha256(loaded) == state_dict_sha256(model)
 
     # The digest is sha256 over (name bytes, raw little-endian bytes) in sorted name order.
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.numpy().astype(tensor.numpy().dtype.newbyteorder("<")).tobytes())
-    assert weights_sha256(model) == digest.hexdigest()
+    assert state_dict_sha256(model) == digest.hexdigest()
     with torch.no_grad():
         loaded.head.weight[0, 0] += 1.0
-    assert weights_sha256(loaded) != weights_sha256(model)
+    assert state_dict_sha256(loaded) != state_dict_sha256(model)
 
 
 def test_load_refuses_mismatched_or_missing_files(tmp_path: Path) -> None:
@@ -306,6 +288,6 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
     with torch.no_grad():
         got = gpu(*encode_batch(vocab, [("3", "add", "5", "="), ("1", "=")], "cuda")).cpu()
         assert torch.allclose(got, model(ids, mask), atol=1e-4)
-    assert weights_sha256(gpu) == weights_sha256(model)
+    assert state_dict_sha256(gpu) == state_dict_sha256(model)
     trained, metrics = train_tiny(ADD_SUB, model.config, TrainConfig(steps=20, device="cuda"))
     assert metrics["device"] == "cuda" and next(trained.parameters()).is_cuda

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.transfer.report import aggregate, claims, cost_to
-from benchmarks.transfer.run import Settings, run_benchmark
-from benchmarks.transfer.scenarios import build_world
-from client.cli import app
-from client.packet import open_packet
+from m2kt.benchmarks.transfer.report import aggregate, claims, cost_to
+from m2kt.benchmarks.transfer.run import Settings, run_benchmark
+from m2kt.benchmarks.transfer.scenarios import build_world
+from m2kt.cli.main import app
+from m2kt.format import open_packet
 
 FIELDS = {"scenario", "condition", "budget_fraction", "labelled", "teacher_queries", "accuracy", "pct_of_teacher"}
 FIELDS |= {"seconds", "device", "concept_vectors", "packet_bytes", "trainable_parameters", "pair", "seed"}
@@ -108,9 +108,9 @@ def test_zero_shot_anchor_map_carries_synonyms_across(mini_run: tuple[dict, Path
 def test_packets_count_their_queries(tmp_path: Path) -> None:
     import torch
 
-    from benchmarks.transfer.packets import write_transfer_packet
-    from client.keys import SigningKey
-    from client.teacher.tiny_model import TinyConfig, TinyTransformer
+    from m2kt.benchmarks.transfer.packets import write_transfer_packet
+    from m2kt.format.keys import SigningKey
+    from m2kt.toy.model import TinyConfig, TinyTransformer
 
     world = build_world(5)
     torch.manual_seed(0)

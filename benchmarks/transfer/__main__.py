@@ -1,3 +1,3 @@
-from benchmarks.transfer.run import main
+from m2kt.benchmarks.transfer.run import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ starts and what signal trains it:
 * **KD** — KL to the teacher's output distribution on the same N queries (the teacher is run).
 * **labelled** — cross-entropy on N ground-truth answers (0 teacher queries).
 
-All of them run on the Student wrapper of :mod:`client.student` (frozen core, injector, adapters).
+All of them run on the Student wrapper of :mod:`m2kt.student` (frozen core, injector, adapters).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from client.student import CALConfig, Student
-from client.student.cal import build_cal
-from client.student.ingest import project_to_trust_region
-from client.student.losses import align_depth, geo_loss, pool_attention_to, reason_loss, struct_loss
-from client.student.probing import PacketContents
-from client.symbolic import Example, Vocabulary
-from client.teacher.tiny_model import TinyTransformer, encode_batch, encode_examples
+from m2kt.student import CALConfig, Student
+from m2kt.student.cal import build_cal
+from m2kt.student.losses import LossWeights, pool_attention_to
+from m2kt.student.probing import PacketContents
+from m2kt.student.training import CALTrainer
+from m2kt.toy.model import TinyTransformer
+from m2kt.toy.symbolic import Example, Vocabulary
+from m2kt.toy.train import encode_batch, encode_examples
 
 __all__ = ["LossMix", "Trainee", "accuracy", "make_trainee", "train_m2kt", "train_outputs"]
 
@@ -63,9 +64,13 @@ class Trainee:
     def inject(self) -> torch.Tensor:
         """Map every concept, inject the targets (with grad while training); returns the mapped table."""
         mapped = self.cal(self.teacher_concepts)  # (K, d_S)
+        self.inject_mapped(mapped)
+        return mapped
+
+    def inject_mapped(self, mapped: torch.Tensor) -> None:
+        """Inject the target rows of an already mapped concept table (K, d_S)."""
         labels = [f"token:{i}" for i in self.target_ids]
         self.student.injector.set(self.target_ids, labels, mapped[self.target_rows])
-        return mapped
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in [*self.cal.parameters(), *self.student.adapters.parameters()] if p.requires_grad]
@@ -196,7 +201,8 @@ def train_m2kt(
     lr: float,
     log: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """The composite loss on the packet alone: L_geo on anchors, L_struct and L_reason on its probes."""
+    """The composite loss on the packet alone: L_geo on anchors, L_struct and L_reason on its probes,
+    trained through the library's step (:class:`m2kt.student.training.CALTrainer`)."""
     if steps == 0 or (mix.geo == 0 and not contents.texts):
         return {"steps": 0, "seconds": 0.0}
     device = trainee.device
@@ -211,42 +217,43 @@ def train_m2kt(
         core = trainee.student.core
         s_out = core.head.weight.detach()[[vocab.id(str(n)) for n in range(t_out.shape[0])]].to(device)  # (p, d_S)
         probes = (ids, mask, t_traces, t_attn, t_out, s_out)
-    optimizer = torch.optim.Adam(trainee.parameters(), lr=lr)
-    start = time.perf_counter()
+    weights = LossWeights(
+        geo=mix.geo, struct=mix.struct, reason=mix.reason, safety=0.0, reason_temperature=mix.reason_temperature
+    )
+    trainer = CALTrainer(
+        trainee.cal,
+        trainee.parameters(),
+        weights,
+        lr=lr,
+        teacher_concepts=trainee.teacher_concepts,
+        trust_region=mix.trust_region,
+        trust_rows=trainee.target_rows,
+    )
     anchors = trainee.anchor_rows
-    with torch.no_grad():
-        zero_shot = trainee.cal(trainee.teacher_concepts).detach()
-    zero_state = {k: v.detach().clone() for k, v in trainee.cal.state_dict().items()}
-    terms: dict[str, float] = {}
-    for _ in range(steps):
-        mapped = trainee.inject()
-        total = torch.zeros((), device=device)
-        terms = {}
-        if mix.geo > 0:
-            geo = geo_loss(mapped[anchors], trainee.student_concepts[anchors])
-            total = total + mix.geo * geo
-            terms["geo"] = float(geo.detach())
+
+    def inputs(mapped: torch.Tensor) -> dict[str, torch.Tensor]:
+        trainee.inject_mapped(mapped)
+        args = {"mapped": mapped[anchors], "target": trainee.student_concepts[anchors]}
         if probes is not None:
             ids, mask, t_traces, t_attn, t_out, s_out = probes
             s_traces, s_attn = _student_traces(trainee, ids, mask)
-            if mix.struct > 0:
-                width = s_attn.shape[-1]
-                struct = struct_loss(t_attn[:, :width, :width], s_attn, mask)
-                total = total + mix.struct * struct
-                terms["struct"] = float(struct.detach())
-            if mix.reason > 0:
-                reason = reason_loss(
-                    align_depth(t_traces, s_traces.shape[1]), t_out, s_traces, s_out, mix.reason_temperature
-                )
-                total = total + mix.reason * reason
-                terms["reason"] = float(reason.detach())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if mix.trust_region is not None:
-            project_to_trust_region(
-                trainee.cal, zero_state, zero_shot, trainee.teacher_concepts, trainee.target_rows, mix.trust_region
+            width = s_attn.shape[-1]
+            args.update(
+                teacher_attention=t_attn[:, :width, :width],
+                student_attention=s_attn,
+                attention_mask=mask,
+                teacher_traces=t_traces,
+                teacher_concepts=t_out,
+                student_traces=s_traces,
+                student_concepts=s_out,
             )
+        return args
+
+    start = time.perf_counter()
+    terms: dict[str, float] = {}
+    for _ in range(steps):
+        step = trainer.step(inputs).as_dict()
+        terms = {k: step[k] for k in ("geo", "struct", "reason") if getattr(mix, k) > 0 and (k == "geo" or probes)}
         if log is not None:
             log(terms)
     return {"steps": steps, "seconds": time.perf_counter() - start, **{f"final_{k}": v for k, v in terms.items()}}

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from client.symbolic import Example, ModularTask, Vocabulary
-from client.teacher.tiny_model import TinyConfig, TinyTransformer, TrainConfig, accuracy, train_tiny
+from m2kt.toy.model import TinyConfig, TinyTransformer
+from m2kt.toy.symbolic import Example, ModularTask, Vocabulary
+from m2kt.toy.train import TrainConfig, accuracy, train_tiny
 
 __all__ = ["evaluate", "train_model"]
 

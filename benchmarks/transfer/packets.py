@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.keys import SigningKey
-from client.manifest import (
+from m2kt.format import write_packet
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import (
     ConceptEntry,
     DataUsage,
     ExtractionInfo,
@@ -33,10 +34,11 @@ from client.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from client.packet import write_packet
-from client.symbolic import Example, Vocabulary
-from client.teacher.build import probe_text_tensors
-from client.teacher.tiny_model import TinyTransformer, encode_batch, weights_sha256
+from m2kt.format.probe_text import encode_probe_texts
+from m2kt.nn.digest import state_dict_sha256
+from m2kt.toy.model import TinyTransformer
+from m2kt.toy.symbolic import Example, Vocabulary
+from m2kt.toy.train import encode_batch
 
 __all__ = ["CREATED_AT", "anchor_tokens", "write_transfer_packet"]
 
@@ -97,7 +99,7 @@ def write_transfer_packet(
     if probes:
         traces, attention = _traces_and_attention(teacher, vocab, probes)
         texts = [" ".join(e.tokens) for e in probes]
-        tensors.update({k: v.numpy() for k, v in probe_text_tensors(texts).items()})
+        tensors.update(encode_probe_texts(texts))
         tensors["traces"] = traces.float().numpy()
         tensors["attention"] = attention.float().numpy()
         n_layers = teacher.config.n_layers
@@ -112,7 +114,7 @@ def write_transfer_packet(
         teacher=TeacherInfo(
             model_name="tiny-transformer",
             architecture=f"TinyTransformer(d={cfg.d_model},L={cfg.n_layers},H={cfg.n_heads},ff={cfg.d_ff})",
-            weights_sha256=weights_sha256(teacher),
+            weights_sha256=state_dict_sha256(teacher),
             d_model=cfg.d_model,
             layers=["embed.tok", "head"] + (["embed", "blocks", "ln_f"] if probes else []),
         ),

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     """Re-render ``transfer.md`` and ``transfer.png`` from a saved ``transfer.json`` (no training)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer.report", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m m2kt.benchmarks.transfer.report", description=main.__doc__)
     parser.add_argument("json", type=Path)
     args = parser.parse_args(argv)
     document = json.loads(args.json.read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """Run the transfer benchmark: every condition × budget × scenario on every pair, then report.
 
     m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device cpu|cuda]
-    python -m benchmarks.transfer ...                                     (the same)
+    python -m m2kt.benchmarks.transfer ...                                     (the same)
 
 Run i (i < seeds) uses pair i mod 3 with seed i: models, splits of the pool and CAL seeds all
 follow from it. ``--quick`` is one run with fewer budgets and steps (under 10 minutes on a 2-core
@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.transfer.methods import LossMix, Trainee, accuracy, make_trainee, train_m2kt, train_outputs
-from benchmarks.transfer.models import evaluate, train_model
-from benchmarks.transfer.packets import anchor_tokens, write_transfer_packet
-from benchmarks.transfer.report import write_outputs
-from benchmarks.transfer.scenarios import PAIRS, PairShape, Scenario, World, build_world
-from client.keys import SigningKey
-from client.student.probing import PacketContents, read_packet
-from client.symbolic import Example, Vocabulary
-from client.teacher.adapters import pick_device
-from client.teacher.tiny_model import TinyTransformer
+from m2kt.benchmarks.transfer.methods import LossMix, Trainee, accuracy, make_trainee, train_m2kt, train_outputs
+from m2kt.benchmarks.transfer.models import evaluate, train_model
+from m2kt.benchmarks.transfer.packets import anchor_tokens, write_transfer_packet
+from m2kt.benchmarks.transfer.report import write_outputs
+from m2kt.benchmarks.transfer.scenarios import PAIRS, PairShape, Scenario, World, build_world
+from m2kt.format.keys import SigningKey
+from m2kt.nn.device import pick_device
+from m2kt.student.probing import PacketContents, read_packet
+from m2kt.toy.model import TinyTransformer
+from m2kt.toy.symbolic import Example, Vocabulary
 
 __all__ = ["Settings", "main", "run_benchmark"]
 

@@ -1,6 +1,6 @@
 """The benchmark's world: one vocabulary, the teacher/student pairs, and the two scenario families.
 
-Everything is generated from :class:`client.symbolic.ModularTask` — no dataset. One fixed split of
+Everything is generated from :class:`m2kt.toy.symbolic.ModularTask` — no dataset. One fixed split of
 every expression holds out the test set first; nothing in ``test`` is ever a teacher training
 example, a probe, a KD query, a labelled example or an anchor.
 
@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from client.symbolic import Example, ModularTask
+from m2kt.toy.symbolic import Example, ModularTask
 
 __all__ = [
     "CONCEPT_KINDS",

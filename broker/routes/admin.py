@@ -6,9 +6,9 @@ import numpy as np
 from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import func, select
 
-from broker.deps import AdminCaller, SessionDep
-from broker.errors import Malformed, NotFound, error_responses
-from broker.models import (
+from m2kt.broker.deps import AdminCaller, SessionDep
+from m2kt.broker.errors import Malformed, NotFound, error_responses
+from m2kt.broker.models import (
     AuditEvent,
     FlaggedConceptSet,
     IngestionReceipt,
@@ -18,8 +18,8 @@ from broker.models import (
     Subscription,
     Topic,
 )
-from broker.schemas import MAX_BIGINT, AuditOut, FlaggedSetIn, FlaggedSetOut, StatsOut, storable_name
-from broker.services import audit
+from m2kt.broker.schemas import MAX_BIGINT, AuditOut, FlaggedSetIn, FlaggedSetOut, StatsOut, storable_name
+from m2kt.broker.services import audit
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

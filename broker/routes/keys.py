@@ -3,12 +3,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
-from broker.deps import CurrentCaller, KeysCaller, SessionDep
-from broker.errors import error_responses
-from broker.models import PublicKey
-from broker.schemas import KeyOut, KeyRegister, KeyRevoke, KeyRevoked
-from broker.services import keys as service
-from broker.services.records import key_out
+from m2kt.broker.deps import CurrentCaller, KeysCaller, SessionDep
+from m2kt.broker.errors import error_responses
+from m2kt.broker.models import PublicKey
+from m2kt.broker.schemas import KeyOut, KeyRegister, KeyRevoke, KeyRevoked
+from m2kt.broker.services import keys as service
+from m2kt.broker.services.records import key_out
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

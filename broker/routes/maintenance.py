@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from broker.deps import AdminCaller, StateDep
-from broker.errors import DependencyDown, error_responses
-from broker.gc import collect_garbage
-from broker.schemas import GcOut
-from broker.storage import StorageError
+from m2kt.broker.deps import AdminCaller, StateDep
+from m2kt.broker.errors import error_responses
+from m2kt.broker.gc import collect_garbage
+from m2kt.broker.schemas import GcOut
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -31,10 +29,5 @@ async def run_gc(
     ] = None,
 ) -> GcOut:
     grace = state.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
-    try:
-        report = await run_in_threadpool(collect_garbage, state.sessions, state.storage, grace, dry_run=dry_run)
-    except StorageError as exc:
-        raise DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable") from exc
-    except OperationalError as exc:
-        raise DependencyDown(f"the database is unavailable: {exc.orig or exc}", code="database_unavailable") from exc
+    report = await run_in_threadpool(collect_garbage, state.sessions, state.storage, grace, dry_run=dry_run)
     return GcOut(**report.as_dict())

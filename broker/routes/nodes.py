@@ -5,12 +5,21 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 from sqlalchemy import select
 
-from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
-from broker.errors import error_responses
-from broker.models import ApiToken, Node
-from broker.schemas import MAX_BIGINT, NodeCreate, NodeOut, NodeWithToken, TokenCreate, TokenOut, TokenRotate, WhoAmI
-from broker.services import audit
-from broker.services import nodes as service
+from m2kt.broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
+from m2kt.broker.errors import error_responses
+from m2kt.broker.models import ApiToken, Node
+from m2kt.broker.schemas import (
+    MAX_BIGINT,
+    NodeCreate,
+    NodeOut,
+    NodeWithToken,
+    TokenCreate,
+    TokenOut,
+    TokenRotate,
+    WhoAmI,
+)
+from m2kt.broker.services import audit
+from m2kt.broker.services import nodes as service
 
 router = APIRouter(prefix="/v1", tags=["nodes and tokens"])
 

@@ -4,8 +4,8 @@ from fastapi import APIRouter, Response
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from broker.deps import StateDep
-from broker.errors import DependencyDown, error_responses
+from m2kt.broker.deps import StateDep
+from m2kt.broker.errors import database_unavailable, error_responses, storage_unavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -24,11 +24,11 @@ async def readyz(state: StateDep) -> dict[str, str]:
     try:
         await run_in_threadpool(check_db)
     except Exception as exc:  # noqa: BLE001
-        raise DependencyDown(f"database: {exc}", code="database_unavailable") from exc
+        raise database_unavailable(exc) from exc
     try:
         await run_in_threadpool(state.storage.check)
     except Exception as exc:  # noqa: BLE001
-        raise DependencyDown(f"storage: {exc}", code="storage_unavailable") from exc
+        raise storage_unavailable(exc) from exc
     return {"status": "ready", "storage": state.storage.description}
 
 

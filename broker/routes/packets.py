@@ -7,13 +7,13 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from broker.deps import AdminCaller, CurrentCaller, ReceiptCaller, SessionDep, StateDep
-from broker.errors import DependencyDown, NotFound, error_responses
-from broker.models import IngestionReceipt, PacketStatus
-from broker.schemas import LineageOut, PacketOut, ReceiptIn, ReceiptOut
-from broker.services import packets as service
-from broker.services.records import packet_out
-from broker.storage import BlobNotFound, StorageError
+from m2kt.broker.deps import AdminCaller, ReadCaller, ReceiptCaller, SessionDep, StateDep
+from m2kt.broker.errors import NotFound, error_responses
+from m2kt.broker.models import IngestionReceipt, PacketStatus
+from m2kt.broker.schemas import LineageOut, PacketOut, ReceiptIn, ReceiptOut
+from m2kt.broker.services import packets as service
+from m2kt.broker.services.records import packet_out
+from m2kt.broker.storage import BlobNotFound
 
 router = APIRouter(prefix="/v1/packets", tags=["topics and packets"])
 
@@ -23,8 +23,7 @@ router = APIRouter(prefix="/v1/packets", tags=["topics and packets"])
     summary="A packet's record: manifest, publisher, key, safety verdict, status",
     responses=error_responses(401, 403, 404),
 )
-def get_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> PacketOut:
-    caller.require("read")
+def get_packet(packet_id: str, session: SessionDep, caller: ReadCaller) -> PacketOut:
     packet = service.get_packet(session, packet_id)
     if packet.status is not PacketStatus.accepted and not caller.is_admin and packet.publisher_id != caller.node_id:
         service.check_servable(packet, caller)
@@ -46,11 +45,10 @@ def get_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> Pa
 async def get_blob(
     packet_id: str,
     state: StateDep,
-    caller: CurrentCaller,
+    caller: ReadCaller,
     redirect: Annotated[bool, Query(description="Answer 307 to a presigned S3 URL when storage offers one")] = False,
     range_: Annotated[str | None, Header(alias="range")] = None,
 ) -> StreamingResponse | RedirectResponse:
-    caller.require("read")
 
     def lookup() -> tuple[str, int]:
         with state.sessions() as session:
@@ -69,8 +67,6 @@ async def get_blob(
         chunks = await run_in_threadpool(state.storage.read, key, start, end)
     except BlobNotFound as exc:
         raise NotFound("the packet's blob is missing from storage", code="blob_missing") from exc
-    except StorageError as exc:
-        raise DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable") from exc
 
     async def body():  # type: ignore[no-untyped-def]
         async for chunk in iterate_in_threadpool(chunks):
@@ -91,8 +87,7 @@ async def get_blob(
 
 
 @router.get("/{packet_id}/lineage", summary="Ancestors and descendants", responses=error_responses(401, 404))
-def get_lineage(packet_id: str, session: SessionDep, caller: CurrentCaller) -> LineageOut:
-    caller.require("read")
+def get_lineage(packet_id: str, session: SessionDep, caller: ReadCaller) -> LineageOut:
     return service.lineage(session, packet_id)
 
 
@@ -107,8 +102,7 @@ def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: R
 
 
 @router.get("/{packet_id}/receipts", summary="Ingestion receipts for a packet", responses=error_responses(401, 404))
-def list_receipts(packet_id: str, session: SessionDep, caller: CurrentCaller) -> list[ReceiptOut]:
-    caller.require("read")
+def list_receipts(packet_id: str, session: SessionDep, caller: ReadCaller) -> list[ReceiptOut]:
     service.get_packet(session, packet_id)
     rows = session.scalars(
         select(IngestionReceipt).where(IngestionReceipt.packet_id == packet_id).order_by(IngestionReceipt.id)

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from broker.deps import CurrentCaller, ReadCaller, SessionDep, StateDep
-from broker.errors import error_responses
-from broker.models import Subscription
-from broker.schemas import AckIn, EventPage, SubscriptionCreate, SubscriptionOut
-from broker.services import subscriptions as service
+from m2kt.broker.deps import CurrentCaller, ReadCaller, SessionDep, StateDep
+from m2kt.broker.errors import error_responses
+from m2kt.broker.models import Subscription
+from m2kt.broker.schemas import AckIn, EventPage, SubscriptionCreate, SubscriptionOut
+from m2kt.broker.services import subscriptions as service
 
 router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
 

@@ -9,15 +9,16 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from broker.deps import AdminCaller, CurrentCaller, SessionDep, StateDep
-from broker.errors import error_responses
-from broker.models import Topic
-from broker.schemas import MAX_BIGINT, EventPage, PacketOut, TopicOut, TopicUpdate
-from broker.services import audit
-from broker.services.subscriptions import event_page, wait_for_events
-from broker.services.topics import get_topic, topic_out
-from broker.services.upload import receive_packet
+from m2kt.broker.deps import AdminCaller, PublishCaller, ReadCaller, SessionDep, StateDep
+from m2kt.broker.errors import error_responses
+from m2kt.broker.models import Topic
+from m2kt.broker.schemas import MAX_BIGINT, EventPage, PacketOut, TopicOut, TopicUpdate
+from m2kt.broker.services import audit
+from m2kt.broker.services.subscriptions import event_page, wait_for_events
+from m2kt.broker.services.topics import get_topic, topic_out
+from m2kt.broker.services.upload import receive_packet, upload_incomplete
 
 router = APIRouter(prefix="/v1/topics", tags=["topics and packets"])
 
@@ -40,9 +41,17 @@ def _resume_from(last_event_id: str | None) -> int:
     return 0
 
 
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that goes away mid-upload is a refused upload."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise upload_incomplete() from None
+
+
 @router.get("", summary="List topics", responses=error_responses(401))
-def list_topics(session: SessionDep, state: StateDep, caller: CurrentCaller) -> list[TopicOut]:
-    caller.require("read")
+def list_topics(session: SessionDep, state: StateDep, caller: ReadCaller) -> list[TopicOut]:
     return [
         topic_out(session, t, state.settings.safety_threshold)
         for t in session.scalars(select(Topic).order_by(Topic.name))
@@ -50,8 +59,7 @@ def list_topics(session: SessionDep, state: StateDep, caller: CurrentCaller) -> 
 
 
 @router.get("/{topic}", summary="One topic", responses=error_responses(401, 404))
-def read_topic(topic: str, session: SessionDep, state: StateDep, caller: CurrentCaller) -> TopicOut:
-    caller.require("read")
+def read_topic(topic: str, session: SessionDep, state: StateDep, caller: ReadCaller) -> TopicOut:
     return topic_out(session, get_topic(session, topic), state.settings.safety_threshold)
 
 
@@ -78,10 +86,10 @@ async def upload_packet(
     request: Request,
     response: Response,
     state: StateDep,
-    caller: CurrentCaller,
+    caller: PublishCaller,
     content_length: Annotated[int | None, Header(include_in_schema=False)] = None,  # transport, not API
 ) -> PacketOut:
-    record, created = await receive_packet(state, caller, topic, request.stream(), content_length)
+    record, created = await receive_packet(state, caller, topic, _body(request), content_length)
     if not created:
         response.status_code = status.HTTP_200_OK
     return record
@@ -95,14 +103,13 @@ async def upload_packet(
 async def list_packets(
     topic: str,
     state: StateDep,
-    caller: CurrentCaller,
+    caller: ReadCaller,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="Return events with seq > after")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
-    caller.require("read")
     if wait <= 0:
-        return await run_in_threadpool(event_page, state, topic, after, limit)
+        return await run_in_threadpool(event_page, state.sessions, topic, after, limit)
     return await wait_for_events(state, topic, after, wait, limit)
 
 
@@ -116,13 +123,12 @@ async def stream_events(
     topic: str,
     request: Request,
     state: StateDep,
-    caller: CurrentCaller,
+    caller: ReadCaller,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    caller.require("read")
     cursor = after if after is not None else _resume_from(last_event_id)
-    await run_in_threadpool(event_page, state, topic, cursor, 1)  # 404 now, not mid-stream
+    await run_in_threadpool(event_page, state.sessions, topic, cursor, 1)  # 404 now, not mid-stream
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.models import AuditEvent
+from m2kt.broker.models import AuditEvent
 
 
 def record(session: Session, actor_id: int | None, action: str, target: str | None = None, **detail: Any) -> None:

@@ -8,13 +8,14 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.deps import Caller
-from broker.errors import Conflict, Forbidden, Malformed, NotFound
-from broker.models import EventKind, Node, Packet, PacketStatus, PublicKey
-from broker.services import audit
-from broker.services.topics import append_event
-from client.keys import KeyFileError, parse_verify_key
-from client.manifest import SHA256_PATTERN
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Conflict, Forbidden, Malformed, NotFound
+from m2kt.broker.models import EventKind, Node, Packet, PacketStatus, PublicKey
+from m2kt.broker.services import audit
+from m2kt.broker.services.topics import append_event
+from m2kt.errors import KeyFileError
+from m2kt.format.keys import parse_verify_key
+from m2kt.format.manifest import SHA256_PATTERN
 
 
 def get_key(session: Session, fingerprint: str) -> PublicKey:

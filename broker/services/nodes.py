@@ -9,12 +9,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.deps import Caller
-from broker.errors import Conflict, Malformed, NotFound, Unauthorized
-from broker.models import ApiToken, Node, Role
-from broker.schemas import NAME_PATTERN, TokenOut
-from broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
-from broker.services import audit
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Conflict, Malformed, NotFound, Unauthorized
+from m2kt.broker.models import ApiToken, Node, Role
+from m2kt.broker.schemas import NAME_PATTERN, TokenOut
+from m2kt.broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
+from m2kt.broker.services import audit
 
 
 def get_node(session: Session, name: str) -> Node:

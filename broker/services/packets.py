@@ -7,13 +7,13 @@ import re
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.deps import Caller
-from broker.errors import Conflict, Forbidden, NotFound, RangeNotSatisfiable
-from broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, PacketStatus
-from broker.schemas import LineageNode, LineageOut, ReceiptIn, ReceiptOut
-from broker.services import audit
-from broker.services.topics import append_event
-from client.manifest import SHA256_PATTERN
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Conflict, Forbidden, NotFound, RangeNotSatisfiable
+from m2kt.broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, PacketStatus
+from m2kt.broker.schemas import LineageNode, LineageOut, ReceiptIn, ReceiptOut
+from m2kt.broker.services import audit
+from m2kt.broker.services.topics import append_event
+from m2kt.format.manifest import SHA256_PATTERN
 
 MAX_LINEAGE_DEPTH = 64
 

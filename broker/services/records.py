@@ -7,8 +7,8 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.models import LineageEdge, Packet, PublicKey, TopicEvent
-from broker.schemas import EventOut, KeyOut, PacketOut, SafetyVerdict
+from m2kt.broker.models import LineageEdge, Packet, PublicKey, TopicEvent
+from m2kt.broker.schemas import EventOut, KeyOut, PacketOut, SafetyVerdict
 
 
 def parents_of(session: Session, packet_ids: Collection[str]) -> dict[str, list[str]]:

@@ -7,19 +7,20 @@ import time
 from datetime import UTC, datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
-from broker.deps import BrokerState, Caller
-from broker.errors import Conflict, Malformed, NotFound
-from broker.models import Subscription
-from broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
-from broker.services.records import events_out
-from broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Conflict, Malformed, NotFound
+from m2kt.broker.models import Subscription
+from m2kt.broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
+from m2kt.broker.services.records import events_out
+from m2kt.broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
+from m2kt.broker.state import BrokerState
+from m2kt.broker.threads import in_thread
 
 
-def event_page(state: BrokerState, topic: str, after: int, limit: int) -> EventPage:
-    with state.sessions() as session:
+def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: int) -> EventPage:
+    with sessions() as session:
         row = get_topic(session, topic)
         events = events_after(session, row, after, limit)
         items = events_out(session, events)
@@ -31,7 +32,7 @@ async def wait_for_events(state: BrokerState, topic: str, after: int, wait: floa
     deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
     while True:
         wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
-        page = await run_in_threadpool(event_page, state, topic, after, limit)
+        page = await in_thread(event_page, state.sessions, topic, after, limit)
         remaining = deadline - time.monotonic()
         if page.items or remaining <= 0:
             return page

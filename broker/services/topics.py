@@ -8,11 +8,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.errors import Malformed, NotFound
-from broker.models import EventKind, Packet, Topic, TopicEvent
-from broker.pubsub import notify_in_transaction
-from broker.schemas import TopicOut
-from client.manifest import TOPIC_PATTERN
+from m2kt.broker.errors import Malformed, NotFound
+from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent
+from m2kt.broker.pubsub import notify_in_transaction
+from m2kt.broker.schemas import TopicOut
+from m2kt.format.manifest import TOPIC_PATTERN
 
 
 def check_topic_name(name: str) -> None:

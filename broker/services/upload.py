@@ -11,7 +11,7 @@ Order is what makes failures leave nothing behind:
    sent while the body is still arriving and which stays invisible until completed; locally it
    is a file under ``incoming/``;
 2. any refusal aborts the staged upload — no row was written, no blob is left;
-3. on success, in one transaction that holds the blob key's lock (:mod:`broker.bloblocks`), the
+3. on success, in one transaction that holds the blob key's lock (:mod:`m2kt.broker.bloblocks`), the
    upload is completed (S3: the object appears, nothing is copied), promoted (local: renamed into
    ``packets/``) and its row inserted and committed — so a row never points at a missing blob, and
    garbage collection, which takes the same lock, cannot delete the blob before the row commits.
@@ -30,21 +30,21 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
-from broker.bloblocks import locked_transaction
-from broker.deps import BrokerState, Caller
-from broker.errors import BrokerError, DependencyDown, Malformed, TooLarge, TooManyRequests, ValidationFailed
-from broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
-from broker.schemas import PacketOut
-from broker.services import audit
-from broker.services.records import packet_out
-from broker.services.topics import append_event, check_topic_name, get_or_create_topic
-from broker.storage import StagedUpload, StorageError
-from broker.validation import (
+from m2kt.broker.bloblocks import locked_transaction
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import BrokerError, Malformed, TooLarge, TooManyRequests, ValidationFailed
+from m2kt.broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
+from m2kt.broker.schemas import PacketOut
+from m2kt.broker.services import audit
+from m2kt.broker.services.records import packet_out
+from m2kt.broker.services.topics import append_event, get_or_create_topic
+from m2kt.broker.state import BrokerState
+from m2kt.broker.storage import StagedUpload, StorageError
+from m2kt.broker.threads import in_thread
+from m2kt.broker.validation import (
     FlaggedSet,
     Received,
     SafetyReport,
@@ -53,7 +53,7 @@ from broker.validation import (
     declared_safety,
     flagged_similarity,
 )
-from client.keys import VerifyKey
+from m2kt.format.keys import VerifyKey
 
 BATCH = 1 << 20  # bytes handed to a worker thread at a time
 
@@ -269,6 +269,11 @@ def _store_and_commit(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def upload_incomplete() -> Malformed:
+    """The refusal of an upload whose client disconnected before the body ended."""
+    return Malformed("the client disconnected before the upload finished", code="upload_incomplete")
+
+
 async def _chunks(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Re-chunk the request body into ~BATCH-sized pieces (fresh bytes objects, copied once)."""
     parts: list[bytes] = []
@@ -292,7 +297,7 @@ async def _receive(receiver: _Receiver, body: AsyncIterator[bytes]) -> None:
         async for chunk in _chunks(body):
             if job is not None:
                 await job
-            job = asyncio.ensure_future(run_in_threadpool(receiver.feed, chunk))
+            job = asyncio.ensure_future(in_thread(receiver.feed, chunk))
         if job is not None:
             await job
     finally:
@@ -307,10 +312,12 @@ async def _receive(receiver: _Receiver, body: AsyncIterator[bytes]) -> None:
 async def receive_packet(
     state: BrokerState, caller: Caller, topic: str, body: AsyncIterator[bytes], content_length: int | None
 ) -> tuple[PacketOut, bool]:
-    """Stream, validate and store one upload; returns (record, created)."""
+    """Stream, validate and store one upload; returns (record, created).
+
+    The route has checked the topic's name and that ``caller`` may publish to it (``PublishCaller``); ``body``
+    raises :func:`upload_incomplete` when the client goes away mid-upload.
+    A storage or database failure propagates as it is; the app's handler answers 503 for it."""
     settings = state.settings
-    check_topic_name(topic)
-    caller.require("publish", topic)
     _check_rate(state, caller)
     if content_length is not None and content_length > settings.max_packet_bytes:
         raise TooLarge(
@@ -327,13 +334,10 @@ async def receive_packet(
     )
     receiver = _Receiver(state, caller, topic, stream)
     try:
-        try:
-            await _receive(receiver, body)
-        except ClientDisconnect:
-            raise Malformed("the client disconnected before the upload finished", code="upload_incomplete") from None
-        received = await run_in_threadpool(stream.finish)
+        await _receive(receiver, body)
+        received = await in_thread(stream.finish)
         assert receiver.checked is not None, "finish() returns only after the header"
-        report = await run_in_threadpool(_safety, state, received, receiver.checked)
+        report = await in_thread(_safety, state, received, receiver.checked)
         status = PacketStatus.accepted
         if not report.passed:
             if settings.safety_action == "reject":
@@ -345,11 +349,11 @@ async def receive_packet(
                 code = "safety_declared" if report.over_threshold else "safety_flagged"
                 raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
             status = PacketStatus.quarantined
-        record, created = await run_in_threadpool(_store_and_commit, state, receiver, received, report, status)
+        record, created = await in_thread(_store_and_commit, state, receiver, received, report, status)
     except BrokerError as exc:
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
-            await run_in_threadpool(
+            await in_thread(
                 audit.record_separately,
                 state.sessions,
                 caller.node_id,
@@ -359,12 +363,8 @@ async def receive_packet(
                 message=exc.message[:500],
             )
         raise
-    except StorageError as exc:
-        raise DependencyDown(f"storage is unavailable: {exc}", code="storage_unavailable") from exc
-    except OperationalError as exc:
-        raise DependencyDown(f"the database is unavailable: {exc.orig or exc}", code="database_unavailable") from exc
     finally:
-        await run_in_threadpool(receiver.close)
+        await in_thread(receiver.close)
     state.metrics.bytes_in.inc(received.size)
     state.metrics.packets_accepted.labels(record.status.value).inc()
     state.metrics.upload_seconds.observe(time.perf_counter() - started)

@@ -1,33 +1,40 @@
 """The student side (Algorithm 2): ingest a packet through a Concept Alignment Layer, verify, roll back.
 
-    from client.student import IngestConfig, ProbeSuite, Student, ingest
+    from m2kt.student import IngestConfig, ProbeSuite, Student, ingest
     student = Student(model)                                   # core frozen
     report = ingest(student, "arith.m2kt", IngestConfig(targets=["token:plus"]), keys=teacher_key, suite=suite)
+    report.decision, report.save("report.json")                # an IngestReport
 
 Modules, one job each: ``config`` (the dataclass tree, saved as JSON), ``cal`` (linear, low-rank,
 MLP and anchor-relative CALs, closed-form initialisation), ``losses`` (L_geo absolute and
 relational, L_struct, L_reason, L_safety), ``student`` (the frozen core with injector and
 adapters; save/load of what was trained), ``probing`` (read a verified packet; c^S_k),
-``verifier`` (probe suite, verifier and safety auditor), ``ingest`` (the algorithm and its
-report). This package imports torch.
+``verifier`` (probe suite, verifier and safety auditor), ``training`` (the train step: CAL, composite
+loss, trust region), ``ingest`` (the algorithm, step by step), ``report`` (:class:`IngestReport`). It
+imports torch and the torch layer (:mod:`m2kt.nn`), never the teacher.
 """
 
 from __future__ import annotations
 
-from client.student.cal import CALConfig, ConceptAlignmentLayer, build_cal
-from client.student.config import AdapterConfig, IngestConfig, InjectConfig, VerifierConfig
-from client.student.ingest import IngestError, ingest
-from client.student.losses import CompositeLoss, LossWeights
-from client.student.student import ResidualAdapter, Student, TokenInjector
-from client.student.verifier import ProbeSuite
+from m2kt.errors import IngestError
+from m2kt.student.cal import CALConfig, ConceptAlignmentLayer, build_cal
+from m2kt.student.config import AdapterConfig, IngestConfig, InjectConfig, VerifierConfig
+from m2kt.student.ingest import ingest
+from m2kt.student.losses import CompositeLoss, LossWeights
+from m2kt.student.report import IngestReport
+from m2kt.student.student import ResidualAdapter, Student, TokenInjector
+from m2kt.student.training import CALTrainer
+from m2kt.student.verifier import ProbeSuite
 
 __all__ = [
     "AdapterConfig",
+    "CALTrainer",
     "CALConfig",
     "CompositeLoss",
     "ConceptAlignmentLayer",
     "IngestConfig",
     "IngestError",
+    "IngestReport",
     "InjectConfig",
     "LossWeights",
     "ProbeSuite",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from client._fields import check_known_fields
+from m2kt._fields import check_known_fields
 
 __all__ = [
     "AnchorRelativeCAL",

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from client._fields import check_known_fields
-from client.student.cal import CALConfig
-from client.student.losses import LossWeights
+from m2kt._fields import check_known_fields
+from m2kt.student.cal import CALConfig
+from m2kt.student.losses import LossWeights
 
 __all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "VerifierConfig"]
 

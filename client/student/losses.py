@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from client._fields import check_known_fields
+from m2kt._fields import check_known_fields
 
 __all__ = [
     "CompositeLoss",
@@ -396,8 +396,12 @@ class CompositeLoss:
         student_traces: Tensor | None = None,
         student_concepts: Tensor | None = None,
         flagged: Tensor | None = None,
+        safety_mapped: Tensor | None = None,
     ) -> tuple[Tensor, LossTerms]:
-        """(total: a float32 scalar on ``mapped``'s device, with grad; the unweighted terms and total as floats)."""
+        """(total: a float32 scalar on ``mapped``'s device, with grad; the unweighted terms and total as floats).
+
+        L_safety watches ``safety_mapped`` when given (e.g. only the concepts that will be injected,
+        centred like ``flagged``), else ``mapped``."""
         w = self.weights
         parts: list[Tensor] = []
         logged = {"geo": 0.0, "struct": 0.0, "reason": 0.0, "safety": 0.0}
@@ -427,7 +431,8 @@ class CompositeLoss:
                 reason_loss(teacher_traces, teacher_concepts, student_traces, student_concepts, w.reason_temperature),
             )
         if w.safety > 0 and flagged is not None:
-            add("safety", w.safety, safety_loss(mapped, flagged, w.safety_margin))
+            watched = mapped if safety_mapped is None else safety_mapped
+            add("safety", w.safety, safety_loss(watched, flagged, w.safety_margin))
 
         if parts:
             total = parts[0]

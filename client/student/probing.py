@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.keys import VerifyKey
-from client.manifest import Manifest
-from client.packet import open_packet, packet_id
-from client.student.student import Student
-from client.teacher.build import read_probe_texts
-from client.teacher.probing import select
+from m2kt.format import open_packet, packet_id
+from m2kt.format.keys import VerifyKey
+from m2kt.format.manifest import Manifest
+from m2kt.format.probe_text import decode_probe_texts
+from m2kt.nn.select import select
+from m2kt.student.student import Student
 
 __all__ = ["PacketContents", "StudentProbe", "probe_student", "read_packet"]
 
@@ -59,7 +59,7 @@ def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> Pack
             return torch.from_numpy(np.array(t[name])).float() if name in t else None
 
         members = torch.from_numpy(np.array(t["concept_members"], dtype=np.int64)) if "concept_members" in t else None
-        texts = read_probe_texts(t) if "probe_text" in t else []
+        texts = decode_probe_texts(t) if "probe_text" in t else []
         concepts = get("concepts")
         assert concepts is not None
         return PacketContents(

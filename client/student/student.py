@@ -22,7 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.teacher.adapters import Capture, ModelAdapter, adapter_for, state_dict_sha256
+from m2kt.nn.adapters import adapter_for
+from m2kt.nn.base import ModelAdapter
+from m2kt.nn.batch import Capture
+from m2kt.nn.digest import state_dict_sha256
 
 __all__ = ["ResidualAdapter", "Student", "TokenInjector"]
 
@@ -89,7 +92,7 @@ class Student:
         self._input_ids: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self.inject_layer = inject_layer or self.reader.layer_names[0]
-        self._install()
+        self.install_hooks()
 
     # ------------------------------------------------------------------ wiring
 
@@ -106,7 +109,8 @@ class Student:
         self.reader.device = device
         return self
 
-    def _install(self) -> None:
+    def install_hooks(self) -> None:
+        """(Re)attach the injector and adapter hooks to the core (after a change of layer or adapters)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -137,14 +141,14 @@ class Student:
     def set_inject_layer(self, layer: str) -> None:
         self.reader.layer_module(layer)  # raises if unknown
         self.inject_layer = layer
-        self._install()
+        self.install_hooks()
 
     def add_adapters(self, layers: Sequence[str], rank: int) -> None:
         for layer in layers:
             key = _key(layer)
             if key not in self.adapters:
                 self.adapters[key] = ResidualAdapter(self.reader.d_model, rank).to(self.device)
-        self._install()
+        self.install_hooks()
 
     # ------------------------------------------------------------------ running
 
@@ -169,6 +173,10 @@ class Student:
     def predict(self, texts: Sequence[str]) -> list[str]:
         """The argmax output token for each input."""
         return [self.reader.output_token(int(i)) for i in self.answer_distribution(texts).argmax(-1)]
+
+    def accuracy(self, texts: Sequence[str], answers: Sequence[str]) -> float:
+        """The share of ``texts`` whose predicted token is the answer."""
+        return sum(p == a for p, a in zip(self.predict(texts), answers, strict=True)) / len(texts)
 
     # ------------------------------------------------------------------ trainable state
 
@@ -217,7 +225,7 @@ class Student:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         if meta.get("core_sha256") != self.core_sha256:
             raise ValueError(f"{path} was trained on a different core model (weights digest differs)")
-        from client.student.cal import CALConfig, build_cal, load_cal_state
+        from m2kt.student.cal import CALConfig, build_cal, load_cal_state
 
         if any(k.startswith("cal.") for k in tensors):
             if "cal" not in meta:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from client.student.config import VerifierConfig
-from client.student.student import Student
-from client.teacher.probing import select
+from m2kt.nn.select import select
+from m2kt.student.config import VerifierConfig
+from m2kt.student.student import Student
 
 __all__ = ["Check", "ProbeSuite", "Snapshot", "audit", "flagged_directions", "snapshot"]
 

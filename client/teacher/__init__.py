@@ -1,26 +1,23 @@
 """The teacher side (Algorithm 1): turn a trained model's understanding into a signed packet.
 
-    from client.teacher import PacketSpec, build_packet, load_spec
+    from m2kt.teacher import PacketSpec, build_packet, load_spec
     path = build_packet(model, load_spec("spec.yaml"), signing_key, "out.m2kt")
 
-Modules, one job each: ``spec`` (what to extract, checked before heavy work), ``adapters``
-(reading hidden states / attention / logits from a TinyTransformer, any ``nn.Module`` via
-hooks, or a ``transformers`` model), ``probing`` (one batched pass over the probes),
+Modules, one job each: ``spec`` (what to extract, checked before heavy work), ``probing`` (one
+batched pass over the probes through the model's adapter, :mod:`m2kt.nn`),
 ``concepts`` (named probes, k-means clustering, integrated-gradients attribution),
 ``kmeans``, ``structure`` (attention maps, reasoning traces, abstraction graph), ``safety``
-(pluggable scorers), ``build`` (the whole algorithm, then :func:`client.packet.write_packet`),
-``tiny_model`` (the small transformer the demo and benchmarks train), ``loading`` (models
-by reference, for the CLI).
+(pluggable scorers), ``build`` (the whole algorithm, then :func:`m2kt.format.write_packet`).
 
-This package imports torch; the rest of ``client`` does not.
+This package imports torch and the torch layer; it never imports the student or the toy model.
 """
 
 from __future__ import annotations
 
-from client.teacher.adapters import HookAdapter, ModelAdapter, TransformersAdapter, adapter_for
-from client.teacher.build import Extraction, Plan, build_packet, check_spec, extract
-from client.teacher.safety import CosineFlaggedScorer, SafetyScorer
-from client.teacher.spec import (
+from m2kt.errors import SpecError
+from m2kt.teacher.build import Extraction, Plan, build_packet, check_spec, extract
+from m2kt.teacher.safety import CosineFlaggedScorer, SafetyScorer
+from m2kt.teacher.spec import (
     AttentionSpec,
     AttributionSpec,
     ClusteringSpec,
@@ -29,7 +26,6 @@ from client.teacher.spec import (
     NamedProbe,
     PacketSpec,
     SafetySpec,
-    SpecError,
     TracesSpec,
     load_spec,
 )
@@ -42,8 +38,6 @@ __all__ = [
     "CosineFlaggedScorer",
     "Extraction",
     "GraphSpec",
-    "HookAdapter",
-    "ModelAdapter",
     "NamedProbe",
     "PacketSpec",
     "Plan",
@@ -51,8 +45,6 @@ __all__ = [
     "SafetySpec",
     "SpecError",
     "TracesSpec",
-    "TransformersAdapter",
-    "adapter_for",
     "build_packet",
     "check_spec",
     "extract",

@@ -4,7 +4,7 @@
 
 Steps: check the spec against the model (cheap; every problem is a :class:`SpecError`
 before any heavy work) → run the probes once → concepts → attention / traces / graph →
-safety scores → manifest with honest data usage → :func:`client.packet.write_packet`.
+safety scores → manifest with honest data usage → :func:`m2kt.format.writer.write_packet`.
 On the CPU the same model, spec and seed give the same packet bytes (pass ``created_at``).
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.keys import SigningKey
-from client.manifest import (
+from m2kt.errors import SpecError
+from m2kt.format.keys import SigningKey
+from m2kt.format.manifest import (
     ConceptEntry,
     DataUsage,
     ExtractionInfo,
@@ -29,13 +30,18 @@ from client.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from client.packet import write_packet
-from client.teacher.adapters import Batch, ModelAdapter, adapter_for, pick_device
-from client.teacher.concepts import ConceptSet, extract_concepts
-from client.teacher.probing import probe_positions, resolve_positions, run_probes, select
-from client.teacher.safety import CosineFlaggedScorer, SafetyScorer, load_flagged_directions
-from client.teacher.spec import PacketSpec, SpecError
-from client.teacher.structure import abstraction_graph, concept_attention, decode_traces, layer_traces
+from m2kt.format.probe_text import encode_probe_texts
+from m2kt.format.writer import write_packet
+from m2kt.nn.adapters import adapter_for
+from m2kt.nn.base import ModelAdapter
+from m2kt.nn.batch import Batch
+from m2kt.nn.device import pick_device
+from m2kt.nn.select import select
+from m2kt.teacher.concepts import ConceptSet, extract_concepts
+from m2kt.teacher.probing import probe_positions, resolve_positions, run_probes
+from m2kt.teacher.safety import CosineFlaggedScorer, SafetyScorer, load_flagged_directions
+from m2kt.teacher.spec import PacketSpec
+from m2kt.teacher.structure import abstraction_graph, concept_attention, decode_traces, layer_traces
 
 __all__ = ["Extraction", "Plan", "build_packet", "check_spec", "extract"]
 
@@ -143,27 +149,6 @@ def _flagged_states(plan: Plan) -> tuple[torch.Tensor, int]:
     return torch.stack(directions), len(texts)
 
 
-def probe_text_tensors(texts: list[str]) -> dict[str, torch.Tensor]:
-    """Probe inputs as UTF-8: ``probe_text`` (bytes, U8) and ``probe_text_offsets`` [P + 1] (I64).
-
-    Text i is ``probe_text[offsets[i]:offsets[i + 1]]``. A student with another tokenizer reads
-    the same inputs from here; ``probe_tokens`` are ids in the teacher's own vocabulary.
-    """
-    encoded = [t.encode("utf-8") for t in texts]
-    offsets = [0]
-    for e in encoded:
-        offsets.append(offsets[-1] + len(e))
-    data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if offsets[-1] else torch.zeros(0)
-    return {"probe_text": data.to(torch.uint8), "probe_text_offsets": torch.tensor(offsets, dtype=torch.int64)}
-
-
-def read_probe_texts(tensors: Any) -> list[str]:
-    """The inverse of :func:`probe_text_tensors`, from a packet's tensors (numpy or torch)."""
-    data = bytes(np.asarray(tensors["probe_text"], dtype=np.uint8))
-    offsets = [int(o) for o in np.asarray(tensors["probe_text_offsets"])]
-    return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-
-
 def _as_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     t = tensor.detach().to("cpu").contiguous()
     if t.is_floating_point():
@@ -207,7 +192,6 @@ def extract(
             "probe_tokens": plan.batch.input_ids.to(torch.int32),  # (P, L)
             "probe_lengths": torch.tensor(plan.batch.lengths, dtype=torch.int32),  # (P,)
             "probe_positions": torch.tensor([-1 if p == "mean" else p for p in run.positions], dtype=torch.int32),
-            **probe_text_tensors(plan.texts),  # the probe inputs as text, so any tokenizer can re-read them
         }
         steps: dict[str, ExtractionStep | None] = {"attention": None, "traces": None, "graph": None}
         if spec.attention.enabled:
@@ -284,6 +268,7 @@ def extract(
         body_fields["created_at"] = created_at
     body = ManifestBody(**body_fields)
     arrays = {name: _as_array(t, spec.dtype) for name, t in tensors.items()}
+    arrays.update(encode_probe_texts(plan.texts))  # the probe inputs as text, so any tokenizer can re-read them
     return Extraction(body, arrays, concepts, scores)
 
 

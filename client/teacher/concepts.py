@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
-from client.teacher.adapters import ModelAdapter
-from client.teacher.kmeans import kmeans
-from client.teacher.probing import ProbeRun, resolve_positions, select
-from client.teacher.spec import PacketSpec, SpecError
+from m2kt.errors import SpecError
+from m2kt.nn.base import ModelAdapter
+from m2kt.nn.select import select
+from m2kt.teacher.kmeans import kmeans
+from m2kt.teacher.probing import ProbeRun, resolve_positions
+from m2kt.teacher.spec import PacketSpec
 
 __all__ = ["ConceptSet", "attribution_concepts", "clustering_concepts", "extract_concepts", "named_concepts"]
 

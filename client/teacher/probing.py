@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from client.teacher.adapters import Batch, ModelAdapter
-from client.teacher.spec import PacketSpec, Position, SpecError
+from m2kt.errors import SpecError
+from m2kt.nn.base import ModelAdapter
+from m2kt.nn.batch import Batch
+from m2kt.nn.select import select
+from m2kt.teacher.spec import PacketSpec, Position
 
-__all__ = ["ProbeRun", "pool_attention", "resolve_positions", "run_probes", "select"]
+__all__ = ["ProbeRun", "pool_attention", "resolve_positions", "run_probes"]
 
 
 @dataclass
@@ -42,18 +45,6 @@ def resolve_positions(lengths: Sequence[int], positions: Sequence[Position], tex
             raise SpecError(f"position {position} is outside probe input {text!r}, which has {length} tokens")
         resolved.append(index)
     return resolved
-
-
-def select(states: torch.Tensor, mask: torch.Tensor, positions: Sequence[Position]) -> torch.Tensor:
-    """(B, T, d) states → (B, d): the token at each row's position, or the mean over real tokens."""
-    rows = []
-    for i, position in enumerate(positions):
-        if position == "mean":
-            m = mask[i].to(states.dtype).unsqueeze(-1)  # (T, 1)
-            rows.append((states[i] * m).sum(0) / m.sum())
-        else:
-            rows.append(states[i, int(position)])
-    return torch.stack(rows)
 
 
 def pool_attention(attn: torch.Tensor, pool: str) -> torch.Tensor:

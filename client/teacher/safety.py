@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from client.teacher.spec import SpecError
+from m2kt.errors import SpecError
 
 __all__ = ["CosineFlaggedScorer", "SafetyScorer", "load_flagged_directions"]
 

@@ -4,7 +4,7 @@ A spec says which layer to read, which probe inputs to run, how to turn hidden s
 concepts (named probes, clustering or gradient attribution), and whether to add attention
 maps, reasoning traces, the abstraction graph and safety scores. It is checked twice before
 any heavy work: on its own when it is parsed (:func:`PacketSpec.from_dict`), and against the
-model when extraction starts (:func:`client.teacher.build.check_spec`). Every problem is a
+model when extraction starts (:func:`m2kt.teacher.build.check_spec`). Every problem is a
 :class:`SpecError` naming the field and what is wrong.
 
 Example (YAML)::
@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from client._fields import check_known_fields
-from client.manifest import TOPIC_PATTERN
+from m2kt._fields import check_known_fields
+from m2kt.errors import SpecError
+from m2kt.format.manifest import TOPIC_PATTERN
 
 __all__ = [
     "AttentionSpec",
@@ -50,10 +51,6 @@ __all__ = [
 ]
 
 Position = int | Literal["last", "mean"]
-
-
-class SpecError(ValueError):
-    """A spec that cannot be run; the message names the field and the problem."""
 
 
 def _fail(where: str, problem: str) -> SpecError:

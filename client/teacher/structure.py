@@ -6,10 +6,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from client.teacher.adapters import Batch, ModelAdapter
-from client.teacher.concepts import ConceptSet
-from client.teacher.probing import ProbeRun
-from client.teacher.spec import PacketSpec
+from m2kt.nn.base import ModelAdapter
+from m2kt.nn.batch import Batch
+from m2kt.teacher.concepts import ConceptSet
+from m2kt.teacher.probing import ProbeRun
+from m2kt.teacher.spec import PacketSpec
 
 __all__ = ["abstraction_graph", "concept_attention", "decode_traces", "layer_traces"]
 

@@ -1,0 +1,44 @@
+"""Resolving a bearer token to its caller: unknown, expired, revoked and disabled are refused (401)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Unauthorized
+from m2kt.broker.models import ApiToken
+from m2kt.broker.security import hash_token
+
+__all__ = ["authenticate", "missing_token"]
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def missing_token() -> Unauthorized:
+    """The refusal of a request without a bearer token (here and in the request guard)."""
+    return Unauthorized("send an API token: Authorization: Bearer m2kt_…", code="missing_token", headers=_CHALLENGE)
+
+
+def authenticate(sessions: sessionmaker[Session], token: str | None) -> Caller:
+    """Resolve a bearer token to its node; refuses unknown, expired, revoked or disabled."""
+    if not token:
+        raise missing_token()
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+        if row is None:
+            raise Unauthorized("unknown API token", code="invalid_token", headers=_CHALLENGE)
+        if row.revoked_at is not None:
+            raise Unauthorized("this API token was revoked", code="token_revoked", headers=_CHALLENGE)
+        if row.expires_at is not None and row.expires_at <= now:
+            raise Unauthorized(
+                "this API token has expired; ask an admin to rotate it", code="token_expired", headers=_CHALLENGE
+            )
+        if row.node.disabled_at is not None:
+            raise Unauthorized("this node is disabled", code="node_disabled", headers=_CHALLENGE)
+        if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
+            row.last_used_at = now
+        return Caller(row.node_id, row.node.name, row.node.role, tuple(row.scopes), row.id, row.expires_at)

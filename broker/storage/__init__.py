@@ -1,0 +1,71 @@
+"""Blob storage for packet files: one small interface, a local-directory and an S3 implementation.
+
+Uploads are staged and only become visible under their final key (a content digest) once they
+are complete and promoted. Local uploads are written under ``incoming/<uuid4 hex>`` and renamed by
+:meth:`BlobStore.promote`. An S3 upload that is given its final key up front
+(``store.stage(final_key)``) is a multipart upload on that key: it is invisible until
+:meth:`StagedUpload.complete`, so nothing is copied afterwards and promote() only checks it is
+there. Everything here is synchronous; the broker calls it from worker threads. A store may be
+shared between threads, a :class:`StagedUpload` may not (S3 sends its parts from a few helper
+threads of its own).
+
+Failures of the storage itself (unreachable, timed out, refused, disk errors) raise
+:class:`StorageError`; a missing key raises :class:`BlobNotFound`. Backend exceptions never leak.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote
+
+from m2kt.broker.storage.base import (
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    StagedUpload,
+    StorageError,
+    UnfinishedUpload,
+)
+from m2kt.broker.storage.local import LocalStore
+from m2kt.broker.storage.s3 import S3Store, make_s3_client
+
+__all__ = [
+    "BlobInfo",
+    "BlobNotFound",
+    "BlobStore",
+    "LocalStore",
+    "S3Store",
+    "StagedUpload",
+    "StorageError",
+    "UnfinishedUpload",
+    "make_s3_client",
+    "storage_from_url",
+]
+
+
+def storage_from_url(
+    url: str, *, endpoint_url: str | None = None, part_size: int = 8 << 20, public_endpoint_url: str | None = None
+) -> BlobStore:
+    """'s3://bucket' or 's3://bucket/prefix' -> S3Store (endpoint from the argument, else AWS_ENDPOINT_URL_S3, else
+    AWS_ENDPOINT_URL, else AWS default; presigned URLs for ``public_endpoint_url`` when given);
+    'file:///abs/dir', 'file://relative/dir' or a plain path -> LocalStore.
+    Anything else -> ValueError naming the accepted forms."""
+    accepted = "expected 's3://bucket[/prefix]', 'file:///absolute/dir', 'file://relative/dir' or a plain path"
+    if not url.strip():
+        raise ValueError(f"empty storage URL: {accepted}")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return LocalStore(Path(url))
+    if scheme.lower() == "file":
+        if not rest:
+            raise ValueError(f"storage URL {url!r} names no directory: {accepted}")
+        return LocalStore(Path(unquote(rest)))
+    if scheme.lower() == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"storage URL {url!r} names no bucket: {accepted}")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        presign = make_s3_client(public_endpoint_url) if public_endpoint_url else None
+        return S3Store(make_s3_client(endpoint), bucket, prefix, part_size=part_size, presign_client=presign)
+    raise ValueError(f"unsupported storage URL {url!r}: {accepted}")

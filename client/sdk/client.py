@@ -1,0 +1,308 @@
+"""BrokerClient: publish, fetch and subscribe — never handing back an unverified packet.
+
+Idempotent calls (reads, PUTs, content-addressed uploads, monotonic acknowledgements) are retried on
+connection errors, 429 and 5xx with exponential backoff and jitter, honouring ``Retry-After``; others
+are sent once. The calls themselves are described once, in :mod:`m2kt.sdk.calls`; the asyncio twin is
+:class:`m2kt.sdk.async_client.AsyncBrokerClient`. Errors are the tree in :mod:`m2kt.errors`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from m2kt.errors import M2KTError, ServiceUnavailable, TransportError
+from m2kt.format.keys import VerifyKey
+from m2kt.format.signature import verify_signature
+from m2kt.format.stream import StreamVerifier
+from m2kt.sdk import calls
+from m2kt.sdk._base import CHUNK, ClientBase, PathLike, error_of, packet_path, skippable
+from m2kt.sdk.calls import Call, destination, temporary_path, verify_key_from_record
+from m2kt.sdk.progress import transfer_progress
+from m2kt.sdk.records import (
+    Delivery,
+    EventPage,
+    FetchedPacket,
+    KeyRecord,
+    KeyRevocation,
+    Lineage,
+    NodeWithToken,
+    PacketRecord,
+    Receipt,
+    TokenRecord,
+    TopicRecord,
+    WhoAmI,
+)
+from m2kt.sdk.retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+class BrokerClient(ClientBase):
+    """Synchronous client for an M2KT broker.
+
+    >>> with BrokerClient("http://127.0.0.1:8000", token="m2kt_…") as broker:   # doctest: +SKIP
+    ...     record = broker.publish("k.m2kt", topic="arith.mod97")
+    ...     fetched = broker.fetch(record.id, "inbox/")          # verified, then moved into place
+    ...     for delivery in broker.subscribe("arith.mod97", name="student-a"):
+    ...         use(delivery.path)                               # acknowledged when the loop continues
+
+    ``transport`` (an ``httpx.BaseTransport``) replaces the network, for tests. ``base_url`` and
+    ``token`` default to ``M2KT_URL`` / ``M2KT_TOKEN`` or what ``m2kt login`` stored. ``fsync``
+    makes fetched files durable before they are moved into place; it is off by default because a
+    packet is verified again whenever it is opened for use, so a file torn by a crash is refused.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        trusted_fingerprints: set[str] | frozenset[str] | None = None,
+        prefer_redirect: bool = True,
+        quiet: bool = False,
+        fsync: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            base_url,
+            token,
+            retry=retry,
+            trusted_fingerprints=trusted_fingerprints,
+            prefer_redirect=prefer_redirect,
+            quiet=quiet,
+            fsync=fsync,
+        )
+        self._sleep = sleep
+        limits = httpx.Timeout(timeout, connect=10)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=limits, transport=transport)
+        self._plain = httpx.Client(timeout=limits, transport=transport)  # presigned URLs: no broker token
+
+    # -- plumbing
+
+    def close(self) -> None:
+        self._http.close()
+        self._plain.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(
+        self, call: Call[T], *, content_factory: Callable[[], Any] | None = None, headers: dict[str, str] | None = None
+    ) -> T:
+        attempt = 0
+        while True:
+            try:
+                kwargs = self._request_kwargs(call)
+                if content_factory is not None:
+                    kwargs["content"] = content_factory()
+                response = self._http.request(call.method, call.path, headers=headers, **kwargs)
+                if response.status_code >= 400:
+                    raise error_of(response)
+                return call.parse(response.json() if response.content else None)
+            except httpx.TransportError as exc:
+                error: M2KTError = TransportError(f"{call.method} {call.path}: {exc!r}")
+                cause: BaseException = exc
+            except M2KTError as exc:
+                error, cause = exc, exc
+            wait = self._retryable(call.idempotent, attempt, error)
+            if wait is None:
+                raise error from (cause if cause is not error else None)
+            self._sleep(wait)
+            attempt += 1
+
+    # -- resources
+
+    def me(self) -> WhoAmI:
+        return self._send(calls.me())
+
+    def topics(self) -> list[TopicRecord]:
+        return self._send(calls.topics())
+
+    def events(self, topic: str, *, after: int = 0, wait: float = 0, limit: int = 100) -> EventPage:
+        """The topic's log after a cursor; waits up to ``wait`` seconds for something new."""
+        return self._send(calls.events(topic, after, wait, limit))
+
+    def packet(self, packet_id: str) -> PacketRecord:
+        return self._send(calls.packet(packet_id))
+
+    def lineage(self, packet_id: str) -> Lineage:
+        return self._send(calls.lineage(packet_id))
+
+    def receipts(self, packet_id: str) -> list[Receipt]:
+        """Ingestion receipts students posted for a packet."""
+        return self._send(calls.receipts(packet_id))
+
+    def key(self, fingerprint: str) -> KeyRecord:
+        return self._send(calls.key(fingerprint))
+
+    def register_key(self, public_key: VerifyKey | PathLike, owner: str | None = None) -> KeyRecord:
+        return self._send(calls.register_key(public_key, owner))
+
+    def revoke_key(self, fingerprint: str, reason: str | None = None) -> KeyRevocation:
+        return self._send(calls.revoke_key(fingerprint, reason))
+
+    def create_node(
+        self, name: str, role: str, scopes: list[str] | None = None, ttl_days: int | None = None
+    ) -> NodeWithToken:
+        return self._send(calls.create_node(name, role, scopes, ttl_days))
+
+    def issue_token(self, node: str, scopes: list[str] | None = None, ttl_days: int | None = None) -> TokenRecord:
+        return self._send(calls.issue_token(node, scopes, ttl_days))
+
+    def quarantine(self, packet_id: str) -> PacketRecord:
+        return self._send(calls.set_status(packet_id, "quarantine"))
+
+    def release(self, packet_id: str) -> PacketRecord:
+        return self._send(calls.set_status(packet_id, "release"))
+
+    def post_receipt(
+        self,
+        packet_id: str,
+        decision: str,
+        scores: dict[str, float] | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> Receipt:
+        return self._send(calls.receipt(packet_id, decision, scores, report))
+
+    # -- packets
+
+    def publish(self, packet: PathLike | Any, topic: str) -> PacketRecord:
+        """Stream a packet file to the broker (never read whole); safe to retry: same bytes, same record."""
+        path = packet_path(packet)
+        size = path.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as f, transfer_progress(f"publish {path.name}", size, quiet=self.quiet) as advance:
+                while chunk := f.read(CHUNK):
+                    advance(len(chunk))
+                    yield chunk
+
+        call, headers = calls.publish(topic, size)
+        return self._send(call, content_factory=body, headers=headers)
+
+    def verify_key_for(self, fingerprint: str) -> VerifyKey:
+        """The registered, unrevoked (and, if pinned, trusted) key with this fingerprint."""
+        if fingerprint not in self._keys:
+            self._keys[fingerprint] = verify_key_from_record(self.key(fingerprint), self.trusted)
+        return self._keys[fingerprint]
+
+    def fetch(self, packet_id: str, dest: PathLike) -> FetchedPacket:
+        """Download, verify (id, digest, signature against the registered key, finiteness) and only
+        then move into ``dest`` (a file path, or a directory for ``<id>.m2kt``)."""
+        final = destination(packet_id, dest)
+        attempt = 0
+        while True:
+            try:
+                return self._download(packet_id, final)
+            except httpx.TransportError as exc:
+                error: M2KTError = TransportError(f"download {packet_id[:16]}…: {exc!r}")
+            except ServiceUnavailable as exc:
+                error = exc
+            wait = self._retryable(True, attempt, error)
+            if wait is None:
+                raise error
+            self._sleep(wait)
+            attempt += 1
+
+    def _download(self, packet_id: str, final: Path) -> FetchedPacket:
+        tmp = temporary_path(final)
+        verifier = StreamVerifier(expected_id=packet_id)
+        key: VerifyKey | None = None
+        try:
+            with self._open_blob(packet_id) as response, open(tmp, "wb") as out:
+                size = int(response.headers.get("content-length", 0)) or None
+                with transfer_progress(f"fetch {packet_id[:12]}", size, quiet=self.quiet) as advance:
+                    for chunk in response.iter_bytes(CHUNK):
+                        header = verifier.feed(chunk)
+                        if header is not None:  # check the signature before the body has arrived
+                            key = self.verify_key_for(header.manifest.key_fingerprint)
+                            verify_signature(header, key)
+                        out.write(chunk)
+                        advance(len(chunk))
+                result = verifier.finish()
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            assert key is not None
+            os.replace(tmp, final)
+            return FetchedPacket(final, packet_id, result.header.manifest, key.fingerprint, result.size)
+        finally:
+            verifier.close()
+            tmp.unlink(missing_ok=True)
+
+    def _open_blob(self, packet_id: str) -> Any:
+        @contextmanager
+        def opened() -> Iterator[httpx.Response]:
+            path = f"/v1/packets/{calls._q(packet_id)}/blob"
+            params = {"redirect": 1} if self.prefer_redirect else None
+            request = self._http.build_request("GET", path, params=params, timeout=httpx.Timeout(300, connect=10))
+            response = self._http.send(request, stream=True)
+            try:
+                if response.status_code == 307:
+                    location = response.headers["location"]
+                    response.close()
+                    response = self._plain.send(self._plain.build_request("GET", location), stream=True)
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_of(response)
+                yield response
+            finally:
+                response.close()
+
+        return opened()
+
+    # -- subscriptions
+
+    def subscribe(
+        self,
+        topic: str,
+        name: str,
+        *,
+        dest: PathLike | None = None,
+        wait: float = 25.0,
+        limit: int = 50,
+        once: bool = False,
+    ) -> Iterator[Delivery]:
+        """Verified packets of ``topic`` in order, resuming from the broker-kept cursor of ``name``.
+
+        Each delivery is acknowledged when the loop asks for the next one — after your code has
+        handled it — so a crash redelivers it (at-least-once). Connection errors and broker
+        restarts are retried with backoff. ``once``: stop when nothing is waiting.
+        """
+        dest_dir = Path(dest) if dest is not None else Path.cwd() / "m2kt-inbox"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        self._send(calls.ensure_subscription(name, topic))
+        failures = 0
+        while True:
+            try:
+                page = self._send(calls.subscription_events(name, 0 if once else wait, limit))
+                failures = 0
+            except (TransportError, ServiceUnavailable):
+                self._sleep(self.retry.delay(min(failures, 6)))
+                failures += 1
+                continue
+            if not page.items and once:
+                return
+            for event in page.items:
+                path = None
+                if event.kind == "published":
+                    try:
+                        path = self.fetch(event.packet.id, dest_dir).path
+                    except M2KTError as exc:
+                        if not skippable(exc):
+                            raise
+                yield Delivery(event.seq, event.kind, event.packet, path)
+                self._send(calls.ack(name, event.seq))
