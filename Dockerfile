@@ -3,7 +3,7 @@
 #   docker build -t m2kt-broker .
 #   docker compose up          # broker + PostgreSQL + MinIO, see docker-compose.yml
 #
-# Configuration is the M2KT_* variables (broker/settings.py) plus the standard AWS_* ones for S3.
+# Configuration is the M2KT_* variables (broker/settings.py, m2kt.broker.settings) plus the standard AWS_* ones for S3.
 # With none set, the broker runs its embedded default (SQLite + blobs under M2KT_DATA_DIR).
 FROM python:3.11-slim
 
@@ -18,11 +18,14 @@ RUN groupadd --system --gid 10001 m2kt \
     && useradd --system --uid 10001 --gid m2kt --home-dir /var/lib/m2kt --create-home \
        --shell /usr/sbin/nologin m2kt
 
-# Only what the package needs (pyproject reads README.md); tests, benchmarks, docs stay out.
+# Only what the package needs (pyproject reads README.md): the folders the one m2kt namespace maps
+# (client/ is m2kt, broker/ m2kt.broker, migrations/ m2kt.migrations, benchmarks/ m2kt.benchmarks); tests
+# and docs stay out.
 COPY pyproject.toml README.md /src/
 COPY client /src/client
 COPY broker /src/broker
 COPY migrations /src/migrations
+COPY benchmarks /src/benchmarks
 RUN pip install '/src[broker]' \
     && rm -rf /src \
     && m2kt --help > /dev/null
