@@ -27,16 +27,34 @@ def test_world_keeps_test_expressions_out_of_everything_else() -> None:
     world = build_world(11, seed=3)
     test = set(world.test)
     assert test.isdisjoint(world.teacher_train)
-    for scenario in (world.concept, world.skill):
+    for scenario in world.scenarios:
         assert test.isdisjoint(scenario.pool) and test.isdisjoint(scenario.student_examples)
         assert set(scenario.test) <= test and scenario.test
         used = {t for e in scenario.student_examples for t in e.tokens}
         assert not used & set(scenario.targets), "the student's core must never see a target token"
         small, large = scenario.sample(4, seed=1), scenario.sample(9, seed=1)
         assert large[:4] == small, "smaller budgets are prefixes of larger ones"
-    assert set(world.concept.groups) == {"synonym", "alias", "composition"}
+    assert set(world.concept.groups) == {"synonym", "alias"}
     assert all(e.operation == "add" for e in world.skill.pool + world.skill.test)
     assert {e.operation for e in world.skill.student_examples} == {"sub"}
+    composition = world.scenario("composition")  # a+2b into an add/sub core: its own scenario
+    assert {e.operator for e in composition.pool + composition.test} == {"twice"}
+    assert {e.operation for e in composition.student_examples} == {"add", "sub"}
+    assert [s.name for s in world.scenarios] == ["concept", "skill", "composition"]
+
+
+def test_scenarios_are_data() -> None:
+    from m2kt.benchmarks.transfer.scenarios import OpSpec
+
+    specs = [OpSpec.parse("a-2b=add,sub:a-2*b"), OpSpec.parse("times=add,sub:a*b")]
+    world = build_world(11, seed=0, ops=specs, concept=False)
+    assert [s.name for s in world.scenarios] == ["a-2b", "times"]
+    a2b = world.scenario("a-2b")
+    assert all(int(e.answer) == (int(e.tokens[0]) - 2 * int(e.tokens[2])) % 11 for e in a2b.pool + a2b.test)
+    assert a2b.known == ("add", "sub") and a2b.operator == "a-2b"
+    for bad in ("nothing", "x=add:a**b", "x=mul:a+b", "x=:a+b"):
+        with pytest.raises(ValueError):
+            OpSpec.parse(bad)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +81,7 @@ def test_mini_run_writes_table_json_and_plot(mini_run: tuple[dict, Path]) -> Non
     assert saved["records"] == json.loads(json.dumps(document["records"]))
     table = (out / "transfer.md").read_text()
     assert "m2kt bench transfer --test" in table
-    for scenario in ("concept/synonym", "concept/alias", "concept/composition", "skill"):
+    for scenario in ("concept/synonym", "concept/alias", "composition", "skill"):
         assert f"### {scenario} " in table
         assert f"— {scenario}: **" in table, "one pass/fail line per claim and scenario"
     for record in document["records"]:
@@ -71,14 +89,22 @@ def test_mini_run_writes_table_json_and_plot(mini_run: tuple[dict, Path]) -> Non
 
 
 def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Path]) -> None:
-    records = [r for r in mini_run[0]["records"] if r["scenario"] in ("concept", "skill")]
+    records = [r for r in mini_run[0]["records"] if r["scenario"] in ("concept", "skill", "composition")]
     conditions = {r["condition"] for r in records}
+    rebind = {"m2kt-rebind", "m2kt-rebind-trace", "m2kt-rebind-no-slots", "m2kt-rebind-no-selection"}
+    assert rebind | {"m2kt-rebind-declared"} <= conditions
     assert {"m2kt", "m2kt-no-geo", "m2kt-no-struct", "m2kt-no-reason", "m2kt-zero-shot-anchor", "kd"} <= conditions
     assert {"kd-closed-form-init", "labelled", "floor", "oracle", "teacher", "scratch"} <= conditions
     for r in records:
         name, n = r["condition"], r.get("n")
-        if name.startswith("m2kt") or name.startswith("kd"):
+        if name == "m2kt-rebind-declared":  # the teacher's own search is paid in teacher queries too
+            assert r["labelled"] == 0 and r["teacher_queries"] >= n, r
+        elif name.startswith("m2kt") or name.startswith("kd"):
             assert r["labelled"] == 0 and r["teacher_queries"] == n, r
+        if name in rebind and n > 0:  # the student's search is paid in its own forward passes, reported
+            assert r["student_passes"] > 0 and r["train"]["decision"] in ("accepted", "rolled_back"), r
+        if name.startswith("m2kt-rebind") and n == 0:
+            assert r["train"]["decision"] == "refused", r  # nothing to identify the operation by
         if name in ("labelled", "scratch"):
             assert r["teacher_queries"] == 0 and r["labelled"] == n, r
         if name.startswith("m2kt"):
@@ -92,7 +118,9 @@ def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Pa
         sizes = {
             r["trainable_parameters"]
             for r in records
-            if r["scenario"] == scenario and r["condition"] not in ("teacher", "scratch")
+            if r["scenario"] == scenario
+            and r["condition"] not in ("teacher", "scratch")
+            and not r["condition"].startswith("m2kt-rebind")  # trains nothing: binds slots
         }
         assert max(sizes) - min(sizes) <= 1, sizes  # the anchor map's temperature is the one extra
 
@@ -166,5 +194,5 @@ def test_claim_lines_pass_and_fail_on_the_numbers() -> None:
 def test_cli_help_lists_the_benchmark_options() -> None:
     result = CliRunner().invoke(app, ["bench", "transfer", "--help"])
     assert result.exit_code == 0
-    for option in ("--quick", "--seeds", "--out", "--p", "--device"):
+    for option in ("--quick", "--seeds", "--out", "--p", "--device", "--scenario"):
         assert option in result.output

@@ -9,9 +9,12 @@ A packet here carries
   also read from the weights (0 queries): the concept set its reasoning traces are read against;
 * for a budget of N > 0 queries, N probe inputs (``probe_text``) run through the teacher once:
   ``traces`` [N, m, d_T] (the state at the last token after the embedding, each block and the
-  final norm — the reasoning path to the answer) and ``attention`` [N, layers, 1, L, L] (head-mean).
+  final norm — the reasoning path to the answer), ``attention`` [N, layers, 1, L, L] (head-mean) and
+  the teacher's own answer to each (``probe_answer``: the argmax of that same pass);
+* optionally a decomposition the teacher declares for a new operation (its own search, whose teacher
+  forward passes are counted too).
 
-The manifest's ``data_usage.probe_count`` is N: the packet's teacher queries. No labels anywhere.
+The manifest's ``data_usage.probe_count`` is every teacher query the packet needed. No labels anywhere.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +38,7 @@ from m2kt.format.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from m2kt.format.probe_text import encode_probe_texts
+from m2kt.format.probe_text import PROBE_ANSWER, encode_probe_texts, encode_texts
 from m2kt.nn.digest import state_dict_sha256
 from m2kt.toy.model import TinyTransformer
 from m2kt.toy.symbolic import Example, Vocabulary
@@ -53,8 +57,9 @@ def anchor_tokens(vocab: Vocabulary, known_operators: Sequence[str], p: int) -> 
 @torch.no_grad()
 def _traces_and_attention(
     teacher: TinyTransformer, vocab: Vocabulary, probes: Sequence[Example]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, n_layers + 2, d_T) states at the last token, (N, n_layers, 1, L, L) head-mean attention."""
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(N, n_layers + 2, d_T) states at the last token, (N, n_layers, 1, L, L) head-mean attention, and the
+    teacher's own answer to each probe (its argmax output token) — all from one forward pass."""
     device = next(teacher.parameters()).device
     ids, mask = encode_batch(vocab, [e.tokens for e in probes], device)  # (N, L)
     states: list[torch.Tensor] = []
@@ -64,7 +69,7 @@ def _traces_and_attention(
         hooks.append(block.register_forward_hook(lambda _m, _i, out: states.append(out)))
         hooks.append(block.attn.probs.register_forward_hook(lambda _m, _i, out: attention.append(out)))
     try:
-        teacher(ids, mask)
+        logits = teacher(ids, mask)  # (N, L, V)
     finally:
         for h in hooks:
             h.remove()
@@ -73,7 +78,8 @@ def _traces_and_attention(
     rows = torch.arange(len(probes), device=device)
     traces = torch.stack([s[rows, last] for s in states], dim=1)  # (N, m, d_T)
     attn = torch.stack([a.mean(dim=1, keepdim=True) for a in attention], dim=1)  # (N, layers, 1, L, L)
-    return traces.cpu(), attn.cpu()
+    answers = vocab.decode(logits[rows, last].argmax(-1).cpu())
+    return traces.cpu(), attn.cpu(), answers
 
 
 def write_transfer_packet(
@@ -85,8 +91,12 @@ def write_transfer_packet(
     *,
     topic: str,
     p: int,
+    decomposition: dict[str, Any] | None = None,
 ) -> Path:
-    """Sign and write the packet for ``tokens`` (concepts) and ``probes`` (N teacher queries; may be empty)."""
+    """Sign and write the packet for ``tokens`` (concepts) and ``probes`` (N teacher queries; may be empty).
+
+    ``decomposition``: what :func:`m2kt.teacher.decompose.declare_decomposition` found, declared in the
+    manifest; its ``forward_passes`` are added to the packet's teacher queries."""
     vocab = Vocabulary(teacher.config.vocab)
     table = teacher.embed.tok.weight.detach().cpu()  # (V, d_T)
     concepts = table[[vocab.id(t) for t in tokens]]  # (K, d_T)
@@ -96,17 +106,24 @@ def write_transfer_packet(
         "output_concepts": outputs.float().numpy(),
     }
     steps: dict[str, ExtractionStep | None] = {"attention": None, "traces": None}
+    extra_passes = int(decomposition["forward_passes"]) if decomposition else 0
     if probes:
-        traces, attention = _traces_and_attention(teacher, vocab, probes)
+        traces, attention, answers = _traces_and_attention(teacher, vocab, probes)
         texts = [" ".join(e.tokens) for e in probes]
         tensors.update(encode_probe_texts(texts))
+        tensors.update(encode_texts(answers, PROBE_ANSWER))  # the teacher's outputs of these queries, no labels
         tensors["traces"] = traces.float().numpy()
         tensors["attention"] = attention.float().numpy()
         n_layers = teacher.config.n_layers
-        steps["traces"] = ExtractionStep(
-            method="hidden-states-layers",
-            params={"position": "last", "layers": ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_f"]},
-        )
+        params: dict[str, Any] = {
+            "position": "last",
+            "layers": ["embed", *(f"blocks.{i}" for i in range(n_layers)), "ln_f"],
+            "answers": PROBE_ANSWER,
+            "decode": "argmax",
+        }
+        if decomposition:
+            params["decomposition"] = decomposition
+        steps["traces"] = ExtractionStep(method="hidden-states-layers", params=params)
         steps["attention"] = ExtractionStep(method="attention-probabilities", params={"per": "probe", "pool": "heads"})
     cfg = teacher.config
     body = ManifestBody(
@@ -129,7 +146,11 @@ def write_transfer_packet(
             ),
             **steps,
         ),
-        data_usage=DataUsage(probe_count=len(probes), teacher_forward_passes=1 if probes else 0, labelled_examples=0),
+        data_usage=DataUsage(
+            probe_count=len(probes) + extra_passes,
+            teacher_forward_passes=(1 if probes else 0) + extra_passes,
+            labelled_examples=0,
+        ),
         safety=SafetyInfo(scorer="none", version="0"),
         created_at=CREATED_AT,
     )

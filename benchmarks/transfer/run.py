@@ -1,7 +1,11 @@
 """Run the transfer benchmark: every condition × budget × scenario on every pair, then report.
 
-    m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device cpu|cuda]
+    m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device cpu|cuda] [--scenario NAME=KNOWN:EXPR ...]
     python -m m2kt.benchmarks.transfer ...                                     (the same)
+
+Without ``--scenario`` the scenarios are concept (renaming), skill (sub → a+b) and composition
+(add, sub → a+2b); each ``--scenario`` names a new-operation scenario instead (the defaults, concept
+included, are then not run), e.g. ``--scenario a-2b=add,sub:a-2*b --scenario times=add,sub:a*b``.
 
 Run i (i < seeds) uses pair i mod 3 with seed i: models, splits of the pool and CAL seeds all
 follow from it. ``--quick`` is one run with fewer budgets and steps (under 10 minutes on a 2-core
@@ -25,10 +29,21 @@ import torch
 from m2kt.benchmarks.transfer.methods import LossMix, Trainee, accuracy, make_trainee, train_m2kt, train_outputs
 from m2kt.benchmarks.transfer.models import evaluate, train_model
 from m2kt.benchmarks.transfer.packets import anchor_tokens, write_transfer_packet
+from m2kt.benchmarks.transfer.rebinding import REBIND_CONDITIONS, probes_for, run_rebind
 from m2kt.benchmarks.transfer.report import write_outputs
-from m2kt.benchmarks.transfer.scenarios import PAIRS, PairShape, Scenario, World, build_world
+from m2kt.benchmarks.transfer.scenarios import (
+    DEFAULT_OPS,
+    PAIRS,
+    TEMPLATE,
+    OpSpec,
+    PairShape,
+    Scenario,
+    World,
+    build_world,
+)
 from m2kt.format.keys import SigningKey
 from m2kt.nn.device import pick_device
+from m2kt.nn.programs import Template
 from m2kt.student.probing import PacketContents, read_packet
 from m2kt.toy.model import TinyTransformer
 from m2kt.toy.symbolic import Example, Vocabulary
@@ -55,6 +70,7 @@ class Settings:
     lr: float = 1e-2
     device: str = "auto"
     quick: bool = False
+    scenarios: list[str] = field(default_factory=list)  # NAME=KNOWN:EXPR specs; empty: the default scenarios
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> Settings:
@@ -99,17 +115,22 @@ class Context:
     def packet(self, n: int) -> Path:
         """The signed packet carrying the concept table and the first ``n`` pool queries."""
         if n not in self.packets:
-            probes = self.scenario.sample(n, seed=self.run)
-            self.packets[n] = write_transfer_packet(
-                self.teacher,
-                self.anchors + self.scenario.targets,
-                probes,
-                self.key,
-                self.workdir / f"{self.scenario.name}-{self.run}-{n}.m2kt",
-                topic=f"bench.{self.scenario.name}",
-                p=self.world.task.p,
-            )
+            self.packets[n] = self.write_packet(self.scenario.sample(n, seed=self.run), None, tag=str(n))
         return self.packets[n]
+
+    def write_packet(self, probes: list[Example], decomposition: dict[str, Any] | None, *, tag: str = "") -> Path:
+        """A signed packet with the concept table, ``probes`` (teacher queries) and a declared decomposition."""
+        name = f"{self.scenario.name}-{self.run}-{tag or len(probes)}-{len(self.packets)}.m2kt"
+        return write_transfer_packet(
+            self.teacher,
+            self.anchors + self.scenario.targets,
+            probes,
+            self.key,
+            self.workdir / name,
+            topic=f"bench.{self.scenario.name}",
+            p=self.world.task.p,
+            decomposition=decomposition,
+        )
 
     def record(self, condition: str, budget: Budget | str | None, accuracies: dict[str, float], **fields: Any) -> None:
         for group, acc in accuracies.items():
@@ -213,6 +234,45 @@ def ablations(trust_region: float) -> dict[str, LossMix]:
     }
 
 
+def _rebind(ctx: Context, budget: Budget, n: int) -> None:
+    """Every re-binding condition at this budget (new-operation scenarios)."""
+    scenario, template = ctx.scenario, Template(TEMPLATE)
+    operands = [str(v) for v in range(ctx.world.task.p)]
+    suite = [" ".join(e.tokens) for e in scenario.student_examples][::4]  # the owner's own inputs, no answers
+    for name, condition in REBIND_CONDITIONS.items():
+        probes = probes_for(
+            scenario.pool, n, scenario.sample(n, seed=ctx.run), template, select=condition.select, seed=ctx.run
+        )
+        out = run_rebind(
+            condition=condition,
+            teacher=ctx.teacher,
+            core=ctx.core,
+            probes=probes,
+            known=scenario.known,
+            operands=operands,
+            suite_texts=suite,
+            groups=scenario.report_groups(),
+            write_packet=lambda probes, decomposition, tag=name: ctx.write_packet(probes, decomposition, tag=tag),
+            key=ctx.key,
+            template=template,
+            device=str(ctx.device),
+        )
+        ctx.record(
+            name,
+            budget,
+            out["accuracies"],
+            n=n,
+            labelled=0,
+            teacher_queries=out["teacher_queries"],
+            concept_vectors=len(ctx.anchors) + len(scenario.targets),
+            packet_bytes=out["packet_bytes"],
+            trainable_parameters=0,
+            student_passes=out["student_passes"],
+            seconds=out["seconds"],
+            train=out["train"],
+        )
+
+
 def run_scenario(ctx: Context, log: Callable[[str], None]) -> None:
     s = ctx.settings
     none = lambda n: 0  # noqa: E731
@@ -220,7 +280,10 @@ def run_scenario(ctx: Context, log: Callable[[str], None]) -> None:
     for budget in s.budgets:
         n = ctx.scenario.budget(budget)
         t0 = time.perf_counter()
-        for name, mix in ablations(s.trust_region).items():
+        if ctx.scenario.operator is not None:
+            _rebind(ctx, budget, n)
+        mixes = ablations(s.trust_region) if ctx.scenario.ablations else {"m2kt": ablations(s.trust_region)["m2kt"]}
+        for name, mix in mixes.items():
             _run_condition(ctx, name, budget, start="anchor", train=_m2kt(ctx, mix), queries=same, labelled=none)
         _run_condition(ctx, "kd", budget, start="random", train=_outputs(ctx, kd=True), queries=same, labelled=none)
         _run_condition(
@@ -298,7 +361,8 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
     """Train one pair's models from scratch and run both scenarios on them."""
     pair = PAIRS[run % len(PAIRS)]
     device = pick_device(settings.device)
-    world = build_world(settings.p, seed=run)
+    ops = [OpSpec.parse(spec) for spec in settings.scenarios] or list(DEFAULT_OPS)
+    world = build_world(settings.p, seed=run, ops=ops, concept=not settings.scenarios)
     log(f"run {run}: {pair.describe()} on {device}")
     t0 = time.perf_counter()
     teacher, tm = train_model(
@@ -312,22 +376,25 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
     log(f"  teacher trained in {tm['seconds']:.1f} s")
     records: list[dict[str, Any]] = []
     key = SigningKey.from_seed(bytes([run % 256]) * 32)
-    for scenario in (world.concept, world.skill):
-        core, sm = train_model(
-            world.task,
-            pair.student,
-            scenario.student_examples,
-            seed=pair.student_seed + run,
-            steps=settings.model_steps,
-            device=str(device),
-        )
-        base_test = [e for e in world.test if _same_kind(e, scenario)]
-        log(
-            f"  {scenario.name} student core trained in {sm['seconds']:.1f} s "
-            f"(base skill held-out {evaluate(core, base_test, str(device)):.3f})"
-        )
+    cores: dict[tuple[str, ...], TinyTransformer] = {}  # one core per set of known operations
+    for scenario in world.scenarios:
+        known = tuple(sorted(scenario.known))
+        if known not in cores:
+            cores[known], sm = train_model(
+                world.task,
+                pair.student,
+                scenario.student_examples,
+                seed=pair.student_seed + run,
+                steps=settings.model_steps,
+                device=str(device),
+            )
+            base_test = [e for e in world.test if _same_kind(e, scenario)]
+            log(
+                f"  student core for {', '.join(known)} trained in {sm['seconds']:.1f} s "
+                f"(held-out {evaluate(cores[known], base_test, str(device)):.3f})"
+            )
+        core = cores[known]
         teacher_acc = {g: evaluate(teacher, ex, str(device)) for g, ex in scenario.report_groups().items()}
-        known = ["add", "sub"] if scenario.family == "concept" else ["sub"]
         ctx = Context(
             run=run,
             pair=pair,
@@ -339,7 +406,7 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
             workdir=workdir,
             device=device,
             settings=settings,
-            anchors=anchor_tokens(Vocabulary(world.task.vocabulary()), known, world.task.p),
+            anchors=anchor_tokens(Vocabulary(world.task.vocabulary()), list(scenario.known), world.task.p),
             records=records,
             teacher_accuracy=teacher_acc,
         )
@@ -400,8 +467,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where table, JSON, plot go")
     parser.add_argument("--p", type=int, default=23, help="the modulus (vocabulary and task size)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        metavar="NAME=KNOWN:EXPR",
+        help="a new-operation scenario, e.g. a-2b=add,sub:a-2*b (repeat); replaces the default scenarios",
+    )
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"p": args.p, "device": args.device}
+    try:
+        for spec in args.scenario:
+            OpSpec.parse(spec)
+    except ValueError as exc:
+        parser.error(str(exc))
+    overrides: dict[str, Any] = {"p": args.p, "device": args.device, "scenarios": list(args.scenario)}
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error("--seeds must be >= 1")

@@ -1,14 +1,18 @@
-"""The benchmark's world: one vocabulary, the teacher/student pairs, and the two scenario families.
+"""The benchmark's world: one vocabulary, the teacher/student pairs, and the scenarios.
 
 Everything is generated from :class:`m2kt.toy.symbolic.ModularTask` — no dataset. One fixed split of
 every expression holds out the test set first; nothing in ``test`` is ever a teacher training
 example, a probe, a KD query, a labelled example or an anchor.
 
-* **concept transfer** — teacher and student share the base skill (``add``, ``sub`` over Z_p),
-  learned independently. The teacher also knows synonyms (``plus`` = add, ``minus`` = sub), number
-  aliases (``seven'`` = 7, ``three'`` = 3) and a composition (``twice``: a + 2b). The student has
-  those tokens in its vocabulary and never trained them.
-* **skill transfer** — the student's core learned only ``sub`` (a − b); it receives ``add`` (a + b).
+* **concept transfer** (renaming) — teacher and student share the base skill (``add``, ``sub`` over
+  Z_p), learned independently. The teacher also knows synonyms (``plus`` = add, ``minus`` = sub) and
+  number aliases (``seven'`` = 7, ``three'`` = 3); the student has those tokens in its vocabulary and
+  never trained them.
+* **new operations** — data, one :class:`OpSpec` each: the student's core learned some operations
+  (``known``) and receives a new one, written as an expression (``a+b``, ``a+2*b``, ``b-a``, ``a*b``).
+  The defaults: **skill** (a core that learned only ``sub`` receives ``add`` = a + b) and
+  **composition** (an add/sub core receives ``twice`` = a + 2b). ``m2kt bench transfer --scenario
+  NAME=KNOWN:EXPR`` runs others with no code change; the teacher learns every operation of the run.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from m2kt.toy.symbolic import Example, ModularTask
+from m2kt.toy.symbolic import Example, ModularTask, operation
 
 __all__ = [
     "CONCEPT_KINDS",
+    "DEFAULT_OPS",
     "PAIRS",
+    "TEMPLATE",
+    "OpSpec",
     "PairShape",
     "Scenario",
     "World",
@@ -29,9 +36,40 @@ __all__ = [
 ]
 
 SYNONYMS = {"plus": "add", "minus": "sub"}
-COMPOSITION = {"twice": "add2b"}  # a twice b = a + 2b
 BASE_OPERATORS = {"add": "add", "sub": "sub"}
 ALIAS_VALUES = (7, 3)
+TEMPLATE = "{a} {op} {b} ="  # how every input of the task is spelled
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A new-operation scenario as data: its name, the operator token, the student's own operations, the
+    new operation as an expression in ``a`` and ``b`` (see :func:`m2kt.toy.symbolic.operation`)."""
+
+    name: str
+    operator: str
+    known: tuple[str, ...]
+    expression: str
+
+    @classmethod
+    def parse(cls, text: str) -> OpSpec:
+        """``NAME=KNOWN[,KNOWN…]:EXPR`` (the operator token is NAME), e.g. ``a-2b=add,sub:a-2*b``."""
+        name, eq, rest = text.partition("=")
+        known, colon, expression = rest.partition(":")
+        ops = tuple(k.strip() for k in known.split(",") if k.strip())
+        if not (eq and colon and name.strip() and ops and expression.strip()):
+            raise ValueError(f"scenario {text!r}: expected NAME=KNOWN[,KNOWN...]:EXPR, e.g. a-2b=add,sub:a-2*b")
+        unknown = [k for k in ops if k not in BASE_OPERATORS]
+        if unknown:
+            raise ValueError(f"scenario {text!r}: the student's operations must be among {sorted(BASE_OPERATORS)}")
+        operation(expression.strip())  # raises ValueError for an expression it cannot compute
+        return cls(name.strip(), name.strip(), ops, expression.strip())
+
+
+DEFAULT_OPS = (
+    OpSpec("skill", "add", ("sub",), "a+b"),
+    OpSpec("composition", "twice", ("add", "sub"), "a+2*b"),
+)
 
 
 def alias_tokens(p: int) -> dict[str, int]:
@@ -39,7 +77,7 @@ def alias_tokens(p: int) -> dict[str, int]:
     return {names[v]: v % p for v in ALIAS_VALUES}
 
 
-CONCEPT_KINDS = ("synonym", "alias", "composition")
+CONCEPT_KINDS = ("synonym", "alias")
 
 
 @dataclass(frozen=True)
@@ -90,20 +128,25 @@ class Scenario:
     """One transfer problem: what the student's core learned, what it should receive, pool and test.
 
     ``targets`` are the tokens whose concepts cross (injected into the student); ``adapters`` says
-    whether residual adapters are part of the trainable set (skill transfer: the core alone cannot
+    whether residual adapters are part of the trainable set (a new operation: the core alone cannot
     change what it computes). ``pool`` is the KD query pool (teacher-answerable expressions with a
-    target token, never test); ``test`` is held out; ``kind_of`` maps a test example to its
-    reporting group (``synonym``/``alias``/``composition``, or ``skill``).
+    target token, never test); ``test`` is held out; ``groups`` are the reporting groups.
+    ``known`` are the student's own operator tokens; ``operator`` the new one (new-operation
+    scenarios, where re-binding runs); ``ablations`` whether the composite-loss ablations run.
     """
 
     name: str
-    family: str  # "concept" or "skill"
+    family: str  # "concept" or "skill" (a new operation)
     student_examples: list[Example]  # what the student's core is trained on (train split only)
     targets: list[str]
     pool: list[Example]
     test: list[Example]
     adapters: bool
     groups: dict[str, list[Example]] = field(default_factory=dict)  # reporting group -> its test examples
+    known: tuple[str, ...] = ("add", "sub")
+    operator: str | None = None
+    expression: str | None = None
+    ablations: bool = True
 
     def report_groups(self) -> dict[str, list[Example]]:
         """The test sets reported: the whole scenario, then each group when there are several."""
@@ -124,33 +167,57 @@ class Scenario:
 
 @dataclass
 class World:
-    """The shared task, the teacher's training set, the held-out test set and both scenarios."""
+    """The shared task, the teacher's training set, the held-out test set and the scenarios."""
 
     task: ModularTask
     teacher_train: list[Example]
     test: list[Example]
-    concept: Scenario
-    skill: Scenario
+    scenarios: list[Scenario]
+
+    def scenario(self, name: str) -> Scenario:
+        return next(s for s in self.scenarios if s.name == name)
+
+    @property
+    def concept(self) -> Scenario:
+        return self.scenario("concept")
+
+    @property
+    def skill(self) -> Scenario:
+        return self.scenario("skill")
 
 
 def _kind(example: Example, aliases: Sequence[str]) -> str | None:
     if example.operator in SYNONYMS:
         return "synonym"
-    if example.operator in COMPOSITION:
-        return "composition"
     if any(t in aliases for t in example.tokens):
         return "alias"
     return None
 
 
-def build_world(p: int, *, test_fraction: float = 0.2, seed: int = 0) -> World:
+def _check_ops(ops: Sequence[OpSpec], p: int) -> None:
+    names = [o.name for o in ops]
+    if len(set(names)) != len(names) or "concept" in names:
+        raise ValueError(f"scenario names must be unique and not 'concept': {names}")
+    for spec in ops:
+        if spec.operator in BASE_OPERATORS:  # a base operator is taught as what it is; say so
+            fn, base = operation(spec.expression), operation(BASE_OPERATORS[spec.operator])
+            if any(fn(a, b, p) != base(a, b, p) for a in range(p) for b in range(p)):
+                raise ValueError(f"scenario {spec.name!r}: {spec.operator!r} is {BASE_OPERATORS[spec.operator]}")
+
+
+def build_world(
+    p: int, *, test_fraction: float = 0.2, seed: int = 0, ops: Sequence[OpSpec] = DEFAULT_OPS, concept: bool = True
+) -> World:
     """Every expression over one vocabulary, split once; the teacher trains on all of the train split.
 
     Aliases appear with the base operators only (``seven' add 4``, ``3 sub three'``); synonyms and the
-    composition use plain numbers.
+    new operations use plain numbers.
     """
+    _check_ops(ops, p)
     aliases = alias_tokens(p)
-    operators = {**BASE_OPERATORS, **SYNONYMS, **COMPOSITION}
+    new = {o.operator: o.expression for o in ops if o.operator not in BASE_OPERATORS}
+    # "twice" (a + 2b) is always in the teacher's world, so adding scenarios never changes the default one
+    operators = {**BASE_OPERATORS, **SYNONYMS, "twice": "add2b", **new}
     task = ModularTask(p=p, operators=operators, number_aliases=aliases)
     plain = task.examples()
     with_alias = [
@@ -165,28 +232,39 @@ def build_world(p: int, *, test_fraction: float = 0.2, seed: int = 0) -> World:
     def base(examples: list[Example], ops: Sequence[str]) -> list[Example]:
         return [e for e in examples if e.operator in ops and _kind(e, alias_names) is None]
 
-    concept_targets = [*SYNONYMS, *COMPOSITION, *alias_names]
+    concept_targets = [*SYNONYMS, *alias_names]
     concept_pool = [e for e in train if _kind(e, alias_names) is not None]
     concept_test = [e for e in test if _kind(e, alias_names) is not None]
-    concept = Scenario(
-        name="concept",
-        family="concept",
-        student_examples=base(train, ["add", "sub"]),
-        targets=concept_targets,
-        pool=concept_pool,
-        test=concept_test,
-        adapters=False,
-        groups={k: [e for e in concept_test if _kind(e, alias_names) == k] for k in CONCEPT_KINDS},
-    )
-    skill_test = base(test, ["add"])
-    skill = Scenario(
-        name="skill",
-        family="skill",
-        student_examples=base(train, ["sub"]),
-        targets=["add"],
-        pool=base(train, ["add"]),
-        test=skill_test,
-        adapters=True,
-        groups={"add": skill_test},
-    )
-    return World(task=task, teacher_train=train, test=test, concept=concept, skill=skill)
+    scenarios = []
+    if concept:
+        scenarios.append(
+            Scenario(
+                name="concept",
+                family="concept",
+                student_examples=base(train, ["add", "sub"]),
+                targets=concept_targets,
+                pool=concept_pool,
+                test=concept_test,
+                adapters=False,
+                groups={k: [e for e in concept_test if _kind(e, alias_names) == k] for k in CONCEPT_KINDS},
+            )
+        )
+    for spec in ops:
+        op_test = base(test, [spec.operator])
+        scenarios.append(
+            Scenario(
+                name=spec.name,
+                family="skill",
+                student_examples=base(train, list(spec.known)),
+                targets=[spec.operator],
+                pool=base(train, [spec.operator]),
+                test=op_test,
+                adapters=True,
+                groups={spec.operator: op_test},
+                known=spec.known,
+                operator=spec.operator,
+                expression=spec.expression,
+                ablations=spec.name == "skill",  # the composite-loss ablations: as before, on the skill scenario
+            )
+        )
+    return World(task=task, teacher_train=train, test=test, scenarios=scenarios)

@@ -1,6 +1,6 @@
 """``m2kt bench``: the experiments of ``benchmarks/``, run from the command line.
 
-m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda]
+m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda] [--scenario NAME=KNOWN:EXPR …]
 """
 
 from __future__ import annotations
@@ -29,8 +29,19 @@ def bench_transfer(
     ),
     p: Annotated[int, typer.Option("--p", help="The modulus of the symbolic tasks (vocabulary and task size).")] = 23,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scenario",
+            metavar="NAME=KNOWN:EXPR",
+            help="A new-operation scenario, e.g. a-2b=add,sub:a-2*b (repeat); replaces the default scenarios.",
+        ),
+    ] = None,
 ) -> None:
-    """Teacher → student transfer: M2KT against KD, labelled fine-tuning and baselines, per data budget."""
+    """Teacher → student transfer: M2KT against KD, labelled fine-tuning and baselines, per data budget.
+
+    The default scenarios are concept (renaming), skill (a sub core receives a+b) and composition (an
+    add/sub core receives a+2b); --scenario runs others, from the command line, with no code change."""
     try:
         from m2kt.benchmarks.transfer.run import main
     except ImportError as exc:  # torch or matplotlib missing
@@ -40,4 +51,6 @@ def bench_transfer(
         argv.append("--quick")
     if seeds is not None:
         argv += ["--seeds", str(seeds)]
+    for spec in scenario or ():
+        argv += ["--scenario", spec]
     raise typer.Exit(main(argv))

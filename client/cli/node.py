@@ -99,7 +99,11 @@ def pack(
         spec = load_spec(spec_file)
         if device is not None:
             spec = replace(spec, device=device)
-        needs_logits = spec.concepts.method == "attribution" or (spec.traces.enabled and spec.traces.source == "decode")
+        needs_logits = (
+            spec.concepts.method == "attribution"
+            or (spec.traces.enabled and spec.traces.source == "decode")
+            or spec.answers
+        )
         loaded = load_model(model, device=pick_device(spec.device), logits=needs_logits)
         if spec.model_name is None:
             spec = replace(spec, model_name=loaded.name)

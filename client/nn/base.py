@@ -107,6 +107,22 @@ class ModelAdapter(ABC):
     def weights_sha256(self) -> str:
         return state_dict_sha256(self.model)
 
+    def predict(self, texts: Sequence[str], batch_size: int = 512) -> list[str]:
+        """The model's own answer to each input: its argmax output token at the last token."""
+        if not self.has_logits:
+            raise SpecError(f"{self.model_name} has no output head to answer with")
+        batch = self.tokenize(texts)
+        out: list[str] = []
+        for start in range(0, len(batch), batch_size):
+            stop = min(start + batch_size, len(batch))
+            ids, mask = batch.slice(start, stop, self.device)
+            logits = self.forward(ids, mask, attention=False).logits
+            assert logits is not None
+            last = torch.tensor(batch.lengths[start:stop], device=logits.device) - 1
+            rows = torch.arange(stop - start, device=logits.device)
+            out += [self.output_token(int(i)) for i in logits[rows, last].argmax(-1)]
+        return out
+
     @contextmanager
     def frozen(self) -> Iterator[None]:
         """Extraction never trains the teacher: parameters stop requiring grad for the duration."""

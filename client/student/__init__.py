@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from m2kt.errors import IngestError
 from m2kt.student.cal import CALConfig, ConceptAlignmentLayer, build_cal
-from m2kt.student.config import AdapterConfig, IngestConfig, InjectConfig, VerifierConfig
+from m2kt.student.config import AdapterConfig, IngestConfig, InjectConfig, RebindConfig, VerifierConfig
 from m2kt.student.ingest import ingest
 from m2kt.student.losses import CompositeLoss, LossWeights
 from m2kt.student.report import IngestReport
@@ -38,6 +38,7 @@ __all__ = [
     "InjectConfig",
     "LossWeights",
     "ProbeSuite",
+    "RebindConfig",
     "ResidualAdapter",
     "Student",
     "TokenInjector",

@@ -11,7 +11,7 @@ from m2kt._fields import check_known_fields
 from m2kt.student.cal import CALConfig
 from m2kt.student.losses import LossWeights
 
-__all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "VerifierConfig"]
+__all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "RebindConfig", "VerifierConfig"]
 
 
 @dataclass
@@ -45,6 +45,37 @@ class AdapterConfig:
 
 
 @dataclass
+class RebindConfig:
+    """Re-binding: the packet's new operation as a composition of the student's own operations.
+
+    The student answers every ``x op y`` of its own ``operators`` over the operand domain (its forward
+    passes, no teacher queries), scores the compositions ``op(U(a), V(b))`` against the teacher's answers
+    to the packet's probes, and binds the new operator to the one that explains them — by slot injection
+    (``apply="inject"``: one pass) or as a trace of the core's own passes (``apply="trace"``). When none
+    explains at least ``min_explained`` of the probes, ingestion refuses and rolls back.
+    """
+
+    enabled: bool = False
+    template: str = "{a} {op} {b} ="  # how the student's inputs are spelled, one word per token
+    operators: list[str] = field(default_factory=list)  # the student's own operations (its trained operators)
+    operands: list[str] | None = None  # the operand domain; default: every operand in the probes and the suite
+    target: str | None = None  # the operator to bind; default: the one the packet's probes use
+    slots: bool = True  # re-bind operands (False: the new operator can only be renamed to a known one)
+    constants: bool = True  # operand transforms may use constants, e.g. sub(0, x)
+    search: bool = True  # False: only a decomposition the packet declares is considered
+    apply: Literal["inject", "trace"] = "inject"
+    min_explained: float = 0.9  # share of the packet's probes the binding must answer as the teacher did
+
+    def __post_init__(self) -> None:
+        if self.apply not in ("inject", "trace"):
+            raise ValueError(f"rebind.apply must be 'inject' or 'trace', not {self.apply!r}")
+        if not 0 < self.min_explained <= 1:
+            raise ValueError(f"rebind.min_explained must be in (0, 1], not {self.min_explained}")
+        if self.enabled and not self.operators:
+            raise ValueError("rebind.operators must name the student's own operations (e.g. ['add', 'sub'])")
+
+
+@dataclass
 class VerifierConfig:
     """When the verifier and safety auditor roll an ingestion back."""
 
@@ -66,6 +97,7 @@ class IngestConfig:
     inject: InjectConfig = field(default_factory=InjectConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    rebind: RebindConfig = field(default_factory=RebindConfig)
     layer: str | None = None  # student layer probed for c^S_k (default: inject.layer)
     targets: list[str] = field(default_factory=list)  # concept labels to inject (never used as anchors)
     anchors: list[str] | None = None  # concept labels shared with the student (default: all but targets)
@@ -107,6 +139,7 @@ class IngestConfig:
             "inject": InjectConfig,
             "adapter": AdapterConfig,
             "verifier": VerifierConfig,
+            "rebind": RebindConfig,
         }
         for name, kind in parts.items():
             if name in values:

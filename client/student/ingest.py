@@ -20,7 +20,6 @@ The result is an :class:`~m2kt.student.report.IngestReport`.
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -30,16 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from m2kt.errors import IngestError
 from m2kt.format.keys import VerifyKey
 from m2kt.nn.device import pick_device
 from m2kt.nn.select import select
 from m2kt.student.cal import build_cal
+from m2kt.student.checkpoint import Checkpoint, checkpoint, rollback
 from m2kt.student.config import IngestConfig
 from m2kt.student.losses import LossTerms, align_depth, geo_loss, pool_attention_to
 from m2kt.student.probing import PacketContents, StudentProbe, probe_student, read_packet
+from m2kt.student.rebind import ingest_by_rebinding
 from m2kt.student.report import IngestReport
 from m2kt.student.student import Student
 from m2kt.student.training import CALTrainer, project_to_trust_region
@@ -148,45 +148,6 @@ def prepare(student: Student, contents: PacketContents, config: IngestConfig) ->
         holdout=sorted(order[:n_hold]),
         target_tokens=target_tokens,
     )
-
-
-# ----------------------------------------------------------------------------------------- 2. checkpoint
-
-
-@dataclass
-class Checkpoint:
-    """Everything an ingestion may change in a student: CAL, adapters, injection, inject layer, metadata."""
-
-    cal: nn.Module | None
-    adapters: frozenset[str]
-    state: dict[str, torch.Tensor]
-    injection: tuple[list[int], list[str]]
-    inject_layer: str
-    meta: dict[str, Any]
-
-
-def checkpoint(student: Student, *, inject_layer: str | None = None) -> Checkpoint:
-    """The student's trainable state now (``inject_layer``: the layer to restore, if it was changed since)."""
-    return Checkpoint(
-        cal=copy.deepcopy(student.cal),
-        adapters=frozenset(student.adapters.keys()),
-        state=student.trainable_state(),
-        injection=(list(student.injector.token_ids), list(student.injector.labels)),
-        inject_layer=inject_layer or student.inject_layer,
-        meta=dict(student.meta),
-    )
-
-
-def rollback(student: Student, saved: Checkpoint) -> None:
-    """Back to the exact state of ``saved``: CAL, adapters, injection, inject layer, metadata."""
-    student.cal = saved.cal
-    for key in list(student.adapters.keys()):
-        if key not in saved.adapters:
-            del student.adapters[key]
-    student.inject_layer = saved.inject_layer
-    student.install_hooks()
-    student.restore(saved.state, saved.injection)
-    student.meta = dict(saved.meta)
 
 
 # ----------------------------------------------------------------------------------------- 3. training set-up
@@ -411,6 +372,8 @@ def ingest(
     t0 = time.perf_counter()
     suite = suite or ProbeSuite()
     contents = read_packet(packet, keys)  # verified before anything is read from it
+    if config.rebind.enabled:
+        return ingest_by_rebinding(student, contents, config, suite, started=t0)
     inject_layer = student.inject_layer
     t_probe = time.perf_counter()
     try:

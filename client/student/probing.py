@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2kt.errors import IngestError
 from m2kt.format import open_packet, packet_id
 from m2kt.format.keys import VerifyKey
 from m2kt.format.manifest import Manifest
-from m2kt.format.probe_text import decode_probe_texts
+from m2kt.format.probe_text import PROBE_ANSWER, decode_probe_texts, decode_texts, has_texts
 from m2kt.nn.select import select
 from m2kt.student.student import Student
 
@@ -44,6 +45,7 @@ class PacketContents:
     attention: torch.Tensor | None  # (K or P, layers', heads', L, L)
     traces: torch.Tensor | None  # (P, m, d_T)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # any other float tensor, by name
+    answers: list[str] | None = None  # the teacher's own answer to each probe, when the packet carries them
 
     def concept_index(self, label: str) -> int:
         return self.labels.index(label)
@@ -60,6 +62,9 @@ def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> Pack
 
         members = torch.from_numpy(np.array(t["concept_members"], dtype=np.int64)) if "concept_members" in t else None
         texts = decode_probe_texts(t) if "probe_text" in t else []
+        answers = decode_texts(t, PROBE_ANSWER) if has_texts(t, PROBE_ANSWER) else None
+        if answers is not None and len(answers) != len(texts):
+            raise IngestError(f"the packet has {len(answers)} probe answers for {len(texts)} probes")
         concepts = get("concepts")
         assert concepts is not None
         return PacketContents(
@@ -79,6 +84,7 @@ def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> Pack
             attention=get("attention"),
             traces=get("traces"),
             extra={name: get(name) for name in t if name not in _READ and np.dtype(t[name].dtype).kind == "f"},
+            answers=answers,
         )
 
 

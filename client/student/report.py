@@ -39,6 +39,7 @@ class IngestReport:
     timings: dict[str, float | None]  # probe, train, verify, total (seconds), steps_per_second
     config: dict[str, Any]
     student: dict[str, Any] = field(default_factory=dict)  # core_sha256, layer, inject_layer
+    rebinding: dict[str, Any] | None = None  # re-binding only: target, program, source, explained, cost
 
     @property
     def accepted(self) -> bool:

@@ -26,6 +26,8 @@ from m2kt.nn.adapters import adapter_for
 from m2kt.nn.base import ModelAdapter
 from m2kt.nn.batch import Capture
 from m2kt.nn.digest import state_dict_sha256
+from m2kt.nn.programs import Expr, Template
+from m2kt.student.binding import ProgramBinding, SlotInjector
 
 __all__ = ["ResidualAdapter", "Student", "TokenInjector"]
 
@@ -86,6 +88,8 @@ class Student:
         self.core.eval()
         self.core_sha256 = state_dict_sha256(self.core)
         self.injector = TokenInjector()
+        self.slots = SlotInjector()  # concepts bound to slots of an input (re-bound operations, one pass)
+        self.programs: dict[str, ProgramBinding] = {}  # operator token -> a program of the core's own passes
         self.adapters = nn.ModuleDict()
         self.cal: nn.Module | None = None
         self.meta: dict[str, Any] = {}
@@ -122,11 +126,12 @@ class Student:
         self._hooks.append(self.core.register_forward_pre_hook(capture_ids, with_kwargs=True))
 
         def inject(_m: nn.Module, _i: Any, output: Any) -> Any:
-            if self._input_ids is None or not self.injector.token_ids:
+            if self._input_ids is None or not (self.injector.token_ids or self.slots.bindings):
                 return output
+            ids = self._input_ids
             if isinstance(output, tuple):
-                return (self.injector.apply(output[0], self._input_ids), *output[1:])
-            return self.injector.apply(output, self._input_ids)
+                return (self.slots.apply(self.injector.apply(output[0], ids), ids), *output[1:])
+            return self.slots.apply(self.injector.apply(output, ids), ids)
 
         self._hooks.append(self.reader.layer_module(self.inject_layer).register_forward_hook(inject))
         for name, adapter in self.adapters.items():
@@ -158,7 +163,10 @@ class Student:
         return self.reader.forward(input_ids, mask, attention=attention, grad=grad)
 
     def answer_distribution(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-        """(N, V) output probabilities at each input's last token."""
+        """(N, V) output probabilities at each input's last token (a program-bound input: at its last pass)."""
+        return self._distribution(self._run_programs(texts), batch_size)
+
+    def _distribution(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
         batch = self.reader.tokenize(texts)
         rows = []
         for start in range(0, len(texts), batch_size):
@@ -173,6 +181,37 @@ class Student:
     def predict(self, texts: Sequence[str]) -> list[str]:
         """The argmax output token for each input."""
         return [self.reader.output_token(int(i)) for i in self.answer_distribution(texts).argmax(-1)]
+
+    def _run_programs(self, texts: Sequence[str]) -> list[str]:
+        """Inputs whose operator is bound to a program become its last pass; the inner passes run here,
+        batched level by level on the core (with whatever else is injected)."""
+        out = list(texts)
+        if not self.programs:
+            return out
+        todo: dict[int, tuple[ProgramBinding, Expr]] = {}
+        for i, text in enumerate(out):
+            for binding in self.programs.values():
+                slots = binding.template.parse(text)
+                if slots is not None and slots[1] == binding.operator and binding.program.op is not None:
+                    env = {"a": Expr.const(slots[0]), "b": Expr.const(slots[2])}
+                    todo[i] = (binding, binding.program.substitute("a", env["a"]).substitute("b", env["b"]))
+                    break
+        while True:
+            inner = {(b.template, *leaves) for b, e in todo.values() for leaves in _inner_applies(e)}
+            if not inner:
+                break
+            order = sorted(inner, key=lambda k: (k[0].text, k[1], k[2], k[3]))
+            answers = self.predict_raw([t.format(x, op, y) for t, op, x, y in order])
+            value = dict(zip(order, answers, strict=True))
+            todo = {i: (b, _reduce(e, b.template, value)) for i, (b, e) in todo.items()}
+        for i, (binding, expr) in todo.items():
+            x, y = (str(a.leaf) for a in expr.args)
+            out[i] = binding.template.format(x, str(expr.op), y)
+        return out
+
+    def predict_raw(self, texts: Sequence[str]) -> list[str]:
+        """The argmax output of one pass per input, programs not applied."""
+        return [self.reader.output_token(int(i)) for i in self._distribution(texts).argmax(-1)]
 
     def accuracy(self, texts: Sequence[str], answers: Sequence[str]) -> float:
         """The share of ``texts`` whose predicted token is the answer."""
@@ -193,6 +232,7 @@ class Student:
             state.update({f"cal.{k}": v for k, v in self.cal.state_dict().items()})
         state.update({f"adapters.{k}": v for k, v in self.adapters.state_dict().items()})
         state["inject.vectors"] = self.injector.vectors
+        state.update(self.slots.state())
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     def save_trainable(self, path: str | Path) -> Path:
@@ -207,6 +247,8 @@ class Student:
                     "inject_tokens": self.injector.token_ids,
                     "inject_labels": self.injector.labels,
                     "adapters": sorted(_unkey(k) for k in self.adapters),
+                    "slots": self.slots.meta(),
+                    "programs": [b.meta() for b in self.programs.values()],
                     "core_sha256": self.core_sha256,
                     **self.meta,
                 },
@@ -248,10 +290,13 @@ class Student:
             assert rank is not None
             self.add_adapters(meta["adapters"], rank)
             self.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
+        self.slots.load(meta.get("slots", []), tensors, self.device)
+        self.programs = {b.operator: b for b in (ProgramBinding.from_meta(m) for m in meta.get("programs", []))}
         self.meta = {
             k: v
             for k, v in meta.items()
-            if k not in ("inject_layer", "inject_tokens", "inject_labels", "adapters", "core_sha256")
+            if k
+            not in ("inject_layer", "inject_tokens", "inject_labels", "adapters", "slots", "programs", "core_sha256")
         }
         if meta.get("inject_layer") and meta["inject_layer"] != self.inject_layer:
             self.set_inject_layer(meta["inject_layer"])
@@ -265,6 +310,37 @@ class Student:
             self.cal.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("cal.")})
         self.adapters.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("adapters.")})
         self.injector.set(injected[0], injected[1], state["inject.vectors"].to(self.device))
+
+
+def _inner_applies(expr: Expr) -> list[tuple[str, str, str]]:
+    """(op, x, y) of every operation below the root whose operands are known values."""
+    found: list[tuple[str, str, str]] = []
+
+    def walk(e: Expr, root: bool) -> None:
+        if e.op is None:
+            return
+        if not root and all(a.op is None for a in e.args):
+            found.append((e.op, str(e.args[0].leaf), str(e.args[1].leaf)))
+            return
+        for a in e.args:
+            walk(a, False)
+
+    walk(expr, True)
+    return found
+
+
+def _reduce(
+    expr: Expr, template: Template, value: dict[tuple[Template, str, str, str], str], *, root: bool = True
+) -> Expr:
+    """``expr`` with every computed inner operation (never the root: that is the last pass) replaced by its answer."""
+    if expr.op is None:
+        return expr
+    args = tuple(_reduce(a, template, value, root=False) for a in expr.args)
+    if not root and all(a.op is None for a in args):
+        key = (template, expr.op, str(args[0].leaf), str(args[1].leaf))
+        if key in value:
+            return Expr.const(value[key])
+    return Expr(op=expr.op, args=args)
 
 
 def _key(layer: str) -> str:

@@ -30,7 +30,7 @@ from m2kt.format.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from m2kt.format.probe_text import encode_probe_texts
+from m2kt.format.probe_text import PROBE_ANSWER, encode_probe_texts, encode_texts
 from m2kt.format.writer import write_packet
 from m2kt.nn.adapters import adapter_for
 from m2kt.nn.base import ModelAdapter
@@ -87,9 +87,19 @@ def check_spec(adapter: ModelAdapter, spec: PacketSpec) -> Plan:
         )
     if spec.attention.enabled and adapter.n_attention_layers == 0:
         raise SpecError(f"attention was asked for but {adapter.model_name} exposes no attention modules")
-    needs_logits = (spec.concepts.method == "attribution") or (spec.traces.enabled and spec.traces.source == "decode")
+    needs_logits = (
+        spec.concepts.method == "attribution"
+        or (spec.traces.enabled and spec.traces.source == "decode")
+        or spec.answers
+    )
     if needs_logits and not adapter.has_logits:
-        what = "attribution" if spec.concepts.method == "attribution" else "decode traces"
+        what = (
+            "attribution"
+            if spec.concepts.method == "attribution"
+            else "decode traces"
+            if spec.traces.enabled and spec.traces.source == "decode"
+            else "answers"
+        )
         raise SpecError(f"{what} needs output logits, and {adapter.model_name} has no output head")
     if spec.concepts.method == "attribution" and spec.concepts.attribution.targets != "predicted":
         for token in spec.concepts.attribution.targets:
@@ -218,6 +228,17 @@ def extract(
             steps["traces"] = ExtractionStep(
                 method=f"hidden-states-{spec.traces.source}", params={**params, "steps": traces.shape[1]}
             )
+        answers: list[str] = []
+        if spec.answers:
+            assert run.answered is not None, "check_spec requires logits for answers"
+            answers = [adapter.output_token(int(i)) for i in run.answered]
+            params = {"answers": PROBE_ANSWER, "position": "last", "decode": "argmax"}
+            if steps["traces"] is not None:
+                steps["traces"] = ExtractionStep(
+                    method=steps["traces"].method, params={**steps["traces"].params, **params}
+                )
+            else:
+                steps["traces"] = ExtractionStep(method="teacher-answers", params=params)
         if spec.graph.enabled:
             edges, weights = abstraction_graph(concepts, run, spec)
             tensors["graph_edges"], tensors["graph_weights"] = edges, weights  # (E, 2), (E,)
@@ -269,6 +290,8 @@ def extract(
     body = ManifestBody(**body_fields)
     arrays = {name: _as_array(t, spec.dtype) for name, t in tensors.items()}
     arrays.update(encode_probe_texts(plan.texts))  # the probe inputs as text, so any tokenizer can re-read them
+    if answers:
+        arrays.update(encode_texts(answers, PROBE_ANSWER))  # the teacher's outputs on its probes: no labels
     return Extraction(body, arrays, concepts, scores)
 
 

@@ -28,6 +28,7 @@ class ProbeRun:
     at_position: dict[str, torch.Tensor]  # layer -> (P, d) states at each probe's position
     attention: torch.Tensor | None  # (P, layers', heads', L, L) after pooling
     predicted: torch.Tensor | None  # (P,) long: the teacher's argmax output at each probe's position
+    answered: torch.Tensor | None  # (P,) long: the teacher's argmax output at each probe's last token
     forward_passes: int
 
 
@@ -85,6 +86,7 @@ def run_probes(
     picked: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     attention_rows: list[torch.Tensor] = []
     predicted_rows: list[torch.Tensor] = []
+    answered_rows: list[torch.Tensor] = []
     passes = 0
     for start in range(0, len(batch), spec.batch_size):
         stop = min(start + spec.batch_size, len(batch))
@@ -106,6 +108,8 @@ def run_probes(
             last = [p if p != "mean" else n - 1 for p, n in zip(rows, batch.lengths[start:stop], strict=True)]
             logits = select(capture.logits.float(), mask, last)
             predicted_rows.append(logits.argmax(-1).cpu())
+            final = [n - 1 for n in batch.lengths[start:stop]]
+            answered_rows.append(select(capture.logits.float(), mask, final).argmax(-1).cpu())
         on_progress(stop - start)
     return ProbeRun(
         texts=list(texts),
@@ -116,5 +120,6 @@ def run_probes(
         at_position={name: torch.cat(rows) for name, rows in picked.items()},
         attention=torch.cat(attention_rows) if want_attention else None,
         predicted=torch.cat(predicted_rows) if predicted_rows else None,
+        answered=torch.cat(answered_rows) if answered_rows else None,
         forward_passes=passes,
     )

@@ -231,6 +231,7 @@ class PacketSpec:
     batch_size: int = 64
     device: str = "auto"
     dtype: Literal["float32", "float16"] = "float32"  # dtype of the float tensors in the packet
+    answers: bool = False  # the teacher's own answer to each probe (argmax output at the last token), as text
 
     def __post_init__(self) -> None:
         if not isinstance(self.topic, str) or not re.fullmatch(TOPIC_PATTERN, self.topic):

@@ -14,6 +14,7 @@ tokens it will only be taught later.
 
 from __future__ import annotations
 
+import ast
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "ModularTask",
     "UnknownTokenError",
     "Vocabulary",
+    "operation",
     "parse_expression",
 ]
 
@@ -41,6 +43,53 @@ OPERATIONS: dict[str, Callable[[int, int, int], int]] = {
     "max": lambda a, b, p: max(a, b) % p,
     "min": lambda a, b, p: min(a, b) % p,
 }
+
+
+def operation(name: str) -> Callable[[int, int, int], int]:
+    """The operation a name means: one of :data:`OPERATIONS`, an arithmetic expression in ``a`` and ``b``
+    (``"a+2*b"``, ``"b-a"``, ``"2*a+b"``, ``"a*b"``: integers, ``+ - *`` and parentheses, taken mod p), or
+    ``"table:<seed>"`` — a random table over Z_p that no arithmetic composes (for tests of refusal)."""
+    if name in OPERATIONS:
+        return OPERATIONS[name]
+    if name.startswith("table:"):
+        seed = name.removeprefix("table:")
+        return lambda a, b, p: random.Random(f"{seed}:{p}:{a}:{b}").randrange(p)
+    return _compile_expression(name)
+
+
+_ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.USub, ast.UAdd)
+
+
+def _compile_expression(text: str) -> Callable[[int, int, int], int]:
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ValueError(f"unknown operation {text!r}: not a name in OPERATIONS nor an expression in a and b") from None
+    for node in ast.walk(tree):
+        ok = isinstance(node, _ALLOWED_NODES) or (isinstance(node, ast.Name) and node.id in ("a", "b"))
+        ok = ok or (isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool))
+        if not ok and not isinstance(node, ast.Load):
+            raise ValueError(f"operation {text!r}: only integers, a, b, + - * and parentheses are allowed")
+
+    def evaluate(node: ast.AST, a: int, b: int) -> int:
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body, a, b)
+        if isinstance(node, ast.Constant):
+            return int(node.value)
+        if isinstance(node, ast.Name):
+            return a if node.id == "a" else b
+        if isinstance(node, ast.UnaryOp):
+            value = evaluate(node.operand, a, b)
+            return -value if isinstance(node.op, ast.USub) else value
+        assert isinstance(node, ast.BinOp)
+        left, right = evaluate(node.left, a, b), evaluate(node.right, a, b)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        return left * right
+
+    return lambda a, b, p: evaluate(tree, a, b) % p
 
 
 def parse_expression(text: str) -> tuple[str, ...]:
@@ -113,10 +162,12 @@ class ModularTask:
 
         if not operators:
             raise ValueError("a task needs at least one operator")
-        for token, operation in operators.items():
-            if operation not in OPERATIONS:
+        for token, name in operators.items():
+            try:
+                operation(name)
+            except ValueError as exc:
                 known = ", ".join(sorted(OPERATIONS))
-                raise ValueError(f"operator {token!r} names unknown operation {operation!r}; known: {known}")
+                raise ValueError(f"operator {token!r}: {exc} (names: {known})") from None
         for alias, value in aliases.items():
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.p:
                 raise ValueError(f"number alias {alias!r} must map to an integer in [0, {self.p}), got {value!r}")
@@ -165,7 +216,7 @@ class ModularTask:
     def answer(self, a: int, operator_token: str, b: int) -> int:
         """The value of ``a OP b`` in Z_p (``a`` and ``b`` are reduced mod p first)."""
         self._check_operator(operator_token)
-        return OPERATIONS[self.operators[operator_token]](a % self.p, b % self.p, self.p)
+        return operation(self.operators[operator_token])(a % self.p, b % self.p, self.p)
 
     def examples(self, operators: Iterable[str] | None = None, *, use_aliases: bool = False) -> list[Example]:
         """Every ``a OP b =`` over the given operator tokens (default: all of ``operators``, sorted).
@@ -181,11 +232,11 @@ class ModularTask:
         numbers = self.number_tokens(use_aliases=use_aliases)
         out: list[Example] = []
         for token in chosen:
-            operation = self.operators[token]
-            fn = OPERATIONS[operation]
+            name = self.operators[token]
+            fn = operation(name)
             for a_tok, a in numbers:
                 for b_tok, b in numbers:
-                    out.append(Example((a_tok, token, b_tok, EQUALS), str(fn(a, b, self.p)), token, operation))
+                    out.append(Example((a_tok, token, b_tok, EQUALS), str(fn(a, b, self.p)), token, name))
         return out
 
     def split(
