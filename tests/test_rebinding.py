@@ -269,3 +269,39 @@ def test_a_packet_without_answers_is_refused_before_anything_changes(core, tmp_p
     with pytest.raises(IngestError, match="teacher's answers"):
         ingest(student, path, _config(), keys=key.verify_key, suite=_suite(task))
     assert student.slots.bindings == [] and student.programs == {}
+
+
+def test_a_teacher_spec_selects_answers_and_declares_with_every_query_counted(core, tmp_path: Path) -> None:
+    """The library path: m2kt.teacher spreads 8 probes, answers them, and declares add = sub(a, 0 - b)
+    from its own behaviour, paying for its own operation table in teacher queries."""
+    from m2kt.format import open_packet
+    from m2kt.format.probe_text import decode_texts
+    from m2kt.student import Student, ingest
+    from m2kt.teacher import ConceptsSpec, DecomposeSpec, NamedProbe, PacketSpec, SelectionSpec, build_packet
+
+    model, task = core
+    key = SigningKey.from_seed(bytes(32))
+    pool = tuple(TEMPLATE.format(str(a), "add", str(b)) for a in range(P) for b in range(P))
+    spec = PacketSpec(
+        topic="arith.add",
+        layer="embed",
+        concepts=ConceptsSpec(named=(NamedProbe(label="token:add", inputs=("1 add 2 =",), position=1),)),
+        probes=pool,
+        select=SelectionSpec(count=8),
+        answers=True,
+        decompose=DecomposeSpec(operator="add", known=("sub",), operands=tuple(str(v) for v in range(P))),
+    )
+    path = build_packet(copy.deepcopy(model), spec, key, tmp_path / "spec.m2kt")
+    with open_packet(path) as packet:
+        m = packet.manifest
+        assert m.data_usage.probe_count == 1 + 8 + P * P and m.data_usage.labelled_examples == 0
+        assert m.extraction.traces is not None
+        declared = m.extraction.traces.params["decomposition"]
+        assert declared["program"] == 'sub(a, sub("0", b))' and declared["forward_passes"] == P * P
+        texts = decode_texts(packet.tensors, "probe_text")
+        assert len(texts) == 9 and len(decode_texts(packet.tensors, PROBE_ANSWER)) == 9
+    student = Student(copy.deepcopy(model))
+    config = _config(search=False)
+    config.rebind.operators = ["sub"]
+    report = ingest(student, path, config, keys=key.verify_key, suite=_suite(task))
+    assert report.decision == "accepted" and report.rebinding["source"] == "declared", report.reasons

@@ -98,7 +98,7 @@ def run_rebind(
             [_text(e) for e in probes],
             answers,
         )
-        decomposition = found.as_params() if found is not None else None
+        decomposition = found.as_params()  # declared even when nothing was found: its queries were spent
     path: Path = write_packet(probes, decomposition)
     student = Student(core)
     config = IngestConfig(

@@ -36,8 +36,10 @@ from m2kt.nn.adapters import adapter_for
 from m2kt.nn.base import ModelAdapter
 from m2kt.nn.batch import Batch
 from m2kt.nn.device import pick_device
+from m2kt.nn.programs import Template
 from m2kt.nn.select import select
 from m2kt.teacher.concepts import ConceptSet, extract_concepts
+from m2kt.teacher.decompose import Decomposition, declare_decomposition
 from m2kt.teacher.probing import probe_positions, resolve_positions, run_probes
 from m2kt.teacher.safety import CosineFlaggedScorer, SafetyScorer, load_flagged_directions
 from m2kt.teacher.spec import PacketSpec
@@ -99,6 +101,8 @@ def check_spec(adapter: ModelAdapter, spec: PacketSpec) -> Plan:
             else "decode traces"
             if spec.traces.enabled and spec.traces.source == "decode"
             else "answers"
+            if spec.answers
+            else "a declared decomposition"
         )
         raise SpecError(f"{what} needs output logits, and {adapter.model_name} has no output head")
     if spec.concepts.method == "attribution" and spec.concepts.attribution.targets != "predicted":
@@ -157,6 +161,24 @@ def _flagged_states(plan: Plan) -> tuple[torch.Tensor, int]:
         directions.append(all_states[offset : offset + len(probe.inputs)].mean(0))
         offset += len(probe.inputs)
     return torch.stack(directions), len(texts)
+
+
+def _declare(adapter: ModelAdapter, spec: PacketSpec, texts: list[str], answers: list[str]) -> Decomposition:
+    """The teacher's own search for a decomposition of ``spec.decompose.operator`` (its passes are counted)."""
+    d = spec.decompose
+    assert d.operator is not None
+    template = Template(d.template)
+    operands = list(d.operands) if d.operands is not None else _operands(template, texts)
+    return declare_decomposition(adapter.predict, template, d.operator, list(d.known), operands, texts, answers)
+
+
+def _operands(template: Template, texts: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for text in texts:
+        slots = template.parse(text)
+        if slots is not None:
+            seen.update(dict.fromkeys((slots[0], slots[2])))
+    return list(seen)
 
 
 def _as_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
@@ -229,10 +251,19 @@ def extract(
                 method=f"hidden-states-{spec.traces.source}", params={**params, "steps": traces.shape[1]}
             )
         answers: list[str] = []
-        if spec.answers:
-            assert run.answered is not None, "check_spec requires logits for answers"
+        declared_queries = 0
+        if spec.answers or spec.decompose.operator is not None:
+            assert run.answered is not None, "check_spec requires logits for answers and decompositions"
             answers = [adapter.output_token(int(i)) for i in run.answered]
-            params = {"answers": PROBE_ANSWER, "position": "last", "decode": "argmax"}
+            params: dict[str, Any] = {"answers": PROBE_ANSWER, "position": "last", "decode": "argmax"}
+            if spec.decompose.operator is not None:
+                found = _declare(adapter, spec, plan.texts, answers)
+                params["decomposition"] = found.as_params()
+                declared_queries = found.forward_passes
+                passes += found.forward_passes
+            if not spec.answers:
+                answers = []
+                del params["answers"]
             if steps["traces"] is not None:
                 steps["traces"] = ExtractionStep(
                     method=steps["traces"].method, params={**steps["traces"].params, **params}
@@ -278,7 +309,7 @@ def extract(
         concepts=entries,
         extraction=ExtractionInfo(concepts=ExtractionStep(method=concepts.kind, params=concepts.params), **steps),
         data_usage=DataUsage(
-            probe_count=len(plan.texts) + flagged_queries,
+            probe_count=len(plan.texts) + flagged_queries + declared_queries,
             teacher_forward_passes=passes,
             labelled_examples=0,
         ),

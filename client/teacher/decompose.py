@@ -22,7 +22,7 @@ __all__ = ["Decomposition", "declare_decomposition"]
 @dataclass(frozen=True)
 class Decomposition:
     operator: str  # the operator token it explains
-    program: str  # e.g. 'sub(a, sub("0", b))'
+    program: str | None  # e.g. 'sub(a, sub("0", b))'; None when no composition explains the answers
     explained: int
     observations: int
     forward_passes: int  # teacher forward passes the search used (its own operation tables)
@@ -46,9 +46,9 @@ def declare_decomposition(
     domain: Sequence[str],
     probes: Sequence[str],
     answers: Sequence[str],
-) -> Decomposition | None:
+) -> Decomposition:
     """The simplest composition of ``known_operators`` that explains the teacher's own ``answers`` to
-    ``probes`` of ``operator`` (None if none does). ``predict`` is the teacher's own answer function."""
+    ``probes`` of ``operator`` (``program`` None if none does). ``predict`` is the teacher's own answer function."""
     observations = []
     for text, answer in zip(probes, answers, strict=True):
         slots = template.parse(text)
@@ -56,6 +56,5 @@ def declare_decomposition(
             observations.append(Observation(slots[0], slots[2], answer))
     tables = OperationTables.probe(predict, template, known_operators, domain)
     result = search(observations, tables, known_operators)
-    if result.program is None:
-        return None
-    return Decomposition(operator, str(result.program), result.explained, result.total, tables.passes)
+    program = str(result.program) if result.program is not None else None
+    return Decomposition(operator, program, result.explained, result.total, tables.passes)

@@ -35,6 +35,8 @@ from typing import Any, Literal
 from m2kt._fields import check_known_fields
 from m2kt.errors import SpecError
 from m2kt.format.manifest import TOPIC_PATTERN
+from m2kt.nn.programs import Template
+from m2kt.teacher.selection import spread_probes
 
 __all__ = [
     "AttentionSpec",
@@ -44,7 +46,9 @@ __all__ = [
     "GraphSpec",
     "NamedProbe",
     "PacketSpec",
+    "DecomposeSpec",
     "SafetySpec",
+    "SelectionSpec",
     "SpecError",
     "TracesSpec",
     "load_spec",
@@ -196,6 +200,47 @@ class GraphSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    """Spend teacher queries on ``count`` of the unlabelled ``probes``, spread over the operand values of
+    ``template`` (:func:`m2kt.teacher.selection.spread_probes`); named concepts' inputs are untouched."""
+
+    count: int | None = None  # None: every probe
+    template: str = "{a} {op} {b} ="
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.count < 1:
+            raise SpecError(f"select.count must be >= 1, not {self.count}")
+        _template("select.template", self.template)
+
+
+@dataclass(frozen=True)
+class DecomposeSpec:
+    """Declare ``operator`` as a composition of ``known`` operators the teacher searches for on itself
+    (:mod:`m2kt.teacher.decompose`); the search's teacher forward passes are counted as queries."""
+
+    operator: str | None = None  # None: no declaration
+    known: tuple[str, ...] = ()
+    operands: tuple[str, ...] | None = None  # default: every operand of the probes
+    template: str = "{a} {op} {b} ="
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "known", tuple(self.known))
+        if self.operands is not None:
+            object.__setattr__(self, "operands", tuple(self.operands))
+        if self.operator is not None and not self.known:
+            raise SpecError("decompose.known must name the operators the decomposition may use")
+        _template("decompose.template", self.template)
+
+
+def _template(where: str, text: str) -> None:
+    try:
+        Template(text)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class SafetySpec:
     """Teacher-side safety scoring against flagged concept directions.
 
@@ -232,6 +277,8 @@ class PacketSpec:
     device: str = "auto"
     dtype: Literal["float32", "float16"] = "float32"  # dtype of the float tensors in the packet
     answers: bool = False  # the teacher's own answer to each probe (argmax output at the last token), as text
+    select: SelectionSpec = field(default_factory=SelectionSpec)
+    decompose: DecomposeSpec = field(default_factory=DecomposeSpec)
 
     def __post_init__(self) -> None:
         if not isinstance(self.topic, str) or not re.fullmatch(TOPIC_PATTERN, self.topic):
@@ -259,12 +306,18 @@ class PacketSpec:
             )
 
     def probe_inputs(self) -> list[str]:
-        """All distinct probe inputs in a fixed order: named concepts' inputs first, then ``probes``."""
+        """All distinct probe inputs in a fixed order: named concepts' inputs first, then ``probes``
+        (only the ``select.count`` of them the selection picks, when it is set)."""
         seen: dict[str, None] = {}
         for probe in self.concepts.named:
             seen.update(dict.fromkeys(probe.inputs))
-        seen.update(dict.fromkeys(self.probes))
+        seen.update(dict.fromkeys(self.selected_probes()))
         return list(seen)
+
+    def selected_probes(self) -> list[str]:
+        if self.select.count is None:
+            return list(self.probes)
+        return spread_probes(self.probes, self.select.count, Template(self.select.template), seed=self.select.seed)
 
     # ------------------------------------------------------------------ (de)serialisation
 
@@ -283,6 +336,8 @@ class PacketSpec:
             safety = dict(_section(data, "safety"))
             safety["flagged"] = tuple(_named(p, "safety.flagged") for p in safety.get("flagged") or ())
             data["safety"] = _build(SafetySpec, safety, "safety")
+            data["select"] = _build(SelectionSpec, _section(data, "select"), "select")
+            data["decompose"] = _build(DecomposeSpec, _section(data, "decompose"), "decompose")
             for name, kind in (("attention", AttentionSpec), ("traces", TracesSpec), ("graph", GraphSpec)):
                 section = data.get(name)
                 if section is False:
@@ -316,7 +371,7 @@ def _named(item: Any, where: str) -> NamedProbe:
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     check_known_fields(cls, values, where, SpecError)
-    for name in ("k", "iterations", "restarts", "steps", "top", "max_concepts", "seed", "batch_size"):
+    for name in ("k", "iterations", "restarts", "steps", "top", "max_concepts", "seed", "batch_size", "count"):
         if (
             name in values
             and values[name] is not None
