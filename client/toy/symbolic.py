@@ -69,7 +69,10 @@ def _compile_expression(text: str) -> Callable[[int, int, int], int]:
         ok = isinstance(node, _ALLOWED_NODES) or (isinstance(node, ast.Name) and node.id in ("a", "b"))
         ok = ok or (isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool))
         if not ok and not isinstance(node, ast.Load):
-            raise ValueError(f"operation {text!r}: only integers, a, b, + - * and parentheses are allowed")
+            raise ValueError(
+                f"unknown operation {text!r}: not a name in OPERATIONS, table:SEED, nor an expression in a and b "
+                "(only integers, a, b, + - * and parentheses are allowed)"
+            )
 
     def evaluate(node: ast.AST, a: int, b: int) -> int:
         if isinstance(node, ast.Expression):
