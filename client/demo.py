@@ -91,8 +91,8 @@ class DemoReport:
             f"student       before: {before} (add/sub {self.student_known_before:.1%})",
             f"              after:  {after} (add/sub {self.student_known_after:.1%}) — decision {self.decision}",
             f"% of teacher  {self.pct_of_teacher:.1f}%",
-            f"data used     {self.teacher_probes} teacher probes, {self.labelled_examples} labelled examples "
-            f"(the teacher trained on {self.teacher_training_examples})",
+            f"data used     {self.teacher_probes} teacher queries, {self.labelled_examples} of them labelled "
+            f"examples the packet shares (the teacher trained on {self.teacher_training_examples})",
             f"packet        {self.packet_id[:16]}… {self.packet_bytes:,} bytes, {self.concepts} concepts, "
             f"topic {TOPIC}",
             f"lineage       parents {len(parents)}; receipts: {receipts}",
@@ -215,7 +215,8 @@ def build_and_publish(teacher: Any, nodes: _Nodes, out: Path) -> tuple[Path, Any
     named = tuple(
         NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub", "plus", "minus")
     )
-    spec = PacketSpec(topic=TOPIC, layer="embed", concepts=ConceptsSpec(named=named))
+    # the student probes itself with the concepts' inputs, so they travel — and count as labelled examples
+    spec = PacketSpec(topic=TOPIC, layer="embed", concepts=ConceptsSpec(named=named), private=False)
     (out / "teacher").mkdir(parents=True, exist_ok=True)
     path = build_packet(teacher, spec, nodes.teacher_key, out / "teacher" / "synonyms.m2kt")
     return path, nodes.teacher.publish(path, TOPIC)

@@ -37,7 +37,7 @@ def check_report(result: subprocess.CompletedProcess[str], out: Path) -> dict:  
     assert report["student_after"]["plus"] >= report["student_before"]["plus"] + 0.5  # 'plus' crossed
     assert report["pct_of_teacher"] >= 85.0
     assert report["student_known_after"] >= report["student_known_before"] - 0.02  # add/sub not broken
-    assert report["labelled_examples"] == 0 and report["teacher_probes"] == 48
+    assert report["labelled_examples"] == 48 and report["teacher_probes"] == 48  # shared, so counted as labels
     assert [r["decision"] for r in report["receipts"]] == ["accepted"]
     for path in report["written"].values():
         assert Path(path).exists(), path

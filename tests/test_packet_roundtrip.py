@@ -54,6 +54,23 @@ def test_round_trip_is_exact_for_file_and_buffer(tmp_path: Path, signing_key, dt
     assert written.size == written.path.stat().st_size == written.header.file_size
 
 
+def test_empty_tensors_of_different_item_sizes_share_an_offset(tmp_path: Path, signing_key) -> None:
+    """Empty tensors sit at one offset; the reader orders them as the canonical layout does (item size,
+    then name) — a packet whose concepts are all private has an empty U8 probe_text beside empty F32s."""
+    body = make_body(k=4, d=8)
+    tensors = {
+        "concepts": _tensor("float32", (4, 8)),
+        "probe_text": np.zeros(0, dtype=np.uint8),
+        "traces": np.zeros((0, 3, 8), dtype=np.float32),
+        "probe_tokens": np.zeros((0, 5), dtype=np.int32),
+        "a_offsets": np.zeros(1, dtype=np.int64),
+    }
+    written = write_packet(tmp_path / "p.m2kt", body, tensors, signing_key)
+    verify_packet(written.path, signing_key.verify_key)
+    with open_packet(written.path) as packet:
+        assert {n: t.shape for n, t in packet.tensors.items()} == {n: t.shape for n, t in tensors.items()}
+
+
 def test_manifest_records_what_the_writer_computed(tmp_path: Path, signing_key) -> None:
     tensors = make_tensors()
     written = write_packet(tmp_path / "p.m2kt", make_body(), tensors, signing_key)

@@ -296,12 +296,14 @@ def test_a_teacher_spec_selects_answers_and_declares_with_every_query_counted(co
     path = build_packet(copy.deepcopy(model), spec, key, tmp_path / "spec.m2kt")
     with open_packet(path) as packet:
         m = packet.manifest
-        assert m.data_usage.probe_count == 1 + 8 + P * P and m.data_usage.labelled_examples == 0
+        assert m.data_usage.probe_count == 1 + 8 + P * P and m.data_usage.labelled_examples == 1  # the named input
+        assert m.data_usage.unlabelled_probes == 8
         assert m.extraction.traces is not None
         declared = m.extraction.traces.params["decomposition"]
         assert declared["program"] == 'sub(a, sub("0", b))' and declared["forward_passes"] == P * P
         texts = decode_texts(packet.tensors, "probe_text")
-        assert len(texts) == 9 and len(decode_texts(packet.tensors, PROBE_ANSWER)) == 9
+        assert len(texts) == 8 and len(decode_texts(packet.tensors, PROBE_ANSWER)) == 8  # the named input is private
+        assert "1 add 2 =" not in texts
     student = Student(copy.deepcopy(model))
     config = _config(search=False)
     config.rebind.operators = ["sub"]

@@ -54,7 +54,7 @@ def test_renamed_concepts_cross_zero_shot_with_the_anchor_relative_cal(pair: dic
     assert report.decision == "accepted" and report.injected == ["token:plus", "token:minus"]
     assert min(before.values()) < 0.35, before  # an untrained token falls back to one operation, not both
     assert all(after[k] >= 0.95 * ceiling[k] for k in cases), (before, after, ceiling)
-    assert report.data_usage["labelled_examples"] == 0 and report.data_usage["teacher_queries"] == 48
+    assert report.data_usage["labelled_examples"] == 48 and report.data_usage["teacher_queries"] == 48
     assert report.steps_run == 0 and report.device == "cpu"
 
 
@@ -203,6 +203,7 @@ def test_cli_ingest_writes_weights_and_report(pair: dict, tmp_path: Path) -> Non
             concepts=ConceptsSpec(
                 named=tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub"))
             ),
+            private=False,  # the student probes itself with the concepts' inputs
         ),
         signing,
         tmp_path / "p.m2kt",
@@ -262,6 +263,7 @@ def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_p
             concepts=ConceptsSpec(
                 named=tuple(NamedProbe(label=f"token:{op}", inputs=probes(op), position=1) for op in ("add", "sub"))
             ),
+            private=False,  # the student probes itself with the concepts' inputs
         ),
         teacher.key,
         tmp_path / "p.m2kt",
@@ -316,6 +318,7 @@ def test_trust_region_keeps_mapped_targets_near_the_zero_shot_map(pair: dict) ->
         steps=20,
         lr=0.1,
         patience=100,
+        holdout_fraction=0.0,  # fit on the anchors the 0-step map used (0 steps hold none out)
         trust_region=0.01,
         loss=LossWeights(geo=1.0, struct=1.0, reason=1.0),
     )

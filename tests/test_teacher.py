@@ -113,7 +113,8 @@ def test_named_result_concepts_classify_held_out_inputs(teacher) -> None:
     accuracy = float((predicted == truth).float().mean())
     assert accuracy >= 0.95, accuracy  # chance: 1/23
     assert extraction.body.data_usage.probe_count == 92
-    assert extraction.body.data_usage.labelled_examples == 0
+    assert extraction.body.data_usage.labelled_examples == 92  # each class concept is the mean of 4 labelled inputs
+    assert extraction.body.data_usage.unlabelled_probes == 0
 
 
 def test_clustering_recovers_the_named_concepts(teacher) -> None:
@@ -197,6 +198,7 @@ def test_packet_holds_attention_traces_graph_and_safety(teacher, signing_key: Si
         traces=TracesSpec(source="layers"),
         graph=GraphSpec(method="coactivation", threshold=-1.0),
         safety=SafetySpec(threshold=0.8, flagged=(flagged,)),
+        private=False,  # this packet shares its concepts' inputs (counted as labelled examples)
     )
     path = build_packet(model, spec, signing_key, tmp_path / "k.m2kt", created_at=WHEN)
     verify_packet(path, signing_key.verify_key)
@@ -216,7 +218,8 @@ def test_packet_holds_attention_traces_graph_and_safety(teacher, signing_key: Si
         assert max(v for k, v in scores.items() if k != "result:7") < 0.8
         assert m.safety.scorer == "cosine-flagged" and m.safety.threshold == 0.8
         assert m.data_usage.probe_count == 46 + 6  # flagged probes are teacher queries too
-        assert m.data_usage.labelled_examples == 0
+        assert m.data_usage.labelled_examples == 46 + 6  # ... and labelled: the teacher was told their concept
+        assert all(c.examples == 2 and c.private is False for c in m.concepts)
         assert m.teacher.d_model == 64 and m.teacher.weights_sha256 and "blocks.1" in m.teacher.layers
 
 
@@ -227,6 +230,7 @@ def test_decode_traces_follow_greedy_generation(teacher) -> None:
         concepts=ConceptsSpec(named=operator_probes(train, 4)),
         traces=TracesSpec(source="decode", steps=3),
         attention=AttentionSpec(enabled=False),
+        private=False,  # per-probe traces travel only for public probes
     )
     extraction = extract(model, spec, created_at=WHEN)
     assert extraction.tensors["traces"].shape == (8, 3, 64)
@@ -277,6 +281,7 @@ def test_generic_hook_adapter_on_a_plain_module(signing_key: SigningKey) -> None
         topic="plain",
         concepts=ConceptsSpec(named=(NamedProbe("low", ("1 2", "2 3")), NamedProbe("high", ("7 8", "8 9")))),
         attention=AttentionSpec(enabled=False),
+        private=False,
     )
     extraction = extract(adapter, spec)
     assert extraction.tensors["concepts"].shape == (2, 12)
@@ -308,7 +313,7 @@ def test_minilm_offline_named_and_clustered_topics(minilm, signing_key: SigningK
     with open_packet(path) as packet:
         concepts = torch.from_numpy(np.array(packet.tensors["concepts"]))
         assert concepts.shape == (3, 384) and packet.manifest.teacher.architecture.startswith("BertModel")
-        assert packet.tensors["traces"].shape == (15, 7, 384)
+        assert packet.tensors["traces"].shape == (0, 7, 384)  # private concepts: no per-probe rows travel
     held_out = [(k, t) for k, v in TOPICS.items() for t in v[5:]]
     adapter = adapter_for(model, tokenizer)
     batch = adapter.tokenize([t for _, t in held_out])
@@ -498,7 +503,7 @@ def test_cli_pack_writes_a_verifiable_packet(teacher, tmp_path: Path) -> None:
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "12 probes" in result.output and "0 labelled examples" in result.output
+    assert "12 probes" in result.output and "12 labelled examples" in result.output  # the named concepts' inputs
     verify_packet(tmp_path / "out.m2kt", load_verify_key(keys.public))
     again = runner.invoke(app, [*args[:-4], "--out", str(tmp_path / "again.m2kt"), *args[-2:]])
     assert again.exit_code == 0

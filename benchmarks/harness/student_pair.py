@@ -63,7 +63,7 @@ def make_synonym_pair(directory: Path) -> dict[str, Any]:
     )
     path = build_packet(
         teacher,
-        PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named)),
+        PacketSpec(topic="arith.synonyms", layer="embed", concepts=ConceptsSpec(named=named), private=False),
         key,
         directory / "synonyms.m2kt",
     )
@@ -90,5 +90,5 @@ def alias_packet(pair: dict[str, Any], path: Path) -> Path:
     """Number concepts ``token:<n>`` (and the alias) read at ``embed.tok``: position-free token embeddings."""
     numbers = [str(n) for n in range(P)] + [ALIAS]
     named = tuple(NamedProbe(label=f"token:{n}", inputs=(f"{n} add 1 =", f"{n} sub 2 ="), position=0) for n in numbers)
-    spec = PacketSpec(topic="arith.aliases", layer="embed.tok", concepts=ConceptsSpec(named=named))
+    spec = PacketSpec(topic="arith.aliases", layer="embed.tok", concepts=ConceptsSpec(named=named), private=False)
     return build_packet(pair["teacher"], spec, pair["key"], path)

@@ -57,6 +57,9 @@ def load_model(reference: str, *, device: torch.device | str = "cpu", logits: bo
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the CLI's output is its own
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -266,11 +266,25 @@ def ingest(
     )
     scores = report.probe_scores
     out.print(f"probes   {scores['measure']}: before {scores['before']} · after {scores['after']}", markup=False)
-    out.print(
-        f"trained  {report.steps_run} steps, {report.trainable_parameters:,} parameters, "
-        f"{report.timings['train']:.2f} s on {report.device}",
-        markup=False,
-    )
+    if report.alignment is not None:
+        a = report.alignment
+        how = (
+            f"{a['method']} on {report.data_usage['anchors']} anchors"
+            + (" (stored from an earlier packet)" if a["reused"] else "")
+            if a["method"]
+            else "none needed (the packet shares its concepts' texts)"
+        )
+        out.print(
+            f"aligned  {how}; {len(report.injected)} concepts held for `m2kt classify`, "
+            f"{report.timings['total']:.2f} s on {report.device}",
+            markup=False,
+        )
+    else:
+        out.print(
+            f"trained  {report.steps_run} steps, {report.trainable_parameters:,} parameters, "
+            f"{report.timings['train']:.2f} s on {report.device}",
+            markup=False,
+        )
     out.print(f"wrote    {weights} and {out_dir / 'report.json'}", markup=False)
     if receipt:
         from m2kt.cli.remote import broker_client
@@ -280,3 +294,65 @@ def ingest(
         out.print(f"receipt  posted for {report.packet['id']}", markup=False)
     if not report.accepted:
         raise typer.Exit(EXIT_REFUSED)
+
+
+def _read_texts(path: Path) -> tuple[list[str], list[str] | None]:
+    """Texts (and labels, when every line has one) from a .jsonl file ({"text", "label"}) or plain lines."""
+    import json
+
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines, None
+    texts, labels = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            texts.append(str(row["text"]))
+        except (ValueError, KeyError, TypeError):
+            fail(EXIT_USAGE, f"{path}:{number}: each line must be a JSON object with a 'text' (and a 'label')")
+        labels.append(row.get("label"))
+    return texts, labels if all(lab is not None for lab in labels) else None
+
+
+@app.command()
+def classify(
+    texts_file: Annotated[
+        Path, typer.Argument(help='Texts: a .jsonl file ({"text", "label"} per line) or one text per line.')
+    ],
+    student_dir: Annotated[str, typer.Option("--student", help="The student model directory, or 'minilm'.")],
+    load: Annotated[Path, typer.Option("--load", help="The ingestion's weights (ingested.safetensors).")],
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: predictions and accuracy.")] = False,
+) -> None:
+    """Classify texts with the concepts a student ingested: the nearest concept to each text's vector.
+
+    With labels in the file, prints the accuracy too."""
+    _require_torch()
+    import json
+
+    from m2kt.cli.models import load_model
+    from m2kt.errors import SpecError
+    from m2kt.nn.device import pick_device
+    from m2kt.student import Student
+
+    for path in (texts_file, load):
+        if not path.is_file():
+            fail(EXIT_FILE, f"{path}: no such file")
+    texts, labels = _read_texts(texts_file)
+    try:
+        loaded = load_model(student_dir, device=pick_device(device))
+        student = Student(loaded.model, loaded.tokenizer)
+        student.load_trainable(load)
+    except (ValueError, TypeError, SpecError) as exc:
+        fail(EXIT_USAGE, f"{exc}")
+    if student.concepts is None:
+        fail(EXIT_USAGE, f"{load} holds no concepts: ingest a packet of concepts with this student first")
+    predicted = student.classify(texts)
+    accuracy = sum(p == t for p, t in zip(predicted, labels, strict=True)) / len(texts) if labels and texts else None
+    if as_json:
+        out.print_json(json.dumps({"count": len(texts), "accuracy": accuracy, "predictions": predicted}))
+        return
+    for label, text in zip(predicted, texts, strict=True):
+        out.print(f"{label}\t{text}", markup=False, highlight=False, soft_wrap=True)
+    if accuracy is not None:
+        out.print(f"accuracy {accuracy:.4f} on {len(texts)} labelled texts", markup=False)

@@ -232,7 +232,8 @@ def parse_header(
         raise PacketFormatError("too_many_tensors", f"{len(doc)} tensors; the limit is {limits.max_tensors}")
     tensors = sorted(
         (_parse_tensor_entry(name, entry, limits) for name, entry in doc.items()),
-        key=lambda t: (t.data_offsets, t.name),
+        # the canonical layout's order: by offset; empty tensors sharing one by item size, then name
+        key=lambda t: (t.data_offsets, -DTYPES[t.dtype].itemsize, t.name),
     )
     expected_offset = 0
     for t in tensors:

@@ -31,6 +31,8 @@ __all__ = [
     "FORMAT_VERSION",
     "SHA256_PATTERN",
     "TOPIC_PATTERN",
+    "AnchorInfo",
+    "AnchorSet",
     "ConceptEntry",
     "DataUsage",
     "ExtractionInfo",
@@ -63,6 +65,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _later(description: str) -> Any:
+    """A field added after format version 1 shipped: absent from the JSON when unset, so every earlier
+    manifest still serialises to exactly its signed bytes (and stays canonical)."""
+    return Field(default=None, exclude_if=lambda v: v is None, description=description)
+
+
 class TeacherInfo(_Strict):
     """The model the knowledge comes from."""
 
@@ -81,6 +89,8 @@ class ConceptEntry(_Strict):
     label: str = Field(max_length=1000)
     kind: str = Field(min_length=1, max_length=64, description="'named', 'cluster', 'attribution', ...")
     safety_score: float = Field(ge=0.0, le=1.0, description="0 = benign, 1 = flagged.")
+    examples: int | None = _later("Labelled examples the concept was formed from (a named concept's inputs).")
+    private: bool | None = _later("True: only the vector travels; the inputs it was formed from are not in the packet.")
 
 
 class ExtractionStep(_Strict):
@@ -98,11 +108,44 @@ class ExtractionInfo(_Strict):
 
 
 class DataUsage(_Strict):
-    """What the packet cost, in the two currencies M2KT reports and never mixes."""
+    """What the packet cost, in currencies M2KT reports apart and never mixes.
 
-    probe_count: int = Field(ge=0, description="Probe inputs the teacher was run on (teacher queries).")
+    ``labelled_examples``: inputs whose concept or answer the teacher was told (the texts a named class
+    concept was averaged from are labelled examples, whether or not they travel); ``unlabelled_probes``:
+    inputs run with no label attached (clustering and attribution probes, probes of a new operation,
+    public anchors); ``probe_count``: every input the teacher was run on — its queries, labelled,
+    unlabelled and synthetic (its own operation tables) alike; ``teacher_forward_passes``: the passes.
+    """
+
+    probe_count: int = Field(ge=0, description="Every input the teacher was run on (teacher queries).")
     teacher_forward_passes: int = Field(ge=0)
-    labelled_examples: int = Field(default=0, ge=0, description="Labels used to build the packet.")
+    labelled_examples: int = Field(default=0, ge=0, description="Inputs whose concept or answer the teacher was told.")
+    unlabelled_probes: int | None = _later("Inputs run without a label: probes and public anchors.")
+
+
+class AnchorSet(_Strict):
+    """One set of public anchors: where it comes from, what kind, how many rows of ``anchor_vectors``."""
+
+    source: str = Field(min_length=1, max_length=200, description="Where they come from, e.g. 'wordlist:wamerican'.")
+    kind: str = Field(pattern=r"^(general|domain)$", description="general: a prior (a word list); domain: refines it.")
+    count: int = Field(ge=0, le=1 << 24)
+
+
+class AnchorInfo(_Strict):
+    """Public, unlabelled inputs the packet carries with the teacher's vectors of them (``anchor_vectors``,
+    ``anchor_text``): what a student aligns its space to the teacher's with, without any private data.
+    The rows are the sets' inputs, set after set."""
+
+    sets: list[AnchorSet] = Field(min_length=1, max_length=64)
+    count: int = Field(ge=0, le=1 << 24, description="All rows: the sum of the sets' counts.")
+    layer: str = Field(min_length=1, max_length=200, description="The teacher layer the vectors were read at.")
+    pooling: str = Field(min_length=1, max_length=32, description="'mean', 'last', or a token index.")
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> AnchorInfo:
+        if sum(s.count for s in self.sets) != self.count:
+            raise ValueError(f"anchors: the sets hold {sum(s.count for s in self.sets)} rows, not {self.count}")
+        return self
 
 
 class SafetyInfo(_Strict):
@@ -138,6 +181,7 @@ class ManifestBody(_Strict):
     parents: list[str] = Field(default_factory=list, max_length=1024, description="Packet ids (sha256).")
     created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     safety: SafetyInfo
+    anchors: AnchorInfo | None = _later("Public anchors the packet carries (anchor_vectors, anchor_text).")
 
     @field_validator("parents")
     @classmethod

@@ -4,7 +4,8 @@ A list of texts is two tensors: ``<name>`` (U8) holds them back to back and ``<n
 (I64) where each starts — text i is ``data[offsets[i]:offsets[i + 1]]``. A packet carries its probe inputs
 as ``probe_text`` (``probe_tokens`` are ids in the teacher's own vocabulary) and may carry the teacher's
 own answer to each probe, its argmax output token, as ``probe_answer`` (an output of the probe's teacher
-query, never a label). The teacher writes these tensors, the student reads them; neither needs the other.
+query, never a label), and public anchors as ``anchor_text`` beside the teacher's ``anchor_vectors``.
+The teacher writes these tensors, the student reads them; neither needs the other.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ANCHOR_TEXT",
     "PROBE_ANSWER",
     "PROBE_TEXT",
     "PROBE_TEXT_OFFSETS",
@@ -29,6 +31,7 @@ __all__ = [
 PROBE_TEXT = "probe_text"
 PROBE_TEXT_OFFSETS = "probe_text_offsets"
 PROBE_ANSWER = "probe_answer"
+ANCHOR_TEXT = "anchor_text"  # public anchors (their teacher vectors: anchor_vectors)
 
 
 def encode_texts(texts: Sequence[str], name: str) -> dict[str, np.ndarray]:

@@ -10,7 +10,10 @@ MLP and anchor-relative CALs, closed-form initialisation), ``losses`` (L_geo abs
 relational, L_struct, L_reason, L_safety), ``student`` (the frozen core with injector and
 adapters; save/load of what was trained), ``probing`` (read a verified packet; c^S_k),
 ``verifier`` (probe suite, verifier and safety auditor), ``training`` (the train step: CAL, composite
-loss, trust region), ``ingest`` (the algorithm, step by step), ``report`` (:class:`IngestReport`). It
+loss, trust region), ``ingest`` (the algorithm, step by step), ``report`` (:class:`IngestReport`);
+for encoders and private concepts: ``alignment`` (closed-form maps fitted on public anchors),
+``mapping`` (the concepts mapped, verified, kept), ``concepts`` (labelled vectors and the nearest-
+concept classifier), ``store`` (an alignment kept per teacher for reuse). It
 imports torch and the torch layer (:mod:`m2kt.nn`), never the teacher.
 """
 
@@ -18,9 +21,18 @@ from __future__ import annotations
 
 from m2kt.errors import IngestError
 from m2kt.student.cal import CALConfig, ConceptAlignmentLayer, build_cal
-from m2kt.student.config import AdapterConfig, IngestConfig, InjectConfig, RebindConfig, VerifierConfig
+from m2kt.student.concepts import ConceptMap
+from m2kt.student.config import (
+    AdapterConfig,
+    AlignmentConfig,
+    IngestConfig,
+    InjectConfig,
+    RebindConfig,
+    VerifierConfig,
+)
 from m2kt.student.ingest import ingest
 from m2kt.student.losses import CompositeLoss, LossWeights
+from m2kt.student.mapping import map_concepts
 from m2kt.student.report import IngestReport
 from m2kt.student.student import ResidualAdapter, Student, TokenInjector
 from m2kt.student.training import CALTrainer
@@ -28,10 +40,12 @@ from m2kt.student.verifier import ProbeSuite
 
 __all__ = [
     "AdapterConfig",
+    "AlignmentConfig",
     "CALTrainer",
     "CALConfig",
     "CompositeLoss",
     "ConceptAlignmentLayer",
+    "ConceptMap",
     "IngestConfig",
     "IngestError",
     "IngestReport",
@@ -45,4 +59,5 @@ __all__ = [
     "VerifierConfig",
     "build_cal",
     "ingest",
+    "map_concepts",
 ]

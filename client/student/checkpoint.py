@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from m2kt.student.binding import ProgramBinding, SlotBinding
+from m2kt.student.concepts import ConceptMap
 from m2kt.student.student import Student
 
 __all__ = ["Checkpoint", "checkpoint", "rollback"]
@@ -27,6 +28,7 @@ class Checkpoint:
     meta: dict[str, Any]
     slots: list[SlotBinding]
     programs: dict[str, ProgramBinding]
+    concepts: ConceptMap | None
 
 
 def checkpoint(student: Student, *, inject_layer: str | None = None) -> Checkpoint:
@@ -40,6 +42,7 @@ def checkpoint(student: Student, *, inject_layer: str | None = None) -> Checkpoi
         meta=dict(student.meta),
         slots=[replace(b, table=b.table.clone(), defined=b.defined.clone()) for b in student.slots.bindings],
         programs=dict(student.programs),
+        concepts=copy.deepcopy(student.concepts),
     )
 
 
@@ -55,4 +58,5 @@ def rollback(student: Student, saved: Checkpoint) -> None:
     student.restore(saved.state, saved.injection)
     student.slots.set(saved.slots)
     student.programs = dict(saved.programs)
+    student.concepts = copy.deepcopy(saved.concepts)
     student.meta = dict(saved.meta)

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from m2kt._fields import check_known_fields
+from m2kt.student.alignment import METHODS
 from m2kt.student.cal import CALConfig
 from m2kt.student.losses import LossWeights
 
-__all__ = ["AdapterConfig", "IngestConfig", "InjectConfig", "RebindConfig", "VerifierConfig"]
+__all__ = ["AdapterConfig", "AlignmentConfig", "IngestConfig", "InjectConfig", "RebindConfig", "VerifierConfig"]
 
 
 @dataclass
@@ -76,6 +77,36 @@ class RebindConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """Mapping the packet's concepts into the student's space through public anchors (no probe texts).
+
+    Used for a student without an output head (an encoder), or when ``enabled``. The student embeds the
+    packet's anchors (``layer``: default its last; ``pooling``: mean over the tokens, whatever their
+    count), fits ``method`` (:func:`m2kt.student.alignment.fit_alignment`; ``auto``: ``anchored`` when
+    the packet has a general anchor set, else by leave-one-out), and keeps the mapped concepts for
+    :meth:`Student.classify`. ``anchor_labels``: also place each
+    concept among the student's own anchors the teacher's space puts nearest it (weight chosen on held-
+    out anchors). ``store``: a directory where the anchor pairs of a teacher are kept, so a later packet
+    of that teacher without anchors costs no new queries.
+    """
+
+    enabled: bool = False
+    method: str = "auto"
+    pooling: str = "mean"
+    anchor_labels: bool = False  # measured worse than the mapped concepts alone (m2kt bench real)
+    store: str | None = None
+    # anchors (domain ones, if any) the student must now place as the teacher's space does, as a share
+    # of the way from chance (one concept in K) to all of them
+    min_agreement: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", *METHODS):
+            raise ValueError(f"alignment.method must be auto or one of {', '.join(METHODS)}, not {self.method!r}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError(f"alignment.min_agreement must be in [0, 1], not {self.min_agreement}")
+
+
+@dataclass
 class VerifierConfig:
     """When the verifier and safety auditor roll an ingestion back."""
 
@@ -98,6 +129,7 @@ class IngestConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     rebind: RebindConfig = field(default_factory=RebindConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     layer: str | None = None  # student layer probed for c^S_k (default: inject.layer)
     targets: list[str] = field(default_factory=list)  # concept labels to inject (never used as anchors)
     anchors: list[str] | None = None  # concept labels shared with the student (default: all but targets)
@@ -140,6 +172,7 @@ class IngestConfig:
             "adapter": AdapterConfig,
             "verifier": VerifierConfig,
             "rebind": RebindConfig,
+            "alignment": AlignmentConfig,
         }
         for name, kind in parts.items():
             if name in values:

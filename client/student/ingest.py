@@ -38,6 +38,7 @@ from m2kt.student.cal import build_cal
 from m2kt.student.checkpoint import Checkpoint, checkpoint, rollback
 from m2kt.student.config import IngestConfig
 from m2kt.student.losses import LossTerms, align_depth, geo_loss, pool_attention_to
+from m2kt.student.mapping import ingest_by_alignment
 from m2kt.student.probing import PacketContents, StudentProbe, probe_student, read_packet
 from m2kt.student.rebind import ingest_by_rebinding
 from m2kt.student.report import IngestReport
@@ -137,7 +138,8 @@ def prepare(student: Student, contents: PacketContents, config: IngestConfig) ->
     )
     order = list(anchors)
     random.Random(config.seed).shuffle(order)
-    n_hold = int(round(len(order) * config.holdout_fraction)) if len(order) > 2 else 0
+    # early stopping needs held-out anchors; with no training steps none are held out
+    n_hold = int(round(len(order) * config.holdout_fraction)) if len(order) > 2 and config.steps > 0 else 0
     return Prepared(
         contents=contents,
         device=device,
@@ -374,6 +376,8 @@ def ingest(
     contents = read_packet(packet, keys)  # verified before anything is read from it
     if config.rebind.enabled:
         return ingest_by_rebinding(student, contents, config, suite, started=t0)
+    if config.alignment.enabled or not student.reader.has_logits:  # an encoder: concepts by their vectors
+        return ingest_by_alignment(student, contents, config, suite, started=t0)
     inject_layer = student.inject_layer
     t_probe = time.perf_counter()
     try:

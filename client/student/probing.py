@@ -19,14 +19,16 @@ from m2kt.errors import IngestError
 from m2kt.format import open_packet, packet_id
 from m2kt.format.keys import VerifyKey
 from m2kt.format.manifest import Manifest
-from m2kt.format.probe_text import PROBE_ANSWER, decode_probe_texts, decode_texts, has_texts
+from m2kt.format.probe_text import ANCHOR_TEXT, PROBE_ANSWER, decode_probe_texts, decode_texts, has_texts
 from m2kt.nn.select import select
 from m2kt.student.student import Student
 
 __all__ = ["PacketContents", "StudentProbe", "probe_student", "read_packet"]
 
 
-_READ = frozenset({"concepts", "concept_members", "probe_positions", "probe_lengths", "attention", "traces"})
+_READ = frozenset(
+    {"concepts", "concept_members", "probe_positions", "probe_lengths", "attention", "traces", "anchor_vectors"}
+)
 
 
 @dataclass
@@ -46,6 +48,17 @@ class PacketContents:
     traces: torch.Tensor | None  # (P, m, d_T)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # any other float tensor, by name
     answers: list[str] | None = None  # the teacher's own answer to each probe, when the packet carries them
+    anchor_texts: list[str] = field(default_factory=list)  # public anchors, when the packet carries them
+    anchor_vectors: torch.Tensor | None = None  # (N, d_T): the teacher's vectors of them
+
+    @property
+    def anchor_general(self) -> torch.Tensor:
+        """(N,) bool: the anchors of ``general`` sets (a prior, e.g. a word list), per the manifest."""
+        anchors = self.manifest.anchors
+        if anchors is None:
+            return torch.zeros(len(self.anchor_texts), dtype=torch.bool)
+        flags = [s.kind == "general" for s in anchors.sets for _ in range(s.count)]
+        return torch.tensor(flags, dtype=torch.bool)
 
     def concept_index(self, label: str) -> int:
         return self.labels.index(label)
@@ -85,6 +98,8 @@ def read_packet(path: str | Path, keys: VerifyKey | Sequence[VerifyKey]) -> Pack
             traces=get("traces"),
             extra={name: get(name) for name in t if name not in _READ and np.dtype(t[name].dtype).kind == "f"},
             answers=answers,
+            anchor_texts=decode_texts(t, ANCHOR_TEXT) if has_texts(t, ANCHOR_TEXT) else [],
+            anchor_vectors=get("anchor_vectors"),
         )
 
 
@@ -100,24 +115,32 @@ class StudentProbe:
 
 
 def _student_positions(contents: PacketContents, lengths: list[int]) -> list[int | str]:
-    """The packet's positions when the student tokenises a probe to the same length, else its last token."""
+    """Where the student reads each probe: the mean over its own tokens where the teacher mean-pooled
+    (whatever either tokenizer's count), its last token where the teacher read its last, the same index
+    where both tokenise the probe to the same length, else the same offset from the end."""
     out: list[int | str] = []
     for i, n in enumerate(lengths):
         pos = int(contents.positions[i]) if i < len(contents.positions) else -1
-        same = i < len(contents.lengths) and int(contents.lengths[i]) == n
-        if pos == -1 and same:
+        teacher_n = int(contents.lengths[i]) if i < len(contents.lengths) else n
+        if pos == -1:
             out.append("mean")
-        elif same and 0 <= pos < n:
+        elif pos == teacher_n - 1:
+            out.append(n - 1)
+        elif teacher_n == n:
             out.append(pos)
         else:
-            out.append(n - 1)
+            out.append(min(n - 1, max(0, n - (teacher_n - pos))))
     return out
 
 
 def probe_student(student: Student, contents: PacketContents, layer: str, batch_size: int = 256) -> StudentProbe:
     """c^S_k for every concept with member probes, at the student's ``layer`` (no injection active)."""
     if not contents.texts:
-        raise ValueError("the packet carries no probe inputs (probe_text); the student cannot probe itself")
+        raise IngestError(
+            "the packet carries no probe inputs (probe_text) for the student to probe itself with — its concepts "
+            "are private (only their vectors travel); align on the packet's public anchors instead "
+            "(a student without an output head does; or set alignment.enabled in the ingest config)"
+        )
     batch = student.reader.tokenize(contents.texts)
     positions = _student_positions(contents, batch.lengths)
     saved = (student.injector.token_ids, student.injector.labels, student.injector.vectors)

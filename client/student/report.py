@@ -40,6 +40,7 @@ class IngestReport:
     config: dict[str, Any]
     student: dict[str, Any] = field(default_factory=dict)  # core_sha256, layer, inject_layer
     rebinding: dict[str, Any] | None = None  # re-binding only: target, program, source, explained, cost
+    alignment: dict[str, Any] | None = None  # alignment only: method, its parameter and score, anchors, reuse
 
     @property
     def accepted(self) -> bool:

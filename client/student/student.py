@@ -26,8 +26,10 @@ from m2kt.nn.adapters import adapter_for
 from m2kt.nn.base import ModelAdapter
 from m2kt.nn.batch import Capture
 from m2kt.nn.digest import state_dict_sha256
+from m2kt.nn.embed import Pooling, embed_texts
 from m2kt.nn.programs import Expr, Template
 from m2kt.student.binding import ProgramBinding, SlotInjector
+from m2kt.student.concepts import ConceptMap
 
 __all__ = ["ResidualAdapter", "Student", "TokenInjector"]
 
@@ -93,6 +95,8 @@ class Student:
         self.adapters = nn.ModuleDict()
         self.cal: nn.Module | None = None
         self.meta: dict[str, Any] = {}
+        self.concepts: ConceptMap | None = None  # labelled concept vectors in this student's space (encoders)
+        self._embeddings: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, pooling, text) -> vector
         self._input_ids: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self.inject_layer = inject_layer or self.reader.layer_names[0]
@@ -217,6 +221,30 @@ class Student:
         """The share of ``texts`` whose predicted token is the answer."""
         return sum(p == a for p, a in zip(self.predict(texts), answers, strict=True)) / len(texts)
 
+    # ------------------------------------------------------------------ encoders: vectors and concepts
+
+    def embed(self, texts: Sequence[str], *, layer: str | None = None, pooling: Pooling = "mean") -> torch.Tensor:
+        """(N, d) float32 on the CPU: each input's state at ``layer`` (default: the last), pooled over its
+        tokens (``"mean"``, whatever the token count) or read at a position. Only inputs not seen before
+        with the same layer and pooling are run, in length-sorted batches; the rest come from a cache."""
+        layer = layer or self.reader.layer_names[-1]
+        self.reader.layer_module(layer)  # raises for an unknown layer
+        key = (layer, str(pooling))
+        todo = list(dict.fromkeys(t for t in texts if (*key, t) not in self._embeddings))
+        if todo:
+            vectors = embed_texts(self.reader, todo, layer, pooling)
+            for text, vector in zip(todo, vectors, strict=True):
+                self._embeddings[(*key, text)] = vector
+        if not texts:
+            return torch.zeros(0, self.reader.d_model)
+        return torch.stack([self._embeddings[(*key, t)] for t in texts])
+
+    def classify(self, texts: Sequence[str]) -> list[str]:
+        """The nearest of the student's concepts (cosine) for each input — for models without an output head."""
+        if self.concepts is None:
+            raise ValueError("the student holds no concepts: ingest a packet of concepts first")
+        return self.concepts.classify(self.embed(texts, layer=self.concepts.layer, pooling=self.concepts.pooling))
+
     # ------------------------------------------------------------------ trainable state
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -233,6 +261,8 @@ class Student:
         state.update({f"adapters.{k}": v for k, v in self.adapters.state_dict().items()})
         state["inject.vectors"] = self.injector.vectors
         state.update(self.slots.state())
+        if self.concepts is not None:
+            state["concepts.vectors"] = self.concepts.vectors
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     def save_trainable(self, path: str | Path) -> Path:
@@ -248,6 +278,7 @@ class Student:
                     "inject_labels": self.injector.labels,
                     "adapters": sorted(_unkey(k) for k in self.adapters),
                     "slots": self.slots.meta(),
+                    "concepts": self.concepts.meta() if self.concepts is not None else None,
                     "programs": [b.meta() for b in self.programs.values()],
                     "core_sha256": self.core_sha256,
                     **self.meta,
@@ -291,6 +322,9 @@ class Student:
             self.add_adapters(meta["adapters"], rank)
             self.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
         self.slots.load(meta.get("slots", []), tensors, self.device)
+        self.concepts = (
+            ConceptMap.from_meta(meta["concepts"], tensors["concepts.vectors"]) if meta.get("concepts") else None
+        )
         self.programs = {b.operator: b for b in (ProgramBinding.from_meta(m) for m in meta.get("programs", []))}
         self.meta = {
             k: v

@@ -7,7 +7,9 @@ Modules, one job each: ``spec`` (what to extract, checked before heavy work), ``
 batched pass over the probes through the model's adapter, :mod:`m2kt.nn`),
 ``concepts`` (named probes, k-means clustering, integrated-gradients attribution),
 ``kmeans``, ``structure`` (attention maps, reasoning traces, abstraction graph), ``safety``
-(pluggable scorers), ``build`` (the whole algorithm, then :func:`m2kt.format.write_packet`).
+(pluggable scorers), ``selection`` and ``decompose`` (spending queries on a new operation),
+``build`` (the whole algorithm — private concepts kept out, public anchors in — then
+:func:`m2kt.format.write_packet`).
 
 This package imports torch and the torch layer; it never imports the student or the toy model.
 """
@@ -18,6 +20,7 @@ from m2kt.errors import SpecError
 from m2kt.teacher.build import Extraction, Plan, build_packet, check_spec, extract
 from m2kt.teacher.safety import CosineFlaggedScorer, SafetyScorer
 from m2kt.teacher.spec import (
+    AnchorsSpec,
     AttentionSpec,
     AttributionSpec,
     ClusteringSpec,
@@ -33,6 +36,7 @@ from m2kt.teacher.spec import (
 )
 
 __all__ = [
+    "AnchorsSpec",
     "AttentionSpec",
     "AttributionSpec",
     "ClusteringSpec",

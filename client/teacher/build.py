@@ -22,6 +22,8 @@ import torch
 from m2kt.errors import SpecError
 from m2kt.format.keys import SigningKey
 from m2kt.format.manifest import (
+    AnchorInfo,
+    AnchorSet,
     ConceptEntry,
     DataUsage,
     ExtractionInfo,
@@ -30,12 +32,13 @@ from m2kt.format.manifest import (
     SafetyInfo,
     TeacherInfo,
 )
-from m2kt.format.probe_text import PROBE_ANSWER, encode_probe_texts, encode_texts
+from m2kt.format.probe_text import ANCHOR_TEXT, PROBE_ANSWER, encode_probe_texts, encode_texts
 from m2kt.format.writer import write_packet
 from m2kt.nn.adapters import adapter_for
 from m2kt.nn.base import ModelAdapter
 from m2kt.nn.batch import Batch
 from m2kt.nn.device import pick_device
+from m2kt.nn.embed import embed_texts
 from m2kt.nn.programs import Template
 from m2kt.nn.select import select
 from m2kt.teacher.concepts import ConceptSet, extract_concepts
@@ -108,6 +111,14 @@ def check_spec(adapter: ModelAdapter, spec: PacketSpec) -> Plan:
     if spec.concepts.method == "attribution" and spec.concepts.attribution.targets != "predicted":
         for token in spec.concepts.attribution.targets:
             adapter.output_token_id(token)
+    private = spec.private_inputs()
+    for anchors, inputs in spec.anchor_inputs():
+        clash = [t for t in inputs if t in private]
+        if clash:
+            raise SpecError(
+                f"anchors ({anchors.source}): {len(clash)} of them are inputs of private concepts, e.g. "
+                f"{clash[0][:60]!r} — anchors travel as text; remove them or make those concepts public"
+            )
     texts = spec.probe_inputs()
     batch = adapter.tokenize(texts)
     resolve_positions(batch.lengths, probe_positions(spec, texts), texts)
@@ -289,12 +300,42 @@ def extract(
             origin = run.at_position[plan.layer].mean(0) if concepts.kind != "attribution" else None
             scorer = CosineFlaggedScorer(directions, origin)
         scores = scorer.score(concepts.vectors).float().clamp(0.0, 1.0)
+        anchor_sets = spec.anchor_inputs()
+        anchor_texts = [t for _, texts in anchor_sets for t in texts]
+        if anchor_texts:
+            tensors["anchor_vectors"] = embed_texts(  # (N, d_T): the teacher's vectors of public inputs
+                adapter, anchor_texts, plan.layer, spec.position, spec.batch_size
+            )
+            passes += len(anchor_texts)
     advance(0)
 
+    # Only public inputs travel: drop every per-probe row of a private named concept's inputs.
+    hidden = spec.private_inputs()
+    keep = [i for i, t in enumerate(plan.texts) if t not in hidden]
+    if len(keep) < len(plan.texts):
+        rows = torch.tensor(keep, dtype=torch.long)
+        for name in ("concept_members", "probe_tokens", "probe_lengths", "probe_positions", "traces"):
+            if name in tensors:
+                tensors[name] = tensors[name][rows]
+        if "attention" in tensors and spec.attention.per == "probe":
+            tensors["attention"] = tensors["attention"][rows]
+        answers = [answers[i] for i in keep] if answers else answers
+    public_texts = [plan.texts[i] for i in keep]
+
+    named = {p.label: p for p in spec.concepts.named} if concepts.kind == "named" else {}
     entries = [
-        ConceptEntry(id=cid, label=label, kind=concepts.kind, safety_score=round(float(s), 6))
+        ConceptEntry(
+            id=cid,
+            label=label,
+            kind=concepts.kind,
+            safety_score=round(float(s), 6),
+            examples=len(named[label].inputs) if label in named else None,
+            private=spec.is_private(named[label]) if label in named else None,
+        )
         for cid, label, s in zip(concepts.ids, concepts.labels, scores.tolist(), strict=True)
     ]
+    labelled = len(spec.labelled_inputs())
+    unlabelled = len([t for t in plan.texts if t not in spec.labelled_inputs()]) + len(anchor_texts)
     read_layers = list(dict.fromkeys([plan.layer, *plan.trace_layers]))
     body_fields: dict[str, Any] = dict(
         topic=spec.topic,
@@ -309,18 +350,28 @@ def extract(
         concepts=entries,
         extraction=ExtractionInfo(concepts=ExtractionStep(method=concepts.kind, params=concepts.params), **steps),
         data_usage=DataUsage(
-            probe_count=len(plan.texts) + flagged_queries + declared_queries,
+            probe_count=len(plan.texts) + flagged_queries + declared_queries + len(anchor_texts),
             teacher_forward_passes=passes,
-            labelled_examples=0,
+            labelled_examples=labelled,
+            unlabelled_probes=unlabelled,
         ),
         parents=list(spec.parents),
         safety=SafetyInfo(scorer=scorer.name, version=scorer.version, threshold=spec.safety.threshold),
     )
+    if anchor_texts:
+        body_fields["anchors"] = AnchorInfo(
+            sets=[AnchorSet(source=a.source, kind=a.kind, count=len(texts)) for a, texts in anchor_sets if texts],
+            count=len(anchor_texts),
+            layer=plan.layer,
+            pooling=str(spec.position),
+        )
     if created_at is not None:
         body_fields["created_at"] = created_at
     body = ManifestBody(**body_fields)
     arrays = {name: _as_array(t, spec.dtype) for name, t in tensors.items()}
-    arrays.update(encode_probe_texts(plan.texts))  # the probe inputs as text, so any tokenizer can re-read them
+    arrays.update(encode_probe_texts(public_texts))  # the public probe inputs, so any tokenizer can re-read them
+    if anchor_texts:
+        arrays.update(encode_texts(anchor_texts, ANCHOR_TEXT))  # public anchors, with the teacher's anchor_vectors
     if answers:
         arrays.update(encode_texts(answers, PROBE_ANSWER))  # the teacher's outputs on its probes: no labels
     return Extraction(body, arrays, concepts, scores)

@@ -39,6 +39,7 @@ from m2kt.nn.programs import Template
 from m2kt.teacher.selection import spread_probes
 
 __all__ = [
+    "AnchorsSpec",
     "AttentionSpec",
     "AttributionSpec",
     "ClusteringSpec",
@@ -76,6 +77,7 @@ class NamedProbe:
     label: str
     inputs: tuple[str, ...]
     position: Position | None = None  # overrides PacketSpec.position for this concept
+    private: bool | None = None  # None: the packet's default (PacketSpec.private)
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label.strip():
@@ -199,6 +201,45 @@ class GraphSpec:
             raise SpecError(f"graph.threshold must be in [-1, 1], not {self.threshold}")
 
 
+AnchorKind = Literal["general", "domain"]
+
+
+@dataclass(frozen=True)
+class AnchorsSpec:
+    """One set of public, unlabelled inputs the packet carries with the teacher's vectors of them, for the
+    student to align its space with: ``texts`` and/or a ``file`` (one per line), the first ``count``.
+
+    ``kind``: ``general`` inputs unrelated to the concepts (a public word list: no shared corpus needed)
+    give the alignment its prior; ``domain`` inputs (public text of the concepts' kind) refine it. Anchors
+    are read where the concepts are (the spec's layer and position): only then are they one space."""
+
+    texts: tuple[str, ...] = ()
+    file: str | None = None
+    source: str = "inline"  # provenance recorded in the manifest, e.g. "wordlist:wamerican"
+    kind: AnchorKind = "domain"
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if self.count is not None and self.count < 0:
+            raise SpecError(f"anchors.count must be >= 0, not {self.count}")
+        if not self.source.strip():
+            raise SpecError("anchors.source must say where the anchors come from")
+        if self.kind not in ("general", "domain"):
+            raise SpecError(f"anchors.kind must be 'general' or 'domain', not {self.kind!r}")
+
+    def inputs(self) -> list[str]:
+        texts = list(self.texts)
+        if self.file is not None:
+            try:
+                lines = Path(self.file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise SpecError(f"anchors.file {self.file!r}: {exc.strerror or exc}") from None
+            texts += [line.strip() for line in lines if line.strip()]
+        texts = list(dict.fromkeys(texts))
+        return texts if self.count is None else texts[: self.count]
+
+
 @dataclass(frozen=True)
 class SelectionSpec:
     """Spend teacher queries on ``count`` of the unlabelled ``probes``, spread over the operand values of
@@ -277,6 +318,8 @@ class PacketSpec:
     device: str = "auto"
     dtype: Literal["float32", "float16"] = "float32"  # dtype of the float tensors in the packet
     answers: bool = False  # the teacher's own answer to each probe (argmax output at the last token), as text
+    private: bool = True  # named concepts' inputs stay out of the packet (only the vectors travel), unless opted in
+    anchors: tuple[AnchorsSpec, ...] = ()  # public anchor sets, in order (their rows follow one another)
     select: SelectionSpec = field(default_factory=SelectionSpec)
     decompose: DecomposeSpec = field(default_factory=DecomposeSpec)
 
@@ -288,6 +331,8 @@ class PacketSpec:
         _check_position("position", self.position)
         object.__setattr__(self, "probes", tuple(self.probes))
         object.__setattr__(self, "parents", tuple(self.parents))
+        anchors = (self.anchors,) if isinstance(self.anchors, AnchorsSpec) else tuple(self.anchors)
+        object.__setattr__(self, "anchors", anchors)
         if self.batch_size < 1:
             raise SpecError(f"batch_size must be >= 1, not {self.batch_size}")
         if self.dtype not in ("float32", "float16"):
@@ -314,6 +359,35 @@ class PacketSpec:
         seen.update(dict.fromkeys(self.selected_probes()))
         return list(seen)
 
+    def anchor_inputs(self) -> list[tuple[AnchorsSpec, list[str]]]:
+        """Each anchor set with its inputs; an input already in an earlier set is not repeated."""
+        seen: set[str] = set()
+        out = []
+        for anchors in self.anchors:
+            texts = [t for t in anchors.inputs() if t not in seen]
+            seen.update(texts)
+            out.append((anchors, texts))
+        return out
+
+    def is_private(self, probe: NamedProbe) -> bool:
+        return self.private if probe.private is None else probe.private
+
+    def private_inputs(self) -> set[str]:
+        """Inputs that must not travel: those of private named concepts, unless also a public input. With
+        clustering or attribution the named sets are probe inputs of an unsupervised method, not concepts:
+        they travel (a concept there is a cluster, not anyone's labelled examples)."""
+        if self.concepts.method != "named":
+            return set()
+        public = {t for p in self.concepts.named if not self.is_private(p) for t in p.inputs}
+        public |= set(self.selected_probes())
+        return {t for p in self.concepts.named if self.is_private(p) for t in p.inputs} - public
+
+    def labelled_inputs(self) -> set[str]:
+        """Inputs whose concept the teacher was told: the named concepts' inputs (when they form the
+        concepts) and every flagged set's."""
+        named = self.concepts.named if self.concepts.method == "named" else ()
+        return {t for p in (*named, *self.safety.flagged) for t in p.inputs}
+
     def selected_probes(self) -> list[str]:
         if self.select.count is None:
             return list(self.probes)
@@ -337,6 +411,7 @@ class PacketSpec:
             safety["flagged"] = tuple(_named(p, "safety.flagged") for p in safety.get("flagged") or ())
             data["safety"] = _build(SafetySpec, safety, "safety")
             data["select"] = _build(SelectionSpec, _section(data, "select"), "select")
+            data["anchors"] = _anchor_sets(data.get("anchors"))
             data["decompose"] = _build(DecomposeSpec, _section(data, "decompose"), "decompose")
             for name, kind in (("attention", AttentionSpec), ("traces", TracesSpec), ("graph", GraphSpec)):
                 section = data.get(name)
@@ -361,6 +436,16 @@ def _section(data: Mapping[str, Any], name: str, *, required: bool = False) -> M
     if not isinstance(value, Mapping):
         raise SpecError(f"'{name}' must be a mapping, not {type(value).__name__}")
     return value
+
+
+def _anchor_sets(value: Any) -> tuple[AnchorsSpec, ...]:
+    """``anchors``: one set (a mapping) or a list of them."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, Mapping) else value
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise SpecError("'anchors' must be a mapping or a list of mappings (texts or file, source, kind, count)")
+    return tuple(_build(AnchorsSpec, item, f"anchors[{i}]") for i, item in enumerate(items))
 
 
 def _named(item: Any, where: str) -> NamedProbe:
