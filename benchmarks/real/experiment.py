@@ -1,0 +1,460 @@
+"""One teacher → student direction of the real-model benchmark: every condition, per seed and budget.
+
+Everything M2KT does here goes through the library: :func:`m2kt.teacher.build_packet` writes a signed
+packet (private concepts: only their vectors; public anchors: texts and the teacher's vectors),
+:func:`m2kt.student.ingest` verifies it and maps the concepts into the student, and
+:meth:`m2kt.student.Student.classify` answers. The baselines use the same vectors of the same texts:
+the student's from :meth:`Student.embed`, the teacher's from :func:`m2kt.nn.embed.embed_texts`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2kt.benchmarks.real.classifiers import centroids, fit_logistic, predict_logistic
+from m2kt.benchmarks.real.data import SetSplit
+from m2kt.benchmarks.real.models import Encoder
+from m2kt.format.keys import SigningKey
+from m2kt.nn.adapters import adapter_for
+from m2kt.nn.embed import embed_texts
+from m2kt.student import IngestConfig, Student, ingest
+from m2kt.student.alignment import METHODS
+from m2kt.student.concepts import nearest
+from m2kt.student.config import AlignmentConfig
+from m2kt.student.probing import read_packet
+from m2kt.teacher import build_packet
+from m2kt.teacher.spec import AnchorsSpec, AttentionSpec, ConceptsSpec, NamedProbe, PacketSpec, TracesSpec
+
+__all__ = ["Direction"]
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Built:
+    path: Path
+    seconds: float
+    queries: int  # the manifest's probe_count
+    labelled: int  # the manifest's labelled_examples
+    bytes: int
+
+
+class Direction:
+    """A teacher and a student encoder, the student's vector cache, and the records of their runs."""
+
+    def __init__(self, teacher: Encoder, student: Encoder, key: SigningKey, work: Path, device: str) -> None:
+        self.teacher, self.encoder, self.key, self.work, self.device = teacher, student, key, work, device
+        self.scenario = f"{teacher.name}→{student.name}"
+        self.student = Student(student.model, student.tokenizer)
+        self._teacher_adapter = adapter_for(teacher.model, teacher.tokenizer)
+        self._teacher_cache: dict[str, torch.Tensor] = {}
+        self.records: list[Record] = []
+        work.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ vectors
+
+    def teacher_vectors(self, texts: list[str]) -> torch.Tensor:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._teacher_cache]
+        if todo:
+            vectors = embed_texts(self._teacher_adapter, todo, self.teacher.layer, "mean")
+            self._teacher_cache.update(zip(todo, vectors, strict=True))
+        return torch.stack([self._teacher_cache[t] for t in texts])
+
+    def student_vectors(self, texts: list[str]) -> torch.Tensor:
+        return self.student.embed(texts)
+
+    # ------------------------------------------------------------------ packets
+
+    def build(
+        self,
+        split: SetSplit,
+        tag: str,
+        *,
+        anchors: list[str],
+        source: str,
+        words: list[str] | None = None,
+        words_source: str = "",
+        private: bool = True,
+    ) -> Built:
+        """A packet of the split's sections (private by default), with ``words`` as a general anchor set
+        and ``anchors`` as a domain one; concepts only (no attention maps or traces: not used here)."""
+        sets = []
+        if words:
+            sets.append(AnchorsSpec(texts=tuple(words), source=words_source, kind="general"))
+        if anchors:
+            sets.append(AnchorsSpec(texts=tuple(anchors), source=source, kind="domain"))
+        spec = PacketSpec(
+            topic=f"debian.{split.name}",
+            concepts=ConceptsSpec(named=tuple(NamedProbe(s, tuple(split.labelled[s])) for s in split.sections)),
+            position="mean",
+            private=private,
+            anchors=tuple(sets),
+            attention=AttentionSpec(enabled=False),
+            traces=TracesSpec(enabled=False),
+            model_name=self.teacher.model_name,
+            device=self.device,
+        )
+        t0 = time.perf_counter()
+        path = build_packet(
+            self.teacher.model, spec, self.key, self.work / f"{tag}.m2kt", tokenizer=self.teacher.tokenizer
+        )
+        seconds = time.perf_counter() - t0
+        manifest = read_packet(path, self.key.verify_key).manifest
+        usage = manifest.data_usage
+        return Built(path, seconds, usage.probe_count, usage.labelled_examples, path.stat().st_size)
+
+    def ingest(self, built: Built, **alignment: Any) -> tuple[Any, float]:
+        """Ingest with the given alignment settings; (report, seconds). The student forgets earlier concepts."""
+        self.student.concepts = None
+        config = IngestConfig(device=self.device, alignment=AlignmentConfig(**alignment))
+        t0 = time.perf_counter()
+        report = ingest(self.student, built.path, config, keys=self.key.verify_key)
+        return report, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ records
+
+    def record(
+        self,
+        split: SetSplit,
+        seed: int,
+        condition: str,
+        budget: str | None,
+        correct: float | None,
+        teacher_accuracy: float,
+        **fields: Any,
+    ) -> Record:
+        accuracy = correct
+        pct = None if accuracy is None else 100.0 * accuracy / teacher_accuracy
+        row: Record = {
+            "scenario": self.scenario if split.name == "topics" else f"{self.scenario} / {split.name}",
+            "set": split.name,
+            "teacher": self.teacher.model_name,
+            "student": self.encoder.model_name,
+            "condition": condition,
+            "budget": budget,
+            "seed": seed,
+            "accuracy": accuracy,
+            "pct_of_teacher": pct,
+            "test": len(split.test),
+            "classes": len(split.sections),
+            "device": self.device,
+            **fields,
+        }
+        self.records.append(row)
+        return row
+
+    def accuracy_of(self, predicted: list[str] | torch.Tensor, split: SetSplit) -> float:
+        truth = [s for _, s in split.test]
+        if isinstance(predicted, torch.Tensor):
+            predicted = [split.sections[int(i)] for i in predicted]
+        return sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+
+    # ------------------------------------------------------------------ conditions
+
+    def run_seed(
+        self,
+        split: SetSplit,
+        others: list[SetSplit],
+        seed: int,
+        budgets: list[int],
+        words: list[str],
+        words_source: str,
+        log: Callable[[str], None],
+    ) -> None:
+        """Every condition of one seed on the main set, and alignment reuse on ``others``."""
+        test = [t for t, _ in split.test]
+        k = len(split.sections)
+        labelled_texts = [t for s in split.sections for t in split.labelled[s]]
+        labelled_y = torch.tensor([i for i, s in enumerate(split.sections) for _ in split.labelled[s]])
+        n_labelled = len(labelled_texts)
+
+        # the teacher: its concepts (the packet's) as a nearest-concept classifier on its own vectors
+        shared = self.build(split, f"shared-{seed}", anchors=[], source="none", private=False)
+        concepts = read_packet(shared.path, self.key.verify_key).concepts
+        teacher_acc = self.accuracy_of(nearest(self.teacher_vectors(test), concepts), split)
+        self.record(
+            split,
+            seed,
+            "teacher",
+            None,
+            teacher_acc,
+            teacher_acc,
+            labelled=0,
+            teacher_labelled=n_labelled,
+            teacher_queries=n_labelled,
+            anchors=0,
+            seconds=shared.seconds,
+        )
+        log(f"  seed {seed}: teacher {teacher_acc:.3f} on {len(test)} test texts, {k} sections")
+
+        # the student on its own: k labels, and every non-test label (the oracle)
+        own = self.student_vectors(labelled_texts)
+        t0 = time.perf_counter()
+        acc = self.accuracy_of(nearest(self.student_vectors(test), centroids(own, labelled_y, k)), split)
+        self.record(
+            split,
+            seed,
+            "student-k-centroid",
+            "k",
+            acc,
+            teacher_acc,
+            labelled=n_labelled,
+            teacher_labelled=0,
+            teacher_queries=0,
+            anchors=0,
+            seconds=time.perf_counter() - t0,
+        )
+        t0 = time.perf_counter()
+        w, c = fit_logistic(own, labelled_y, k, seed=seed)
+        acc = self.accuracy_of(predict_logistic(w, self.student_vectors(test)), split)
+        self.record(
+            split,
+            seed,
+            "student-k-logistic",
+            "k",
+            acc,
+            teacher_acc,
+            labelled=n_labelled,
+            teacher_labelled=0,
+            teacher_queries=0,
+            anchors=0,
+            seconds=time.perf_counter() - t0,
+            C=c,
+        )
+        if seed == 0:
+            texts = [t for t, _ in split.train_all]
+            y = torch.tensor([split.sections.index(s) for _, s in split.train_all])
+            t0 = time.perf_counter()
+            w, c = fit_logistic(self.student_vectors(texts), y, k, seed=seed)
+            oracle = self.accuracy_of(predict_logistic(w, self.student_vectors(test)), split)
+            self._oracle = (oracle, len(texts), time.perf_counter() - t0, c)
+        oracle, n_all, secs, c = self._oracle
+        self.record(
+            split,
+            seed,
+            "oracle",
+            "all",
+            oracle,
+            teacher_acc,
+            labelled=n_all,
+            teacher_labelled=0,
+            teacher_queries=0,
+            anchors=0,
+            seconds=secs,
+            C=c,
+        )
+
+        # M2KT with the concepts' texts in the packet: the student re-embeds the teacher's labelled examples
+        report, secs = self.ingest(shared)
+        acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+        self.record(
+            split,
+            seed,
+            "m2kt-shared",
+            "k",
+            acc,
+            teacher_acc,
+            labelled=n_labelled,
+            teacher_labelled=shared.labelled,
+            teacher_queries=shared.queries,
+            anchors=0,
+            seconds=secs,
+            packet_bytes=shared.bytes,
+            decision=report.decision,
+        )
+
+        # the packets of the other concept sets: private, no anchors — mapped with a stored alignment
+        reuse_packets = []
+        for other in others:
+            built = self.build(other, f"{other.name}-{seed}", anchors=[], source="none")
+            other_concepts = read_packet(built.path, self.key.verify_key).concepts
+            other_test = [t for t, _ in other.test]
+            other_teacher = self.accuracy_of(nearest(self.teacher_vectors(other_test), other_concepts), other)
+            self.record(
+                other,
+                seed,
+                "teacher",
+                None,
+                other_teacher,
+                other_teacher,
+                labelled=0,
+                teacher_labelled=built.labelled,
+                teacher_queries=built.queries,
+                anchors=0,
+                seconds=built.seconds,
+            )
+            reuse_packets.append((other, built, other_teacher))
+
+        for n in [0, *budgets]:
+            pool = split.pool[:n]
+            budget = str(n)
+            stores = {"pool": self.work / f"store-{seed}-{n}-pool", "words": self.work / f"store-{seed}-{n}-words"}
+            plans = [("words", pool)] if n == 0 else [("pool", pool), ("words", pool)]
+            for kind, anchors in plans:
+                built = self.build(
+                    split,
+                    f"private-{kind}-{seed}-{n}",
+                    anchors=anchors,
+                    source=f"debian:unlabelled-pool:{split.name}",
+                    words=words if kind == "words" else None,
+                    words_source=words_source,
+                )
+                store = str(stores[kind])
+                names = (
+                    [("m2kt", {"method": "auto", "store": store})]
+                    + [(f"m2kt-{m}", {"method": m}) for m in METHODS if m != "anchored"]
+                    + [("m2kt-anchor-labels", {"method": "auto", "anchor_labels": True})]
+                    if kind == "pool"
+                    else [("m2kt-words", {"method": "auto", "store": store})]
+                )
+                for condition, alignment in names:
+                    report, secs = self.ingest(built, **alignment)
+                    acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+                    info = report.alignment or {}
+                    self.record(
+                        split,
+                        seed,
+                        condition,
+                        budget,
+                        acc,
+                        teacher_acc,
+                        labelled=0,
+                        teacher_labelled=built.labelled,
+                        teacher_queries=built.queries,
+                        anchors=len(anchors) + (len(words) if kind == "words" else 0),
+                        domain_anchors=len(anchors),
+                        seconds=secs,
+                        build_seconds=built.seconds,
+                        packet_bytes=built.bytes,
+                        decision=report.decision,
+                        method=info.get("method"),
+                        param=info.get("param"),
+                        loo_cosine=info.get("loo_cosine"),
+                        agreement=info.get("agreement"),
+                        fit_seconds=info.get("fit_seconds"),
+                    )
+                    if condition in ("m2kt", "m2kt-words"):
+                        shown = None if acc is None else round(acc, 3)
+                        log(f"    N={n:>3} {condition:<10} {shown} ({info.get('method')}, {secs:.2f} s)")
+            # KD: the teacher labels the N pool texts (and, as kd-words, the words as well); the student fits
+            # on its own vectors of them
+            kd_sets = [("kd", pool)] if n > 0 else []
+            kd_sets.append(("kd-words", [*words, *pool]))
+            for name, texts in kd_sets:
+                t_labels = nearest(self.teacher_vectors(texts), concepts)
+                vecs = self.student_vectors(texts)
+                t0 = time.perf_counter()
+                acc = self.accuracy_of(nearest(self.student_vectors(test), centroids(vecs, t_labels, k)), split)
+                self.record(
+                    split,
+                    seed,
+                    f"{name}-centroid",
+                    budget,
+                    acc,
+                    teacher_acc,
+                    labelled=0,
+                    teacher_labelled=n_labelled,
+                    teacher_queries=n_labelled + len(texts),
+                    anchors=0,
+                    seconds=time.perf_counter() - t0,
+                )
+                if name == "kd":
+                    t0 = time.perf_counter()
+                    w, c = fit_logistic(vecs, t_labels, k, seed=seed)
+                    acc = self.accuracy_of(predict_logistic(w, self.student_vectors(test)), split)
+                    self.record(
+                        split,
+                        seed,
+                        "kd-logistic",
+                        budget,
+                        acc,
+                        teacher_acc,
+                        labelled=0,
+                        teacher_labelled=n_labelled,
+                        teacher_queries=n_labelled + n,
+                        anchors=0,
+                        seconds=time.perf_counter() - t0,
+                        C=c,
+                    )
+            # reuse: the other sets' packets (no anchors) through the alignments this budget stored
+            for other, built, other_teacher in reuse_packets:
+                other_test = [t for t, _ in other.test]
+                for kind, store in stores.items():
+                    if not store.exists():
+                        continue
+                    report, secs = self.ingest(built, method="auto", store=str(store))
+                    acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
+                    info = report.alignment or {}
+                    self.record(
+                        other,
+                        seed,
+                        "m2kt-reuse" if kind == "pool" else "m2kt-words-reuse",
+                        budget,
+                        acc,
+                        other_teacher,
+                        labelled=0,
+                        teacher_labelled=built.labelled,
+                        teacher_queries=built.queries,
+                        anchors=0,
+                        new_anchor_queries=0,
+                        seconds=secs,
+                        decision=report.decision,
+                        reused=info.get("reused"),
+                        method=info.get("method"),
+                    )
+
+    # ------------------------------------------------------------------ timings on a cold cache
+
+    def timings(
+        self, split: SetSplit, n: int, words: list[str], words_source: str, log: Callable[[str], None]
+    ) -> list[dict[str, Any]]:
+        """Packet build, ingestion (anchors embedded afresh, the fit) and classification of the test set, on
+        a cold cache: for N domain anchors alone and with the word list."""
+        out = []
+        for label, general in (("pool", None), ("words+pool", words)):
+            built = self.build(
+                split,
+                f"timing-{label}-{n}",
+                anchors=split.pool[:n],
+                source="timing",
+                words=general,
+                words_source=words_source,
+            )
+            saved = self.student._embeddings
+            self.student._embeddings = {}
+            try:
+                report, ingest_s = self.ingest(built, method="auto")
+                test = [t for t, _ in split.test]
+                t0 = time.perf_counter()
+                self.student.classify(test)
+                classify_s = time.perf_counter() - t0
+            finally:
+                self.student._embeddings = {**saved, **self.student._embeddings}
+            out.append(
+                {
+                    "scenario": self.scenario,
+                    "packet": label,
+                    "device": self.device,
+                    "anchors": n + (len(general) if general else 0),
+                    "build_seconds": built.seconds,
+                    "teacher_queries": built.queries,
+                    "ingest_seconds": ingest_s,
+                    "map_seconds": report.timings["probe"],
+                    "fit_seconds": report.timings["fit"],
+                    "classify_seconds": classify_s,
+                    "classified": len(split.test),
+                    "packet_bytes": built.bytes,
+                }
+            )
+            log(
+                f"  timings {label} N={n}: build {built.seconds:.2f} s ({built.queries} teacher queries), "
+                f"ingest {ingest_s:.2f} s (fit {report.timings['fit']:.3f} s), classify {len(test)} texts "
+                f"{classify_s:.2f} s"
+            )
+        return out
