@@ -55,6 +55,19 @@ def test_scenarios_are_data() -> None:
     for bad in ("nothing", "x=add:a**b", "x=mul:a+b", "x=:a+b"):
         with pytest.raises(ValueError):
             OpSpec.parse(bad)
+    from m2kt.benchmarks.transfer.scenarios import DEFAULT_OPS
+
+    assert [OpSpec.parse(name) for name in ("skill", " composition ")] == list(DEFAULT_OPS)  # defaults by name
+
+
+def test_budgets_from_the_command_line() -> None:
+    from m2kt.benchmarks.transfer.run import parse_budgets
+
+    assert parse_budgets("0, 8,32,2%,100%") == [0, 8, 32, 0.02, 1.0]
+    assert [type(b) for b in parse_budgets("8,25%")] == [int, float]
+    for bad in ("", "8,", "eight", "-1", "0%", "150%"):
+        with pytest.raises(ValueError):
+            parse_budgets(bad)
 
 
 @pytest.fixture(scope="module")
@@ -194,5 +207,5 @@ def test_claim_lines_pass_and_fail_on_the_numbers() -> None:
 def test_cli_help_lists_the_benchmark_options() -> None:
     result = CliRunner().invoke(app, ["bench", "transfer", "--help"])
     assert result.exit_code == 0
-    for option in ("--quick", "--seeds", "--out", "--p", "--device", "--scenario"):
+    for option in ("--quick", "--seeds", "--out", "--p", "--device", "--scenario", "--budgets", "--no-loss-ablations"):
         assert option in result.output

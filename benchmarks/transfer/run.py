@@ -1,11 +1,15 @@
 """Run the transfer benchmark: every condition × budget × scenario on every pair, then report.
 
     m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device cpu|cuda] [--scenario NAME=KNOWN:EXPR ...]
+                        [--budgets 0,8,32,2%,...] [--no-loss-ablations]
     python -m m2kt.benchmarks.transfer ...                                     (the same)
 
 Without ``--scenario`` the scenarios are concept (renaming), skill (sub → a+b) and composition
 (add, sub → a+2b); each ``--scenario`` names a new-operation scenario instead (the defaults, concept
-included, are then not run), e.g. ``--scenario a-2b=add,sub:a-2*b --scenario times=add,sub:a*b``.
+included, are then not run), e.g. ``--scenario a-2b=add,sub:a-2*b --scenario times=add,sub:a*b``; a default
+new-operation scenario can be named bare (``--scenario skill --scenario composition``). ``--budgets``
+replaces the list of budgets, ``--no-loss-ablations`` drops the composite-loss ablations (the
+re-binding ablations always run).
 
 Run i (i < seeds) uses pair i mod 3 with seed i: models, splits of the pool and CAL seeds all
 follow from it. ``--quick`` is one run with fewer budgets and steps (under 10 minutes on a 2-core
@@ -48,7 +52,7 @@ from m2kt.student.probing import PacketContents, read_packet
 from m2kt.toy.model import TinyTransformer
 from m2kt.toy.symbolic import Example, Vocabulary
 
-__all__ = ["Settings", "main", "run_benchmark"]
+__all__ = ["Settings", "main", "parse_budgets", "run_benchmark"]
 
 Budget = int | float  # an int is a count of queries (or labels); a float a fraction of the pool
 
@@ -71,6 +75,7 @@ class Settings:
     device: str = "auto"
     quick: bool = False
     scenarios: list[str] = field(default_factory=list)  # NAME=KNOWN:EXPR specs; empty: the default scenarios
+    loss_ablations: bool = True  # the composite-loss ablations (m2kt-no-geo, ...) on the skill scenario
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> Settings:
@@ -282,7 +287,8 @@ def run_scenario(ctx: Context, log: Callable[[str], None]) -> None:
         t0 = time.perf_counter()
         if ctx.scenario.operator is not None:
             _rebind(ctx, budget, n)
-        mixes = ablations(s.trust_region) if ctx.scenario.ablations else {"m2kt": ablations(s.trust_region)["m2kt"]}
+        with_ablations = ctx.scenario.ablations and s.loss_ablations
+        mixes = ablations(s.trust_region) if with_ablations else {"m2kt": ablations(s.trust_region)["m2kt"]}
         for name, mix in mixes.items():
             _run_condition(ctx, name, budget, start="anchor", train=_m2kt(ctx, mix), queries=same, labelled=none)
         _run_condition(ctx, "kd", budget, start="random", train=_outputs(ctx, kd=True), queries=same, labelled=none)
@@ -460,6 +466,22 @@ def run_benchmark(
     return write_outputs(document, out, log)
 
 
+def parse_budgets(text: str) -> list[Budget]:
+    """``"0,8,32,2%,100%"`` → ``[0, 8, 32, 0.02, 1.0]``: counts of queries, or percentages of the pool."""
+    budgets: list[Budget] = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            budget: Budget = float(item[:-1]) / 100 if item.endswith("%") else int(item)
+        except ValueError:
+            raise ValueError(f"budget {item!r}: a count of queries (8) or a percentage of the pool (2%)") from None
+        if budget < 0 or (isinstance(budget, float) and not 0 < budget <= 1):
+            raise ValueError(f"budget {item!r}: counts are >= 0, percentages in (0%, 100%]")
+        budgets.append(budget)
+    if not budgets:
+        raise ValueError("--budgets needs at least one budget")
+    return budgets
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2kt bench transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run, fewer budgets (under 10 minutes on 2 cores)")
@@ -472,15 +494,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=KNOWN:EXPR",
-        help="a new-operation scenario, e.g. a-2b=add,sub:a-2*b (repeat); replaces the default scenarios",
+        help="a new-operation scenario, e.g. a-2b=add,sub:a-2*b, or a default one by name (skill, composition); "
+        "repeat; replaces the default scenarios",
+    )
+    parser.add_argument("--budgets", default=None, help="e.g. 0,8,32,2%%,100%%: query counts or shares of the pool")
+    parser.add_argument(
+        "--no-loss-ablations", action="store_true", help="skip the composite-loss ablations (m2kt-no-geo, ...)"
     )
     args = parser.parse_args(argv)
     try:
         for spec in args.scenario:
             OpSpec.parse(spec)
+        budgets = parse_budgets(args.budgets) if args.budgets is not None else None
     except ValueError as exc:
         parser.error(str(exc))
     overrides: dict[str, Any] = {"p": args.p, "device": args.device, "scenarios": list(args.scenario)}
+    if budgets is not None:
+        overrides["budgets"] = budgets
+    if args.no_loss_ablations:
+        overrides["loss_ablations"] = False
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error("--seeds must be >= 1")

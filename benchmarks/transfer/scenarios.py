@@ -53,7 +53,11 @@ class OpSpec:
 
     @classmethod
     def parse(cls, text: str) -> OpSpec:
-        """``NAME=KNOWN[,KNOWN…]:EXPR`` (the operator token is NAME), e.g. ``a-2b=add,sub:a-2*b``."""
+        """``NAME=KNOWN[,KNOWN…]:EXPR`` (the operator token is NAME), e.g. ``a-2b=add,sub:a-2*b``; or the
+        bare name of a default scenario (``skill``, ``composition``), which is that scenario as it is."""
+        defaults = {spec.name: spec for spec in DEFAULT_OPS}
+        if text.strip() in defaults:
+            return defaults[text.strip()]
         name, eq, rest = text.partition("=")
         known, colon, expression = rest.partition(":")
         ops = tuple(k.strip() for k in known.split(",") if k.strip())

@@ -1,6 +1,7 @@
 """``m2kt bench``: the experiments of ``benchmarks/``, run from the command line.
 
 m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda] [--scenario NAME=KNOWN:EXPR …]
+                    [--budgets 0,8,32,2%,…] [--no-loss-ablations]
 m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
 """
 
@@ -35,9 +36,18 @@ def bench_transfer(
         typer.Option(
             "--scenario",
             metavar="NAME=KNOWN:EXPR",
-            help="A new-operation scenario, e.g. a-2b=add,sub:a-2*b (repeat); replaces the default scenarios.",
+            help="A new-operation scenario, e.g. a-2b=add,sub:a-2*b, or a default one by name (skill, "
+            "composition); repeat; replaces the default scenarios.",
         ),
     ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option("--budgets", help="Budgets, e.g. 0,8,32,2%,100%: query counts or shares of the pool."),
+    ] = None,
+    no_loss_ablations: Annotated[
+        bool,
+        typer.Option("--no-loss-ablations", help="Skip the composite-loss ablations (the re-binding ones still run)."),
+    ] = False,
 ) -> None:
     """Teacher → student transfer: M2KT against KD, labelled fine-tuning and baselines, per data budget.
 
@@ -54,6 +64,10 @@ def bench_transfer(
         argv += ["--seeds", str(seeds)]
     for spec in scenario or ():
         argv += ["--scenario", spec]
+    if budgets is not None:
+        argv += ["--budgets", budgets]
+    if no_loss_ablations:
+        argv.append("--no-loss-ablations")
     raise typer.Exit(main(argv))
 
 
