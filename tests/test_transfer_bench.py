@@ -8,6 +8,7 @@ outputs are checked for what the issue asks of them. The claim lines are checked
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,15 @@ def test_scenarios_are_data() -> None:
     from m2kt.benchmarks.transfer.scenarios import DEFAULT_OPS
 
     assert [OpSpec.parse(name) for name in ("skill", " composition ")] == list(DEFAULT_OPS)  # defaults by name
+
+
+def test_every_scenario_name_makes_a_valid_topic() -> None:
+    from m2kt.benchmarks.transfer.run import scenario_topic
+    from m2kt.format.manifest import TOPIC_PATTERN
+
+    for name in ("2a+b", "a-2b", "b-a", "times", "A*B", "+"):
+        assert re.fullmatch(TOPIC_PATTERN, scenario_topic(name)), (name, scenario_topic(name))
+    assert scenario_topic("2a+b") == "bench.2a-b" and scenario_topic("skill") == "bench.skill"
 
 
 def test_budgets_from_the_command_line() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ from m2kt.student.probing import PacketContents, read_packet
 from m2kt.toy.model import TinyTransformer
 from m2kt.toy.symbolic import Example, Vocabulary
 
-__all__ = ["Settings", "main", "parse_budgets", "run_benchmark"]
+__all__ = ["Settings", "main", "parse_budgets", "run_benchmark", "scenario_topic"]
 
 Budget = int | float  # an int is a count of queries (or labels); a float a fraction of the pool
 
@@ -87,6 +88,11 @@ class Settings:
             quick=True,
         )
         return cls(**{**base, **overrides})
+
+
+def scenario_topic(name: str) -> str:
+    """The packet topic of a scenario: ``bench.<name>`` with what a topic may not hold (``2a+b``) as ``-``."""
+    return "bench." + (re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "scenario")
 
 
 def budget_label(budget: Budget | str) -> str:
@@ -132,7 +138,7 @@ class Context:
             probes,
             self.key,
             self.workdir / name,
-            topic=f"bench.{self.scenario.name}",
+            topic=scenario_topic(self.scenario.name),
             p=self.world.task.p,
             decomposition=decomposition,
         )
