@@ -41,7 +41,7 @@ from m2kt.student.losses import LossTerms, align_depth, geo_loss, pool_attention
 from m2kt.student.mapping import ingest_by_alignment
 from m2kt.student.probing import PacketContents, StudentProbe, probe_student, read_packet
 from m2kt.student.rebind import ingest_by_rebinding
-from m2kt.student.report import IngestReport
+from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.student import Student
 from m2kt.student.training import CALTrainer, project_to_trust_region
 from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit, flagged_directions, snapshot
@@ -427,16 +427,7 @@ def _report(
     before, after, checks, accepted = outcome
     m = prep.contents.manifest
     return IngestReport(
-        packet={
-            "id": prep.contents.id,
-            "topic": m.topic,
-            "teacher": m.teacher.model_name,
-            "concepts": len(m.concepts),
-            "data_usage": m.data_usage.model_dump(),
-        },
-        decision="accepted" if accepted else "rolled_back",
-        reasons=[c.detail for c in checks if not c.passed],
-        checks=[c.as_dict() for c in checks],
+        **outcome_fields(prep.contents.id, m, checks, accepted),
         probe_scores={
             "before": before.task_score if before.task_score is not None else (1.0 if before.predictions else None),
             "after": after.task_score

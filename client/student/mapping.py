@@ -37,7 +37,7 @@ from m2kt.student.checkpoint import checkpoint, rollback
 from m2kt.student.concepts import ConceptMap, nearest
 from m2kt.student.config import AlignmentConfig, IngestConfig
 from m2kt.student.probing import PacketContents, read_packet
-from m2kt.student.report import IngestReport
+from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.store import AlignmentStore, AnchorPairs
 from m2kt.student.student import Student
 from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit
@@ -272,16 +272,7 @@ def ingest_by_alignment(
         rollback(student, saved)
     m = contents.manifest
     return IngestReport(
-        packet={
-            "id": contents.id,
-            "topic": m.topic,
-            "teacher": m.teacher.model_name,
-            "concepts": len(m.concepts),
-            "data_usage": m.data_usage.model_dump(),
-        },
-        decision="accepted" if accepted else "rolled_back",
-        reasons=[c.detail for c in checks if not c.passed],
-        checks=[c.as_dict() for c in checks],
+        **outcome_fields(contents.id, m, checks, accepted),
         probe_scores={
             "before": None,
             "after": mapping.agreement,

@@ -34,7 +34,7 @@ from m2kt.student.binding import ProgramBinding, SlotBinding
 from m2kt.student.checkpoint import checkpoint, rollback
 from m2kt.student.config import IngestConfig, RebindConfig
 from m2kt.student.probing import PacketContents
-from m2kt.student.report import IngestReport
+from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.student import Student
 from m2kt.student.verifier import Check, ProbeSuite, audit, snapshot
 
@@ -305,16 +305,7 @@ def ingest_by_rebinding(
     verify_seconds = time.perf_counter() - t_verify
     m = contents.manifest
     return IngestReport(
-        packet={
-            "id": contents.id,
-            "topic": m.topic,
-            "teacher": m.teacher.model_name,
-            "concepts": len(m.concepts),
-            "data_usage": m.data_usage.model_dump(),
-        },
-        decision="accepted" if accepted else "rolled_back",
-        reasons=[c.detail for c in checks if not c.passed],
-        checks=[c.as_dict() for c in checks],
+        **outcome_fields(contents.id, m, checks, accepted),
         probe_scores={
             "before": before.task_score if before.task_score is not None else (1.0 if before.predictions else None),
             "after": after.task_score

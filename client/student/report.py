@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["IngestReport"]
+__all__ = ["IngestReport", "outcome_fields"]
 
 Decision = Literal["accepted", "rolled_back"]
 
@@ -62,3 +62,20 @@ class IngestReport:
         path = Path(path)
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
+
+
+def outcome_fields(packet_id: str, manifest: Any, checks: list[Any], accepted: bool) -> dict[str, Any]:
+    """The fields every ingestion path reports alike: the packet (id, topic, teacher, concept count, the
+    manifest's data usage), the decision, and the checks with the details of those that failed."""
+    return {
+        "packet": {
+            "id": packet_id,
+            "topic": manifest.topic,
+            "teacher": manifest.teacher.model_name,
+            "concepts": len(manifest.concepts),
+            "data_usage": manifest.data_usage.model_dump(),
+        },
+        "decision": "accepted" if accepted else "rolled_back",
+        "reasons": [c.detail for c in checks if not c.passed],
+        "checks": [c.as_dict() for c in checks],
+    }
