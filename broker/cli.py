@@ -1,13 +1,15 @@
-"""``m2kt broker …``: run the service and manage its schema."""
+"""``m2kt broker …``: run the service and manage its schema and bucket.
+
+The database layer (SQLAlchemy, Alembic) and the settings are imported inside each command: every ``m2kt``
+command loads this module to list its subcommands, and those imports cost about a second.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from m2kt.broker.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
-from m2kt.broker.settings import Settings
 
 app = typer.Typer(help="Run the broker service and manage its database.", no_args_is_help=True)
 
@@ -23,6 +25,8 @@ def serve(
     import uvicorn
 
     from m2kt.broker.app import create_app, prepare_database
+    from m2kt.broker.db import SchemaOutOfDate, upgrade
+    from m2kt.broker.settings import Settings
 
     settings = Settings()
     if migrate:
@@ -40,12 +44,41 @@ def migrate_cmd(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ) -> None:
     """Upgrade the database schema (Alembic) to the given revision."""
-    settings = Settings()
-    url = settings.effective_database_url
-    upgrade(url, revision)
+    from m2kt.broker.db import current_revision, head_revision, make_engine, upgrade
+    from m2kt.broker.settings import Settings
+
+    url = Settings().effective_database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = make_engine(url)
-    typer.echo(f"schema at {current_revision(engine)} (head is {head_revision()})")
-    engine.dispose()
+    try:
+        before = current_revision(engine)
+        upgrade(url, revision)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if before == after:
+        typer.echo(f"schema already at {after} (head is {head}); nothing to do")
+    else:
+        typer.echo(f"schema upgraded from {before or 'an empty database'} to {after} (head is {head})")
+
+
+@app.command("create-bucket")
+def create_bucket_cmd() -> None:
+    """Create the S3 bucket M2KT_STORAGE_URL names, if it does not exist (docker-compose does this for you)."""
+    from m2kt.broker.app import make_storage
+    from m2kt.broker.settings import Settings
+    from m2kt.broker.storage import StorageError
+
+    storage = make_storage(Settings())
+    try:
+        created = storage.create()
+        storage.check()
+    except StorageError as exc:
+        typer.echo(f"cannot create the storage: {exc}", err=True)
+        raise typer.Exit(5) from None
+    typer.echo(f"{'created' if created else 'already exists:'} {storage.description}")
 
 
 @app.command("gc")
@@ -60,8 +93,9 @@ def gc_cmd(
     import json
 
     from m2kt.broker.app import make_storage
-    from m2kt.broker.db import make_sessionmaker
+    from m2kt.broker.db import SchemaOutOfDate, check_schema, make_engine, make_sessionmaker
     from m2kt.broker.gc import collect_garbage
+    from m2kt.broker.settings import Settings
 
     settings = Settings()
     engine = make_engine(settings.effective_database_url)

@@ -130,3 +130,22 @@ def test_the_sdk_loads_neither_torch_nor_the_server(tmp_path: Path) -> None:
 def test_import_m2kt_loads_nothing_else(tmp_path: Path) -> None:
     loaded = _loaded_after("import m2kt\nassert m2kt.__version__", tmp_path)
     assert loaded["m2kt"] == ["m2kt"] and loaded["torch"] == [] and loaded["httpx"] == []
+
+
+def test_the_cli_loads_only_what_listing_its_commands_needs(tmp_path: Path) -> None:
+    """``m2kt --help`` / ``--version`` import the command modules only: no numpy, ml_dtypes, httpx, SQLAlchemy,
+    Alembic or torch (together about 1.5 s of CPU on a 2-core machine). Each command imports its own
+    dependencies when it runs. Checked by module set, not by time, so a busy machine cannot break it."""
+    probe = (
+        "import sys\nfrom m2kt.cli.main import app\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'numpy', 'ml_dtypes', 'httpx', 'sqlalchemy', 'alembic', 'torch', 'fastapi', 'uvicorn', 'boto3'})\n"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+    version = subprocess.run(
+        [sys.executable, "-m", "m2kt.cli.main", "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert version.returncode == 0 and version.stdout.startswith("m2kt "), version.stderr

@@ -74,17 +74,52 @@ def test_server_refuses_an_out_of_date_schema(postgres_url: str, tmp_path: Path)
             env={**os.environ, "M2KT_DATABASE_URL": url, "M2KT_STORAGE_URL": str(tmp_path / "blobs")},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=600,  # a hang guard, not a time limit
         )
         assert proc.returncode == 3
         assert "refusing to start" in proc.stderr and "m2kt broker migrate" in proc.stderr
-        migrate = subprocess.run(
-            [str(Path(sys.executable).with_name("m2kt")), "broker", "migrate"],
-            env={**os.environ, "M2KT_DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert migrate.returncode == 0 and f"schema at {head_revision()}" in migrate.stdout
+        def migrate() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(Path(sys.executable).with_name("m2kt")), "broker", "migrate"],
+                env={**os.environ, "M2KT_DATABASE_URL": url},
+                capture_output=True,
+                text=True,
+                timeout=600,  # a hang guard, not a time limit
+            )
+
+        first, again = migrate(), migrate()
+        assert first.returncode == 0, first.stderr
+        assert f"schema upgraded from an empty database to {head_revision()}" in first.stdout
+        # an up-to-date database says so instead of repeating the upgrade's line (issue 19)
+        assert again.returncode == 0 and f"schema already at {head_revision()}" in again.stdout
+        assert "nothing to do" in again.stdout
     finally:
         drop_database(url)
+
+
+def test_create_bucket_makes_a_missing_bucket_once(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Outside docker-compose the bucket must exist before ``serve``; ``m2kt broker create-bucket`` makes it
+    (issue 19), says so, and on a second run says it already exists."""
+    import uuid
+
+    bucket = f"created-{uuid.uuid4().hex[:12]}"
+    env = {
+        **os.environ,
+        "M2KT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "M2KT_STORAGE_URL": f"s3://{bucket}",
+        "AWS_ENDPOINT_URL_S3": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": s3_server.region,
+    }
+    m2kt = str(Path(sys.executable).with_name("m2kt"))
+
+    def create() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([m2kt, "broker", "create-bucket"], env=env, capture_output=True, text=True, timeout=600)
+
+    first = create()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"created s3://{bucket}")
+    s3_server.client().head_bucket(Bucket=bucket)  # it exists now
+    again = create()
+    assert again.returncode == 0 and again.stdout.startswith(f"already exists: s3://{bucket}"), again.stderr

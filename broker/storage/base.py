@@ -262,6 +262,12 @@ class BlobStore(ABC):
     def check(self) -> None:
         """Readiness probe: raise StorageError if the store cannot be used."""
 
+    def create(self) -> bool:
+        """Create the container (bucket, directory) if it is missing; True when it was created.
+
+        An operator's step (``m2kt broker create-bucket``), never done implicitly by ``serve``."""
+        return False
+
     @property
     @abstractmethod
     def description(self) -> str:

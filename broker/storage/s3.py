@@ -223,6 +223,17 @@ class S3Store(BlobStore):
         except BotoCoreError as exc:
             raise StorageError(f"S3 head_bucket {self.bucket!r} failed: {exc}") from exc
 
+    def create(self) -> bool:
+        try:
+            self.check()
+            return False
+        except StorageError as exc:
+            if "does not exist" not in str(exc):
+                raise
+        with self._errors("create_bucket", ""):
+            self.client.create_bucket(Bucket=self.bucket)
+        return True
+
     @property
     def endpoint(self) -> str:
         return str(getattr(getattr(self.client, "meta", None), "endpoint_url", "") or "the AWS default endpoint")

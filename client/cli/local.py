@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from m2kt.cli.app import EXIT_FILE, EXIT_REFUSED, EXIT_USAGE, app, fail, out, packet_app
 from m2kt.errors import KeyFileError, PacketError
-from m2kt.format.header import PacketHeader, read_header
-from m2kt.format.keys import generate_keypair, load_verify_key
-from m2kt.format.manifest import manifest_json_schema
-from m2kt.format.verifier import packet_id, verify_packet
+
+if TYPE_CHECKING:  # the format (numpy, pydantic models) is imported by the commands that read packets
+    from m2kt.format.header import PacketHeader
 
 
 @app.command()
@@ -26,6 +25,8 @@ def keygen(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
 ) -> None:
     """Generate an Ed25519 signing key pair (private key written with mode 0600)."""
+    from m2kt.format.keys import generate_keypair
+
     if fmt not in ("pem", "raw"):
         fail(EXIT_USAGE, f"--format must be 'pem' or 'raw', not {fmt!r}")
     try:
@@ -38,6 +39,8 @@ def keygen(
 
 
 def _describe(header: PacketHeader, path: Path) -> dict[str, Any]:
+    from m2kt.format.verifier import packet_id
+
     m = header.manifest
     return {
         "file": str(path),
@@ -54,6 +57,8 @@ def packet_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest and id as JSON.")] = False,
 ) -> None:
     """Show what a packet says it holds (structure checked; signature NOT checked — use verify)."""
+    from m2kt.format.header import read_header
+
     try:
         header = read_header(file)
     except OSError as exc:
@@ -108,6 +113,9 @@ def packet_verify(
     key: Annotated[list[Path], typer.Option("--key", help="Trusted public key file; repeat to trust several.")],
 ) -> None:
     """Verify structure, digest, signature and finiteness; exit 0 when valid, 1 with one line when not."""
+    from m2kt.format.keys import load_verify_key
+    from m2kt.format.verifier import verify_packet
+
     try:
         keys = [load_verify_key(k) for k in key]
     except KeyFileError as exc:
@@ -128,4 +136,6 @@ def packet_verify(
 @packet_app.command("schema")
 def packet_schema() -> None:
     """Print the JSON Schema of the signed manifest (m2kt.manifest)."""
+    from m2kt.format.manifest import manifest_json_schema
+
     sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")

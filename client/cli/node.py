@@ -17,7 +17,6 @@ import typer
 
 from m2kt.cli.app import EXIT_FILE, EXIT_REFUSED, EXIT_USAGE, app, fail, out
 from m2kt.errors import KeyFileError
-from m2kt.format.keys import load_signing_key
 
 
 def _require_torch() -> None:
@@ -86,6 +85,7 @@ def pack(
     from m2kt.cli.models import load_model
     from m2kt.errors import SpecError
     from m2kt.format import PacketError, packet_id, read_header
+    from m2kt.format.keys import load_signing_key
     from m2kt.nn.device import pick_device
     from m2kt.teacher import build_packet, load_spec
 

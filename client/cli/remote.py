@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel
@@ -39,9 +39,10 @@ from m2kt.errors import (
     ValidationError,
     VerificationError,
 )
-from m2kt.format import PacketError
-from m2kt.sdk.client import BrokerClient
-from m2kt.sdk.config import save_config
+from m2kt.errors import PacketError
+
+if TYPE_CHECKING:  # the SDK (httpx) is imported when a command talks to a broker, not to list the commands
+    from m2kt.sdk.client import BrokerClient
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -63,6 +64,8 @@ def _dump(value: Any) -> str:
 @contextmanager
 def broker_client(ctx: typer.Context, quiet: bool = False, **kwargs: Any) -> Iterator[BrokerClient]:
     """A client from the global options; SDK errors become one line and a documented exit code."""
+    from m2kt.sdk.client import BrokerClient
+
     options = ctx.obj or {}
     try:
         client = BrokerClient(options.get("broker"), options.get("token"), quiet=quiet, **kwargs)
@@ -92,6 +95,9 @@ def login(
     ],
 ) -> None:
     """Check a token against a broker and remember both (user config dir, mode 0600)."""
+    from m2kt.sdk.client import BrokerClient
+    from m2kt.sdk.config import save_config
+
     try:
         with BrokerClient(url, token, quiet=True) as client:
             who = client.me()

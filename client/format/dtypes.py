@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 __all__ = ["DTYPES", "DType", "dtype_code", "has_nonfinite"]
 
 
+def _bfloat16() -> np.dtype[Any]:
+    # ml_dtypes takes about half a second to import; only a packet with a BF16 tensor needs it, so it
+    # is loaded when such a tensor is read or written, not when the format (or the CLI) is imported.
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 @dataclass(frozen=True)
 class DType:
     code: str
-    numpy: np.dtype[Any]
+    _numpy: np.dtype[Any] | None
     # For float types: the exponent mask, read through an unsigned view; all exponent bits set
     # means Inf or NaN. None for integer and bool types.
     exponent_mask: int | None = None
+    size: int = 0
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        return self._numpy if self._numpy is not None else _bfloat16()
 
     @property
     def itemsize(self) -> int:
-        return self.numpy.itemsize
+        return self.size or self.numpy.itemsize
 
 
 DTYPES: dict[str, DType] = {
@@ -30,7 +43,7 @@ DTYPES: dict[str, DType] = {
         DType("F64", np.dtype("<f8"), 0x7FF0000000000000),
         DType("F32", np.dtype("<f4"), 0x7F800000),
         DType("F16", np.dtype("<f2"), 0x7C00),
-        DType("BF16", np.dtype(ml_dtypes.bfloat16), 0x7F80),
+        DType("BF16", None, 0x7F80, size=2),
         DType("I64", np.dtype("<i8")),
         DType("I32", np.dtype("<i4")),
         DType("I16", np.dtype("<i2")),
@@ -39,12 +52,14 @@ DTYPES: dict[str, DType] = {
         DType("BOOL", np.dtype("?")),
     )
 }
-_CODE_OF_NUMPY = {d.numpy: d.code for d in DTYPES.values()}
+_CODE_OF_NUMPY = {d.numpy: d.code for d in DTYPES.values() if d._numpy is not None}
 
 
 def dtype_code(array: np.ndarray) -> str:
     dt = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     code = _CODE_OF_NUMPY.get(dt)
+    if code is None and "ml_dtypes" in sys.modules and dt == _bfloat16():  # a bfloat16 array implies ml_dtypes
+        code = "BF16"
     if code is None:
         raise TypeError(f"dtype {array.dtype} cannot go into a packet; use one of {sorted(DTYPES)}")
     return code
