@@ -48,6 +48,7 @@ EXPECTED: dict[Route, str] = {
     ("GET", "/v1/keys"): ANY,
     ("GET", "/v1/keys/{fingerprint}"): ANY,
     ("POST", "/v1/keys/{fingerprint}/revoke"): KEYS,  # and the key's owner (or an admin)
+    ("DELETE", "/v1/keys/{fingerprint}"): KEYS,  # and the key's owner (or an admin); on a spare key
     ("GET", "/v1/topics"): READ,
     ("GET", "/v1/topics/{topic}"): READ,
     ("PATCH", "/v1/topics/{topic}"): ADMIN,
@@ -235,6 +236,9 @@ def matrix(live_broker: LiveBroker, tmp_path_factory: pytest.TempPathFactory) ->
     student = register_node(broker.url, broker.admin_token, "student")
     other = register_node(broker.url, broker.admin_token, "teacher", scopes=["read", "keys", "publish:other.*"])
     assert teacher.key is not None and student.key is not None
+    spare_key = SigningKey.generate().verify_key  # the student's second key, dropped by the DELETE cell
+    r = student.http.post("/v1/keys", json={"public_key": spare_key.to_pem()})
+    assert r.status_code == 201, r.text
     packet = packet_bytes(tmp, teacher.key, TOPIC)
     packet_id = upload(broker, teacher.token, packet)
     spare_id = upload(broker, teacher.token, packet_bytes(tmp, teacher.key, TOPIC, seed=1))
@@ -256,6 +260,7 @@ def matrix(live_broker: LiveBroker, tmp_path_factory: pytest.TempPathFactory) ->
         "packet_id": packet_id,
         "spare_id": spare_id,  # quarantined and released by the admin cells, so readers never see it
         "fingerprint": student.key.verify_key.fingerprint,
+        "spare_fingerprint": spare_key.fingerprint,
         "token_id": str(issue(broker, teacher.name)["id"]),  # revoked by the admin cell
         "node": teacher.name,
         "spare_node": register_spare(broker),
@@ -317,6 +322,8 @@ def concrete_path(route: Route, m: Matrix) -> str:
     values = {**m.values, "name": name}
     if template.endswith(("/quarantine", "/release")):
         values["packet_id"] = m.values["spare_id"]
+    if route == ("DELETE", "/v1/keys/{fingerprint}"):
+        values["fingerprint"] = m.values["spare_fingerprint"]
     params = re.findall(r"{(\w+)}", template)
     unknown = [p for p in params if p not in values]
     assert not unknown, f"{method} {template}: add a value for {unknown} to the auth matrix"

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
-from m2kt.cli.app import EXIT_FILE, EXIT_REFUSED, app
+from m2kt.cli.app import EXIT_FILE, EXIT_REFUSED
+from m2kt.cli.main import app  # the app with every command registered
 from m2kt.format import write_packet
 from m2kt.format.keys import load_signing_key
 from m2kt.format.manifest import manifest_json_schema
@@ -82,3 +83,15 @@ def test_console_script_is_installed(keys_and_packet) -> None:
         [str(exe), "packet", "verify", str(packet), "--key", str(pub)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_help_shows_no_type_after_an_on_off_flag() -> None:
+    """An on/off flag takes no value, so help must not print ``<bool>`` after it (issue 19: ``--migrate true``
+    failed because the help suggested a value); options that take one keep their type."""
+    from m2kt.cli.main import app as full_app
+
+    for args in (["broker", "serve", "--help"], ["subscribe", "--help"], ["bench", "transfer", "--help"]):
+        result = CliRunner().invoke(full_app, args, env={"COLUMNS": "120"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, args
+        assert "<int>" in result.output or "<str>" in result.output, args

@@ -191,3 +191,24 @@ def test_login_config_is_private_and_env_overrides(tmp_path, monkeypatch) -> Non
     monkeypatch.setenv("M2KT_URL", "http://other")
     assert load_config().url == "http://other"
     assert BrokerClient().base_url == "http://other"
+
+
+def test_named_profiles_keep_several_identities_apart(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A teacher and a student on one machine: each token under its own profile, the default kept (issue 19)."""
+    from m2kt.errors import M2KTError
+    from m2kt.sdk.config import load_config, profiles, save_config
+
+    monkeypatch.setenv("M2KT_CONFIG", str(tmp_path / "config.json"))
+    for name in ("M2KT_URL", "M2KT_TOKEN", "M2KT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    save_config("http://b:8000", "m2kt_admin")
+    save_config("http://b:8000", "m2kt_teacher", "teacher")
+    path = save_config("http://b:8000", "m2kt_student", "student")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert load_config().token == "m2kt_admin"
+    assert load_config("teacher").token == "m2kt_teacher" and load_config("student").token == "m2kt_student"
+    assert profiles() == {"student": "http://b:8000", "teacher": "http://b:8000"}
+    monkeypatch.setenv("M2KT_PROFILE", "student")
+    assert load_config().token == "m2kt_student" and BrokerClient()._token == "m2kt_student"
+    with pytest.raises(M2KTError, match="no profile 'nobody'.*m2kt login URL --token … --profile nobody"):
+        load_config("nobody")

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from m2kt.benchmarks.harness.brokers import register_node, unique
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
 from m2kt.benchmarks.harness.services import free_port
-from m2kt.cli.app import EXIT_BROKER, EXIT_HANDLER, EXIT_REFUSED, EXIT_UNAVAILABLE, app
+from m2kt.cli.app import EXIT_BROKER, EXIT_HANDLER, EXIT_REFUSED, EXIT_UNAVAILABLE
+from m2kt.cli.main import app  # the app with every command registered
 from m2kt.format import write_packet
 from tests.conftest import LiveBroker
 

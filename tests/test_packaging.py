@@ -86,8 +86,42 @@ def test_installed_in_a_fresh_venv_it_runs_from_an_empty_directory(wheel: Path, 
     m2kt = env_dir / "bin" / "m2kt"
     assert "--broker" in _run(m2kt, "demo", "--help", cwd=empty, env=env).stdout
     migrated = _run(m2kt, "broker", "migrate", cwd=empty, env=env).stdout
-    assert migrated.startswith("schema at ") and (tmp_path / "new" / "m2kt.db").is_file(), migrated
-    head = migrated.split()[2]
-    assert migrated.strip() == f"schema at {head} (head is {head})"
+    assert migrated.startswith("schema upgraded from an empty database to ") and (tmp_path / "new" / "m2kt.db").is_file()
+    head = migrated.split()[7]
+    assert migrated.strip() == f"schema upgraded from an empty database to {head} (head is {head})", migrated
     assert "--quick" in _run(m2kt, "bench", "transfer", "--help", cwd=empty, env=env).stdout
     assert list(empty.iterdir()) == []  # nothing written where it ran
+
+
+def _requirement_name(requirement: str) -> str:
+    import re
+
+    name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+    return re.sub(r"-pypi-part-\d+$", "", name)  # the five all-mpnet-base-v2 parts are one row entry
+
+
+def test_the_readme_extras_table_matches_pyproject() -> None:
+    """Every extra in pyproject.toml has a README row naming each package it pulls in (issue 19: the table had
+    drifted), and the declared licence ships as a file."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| extra | for | pulls in |") :].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for extra in re.findall(r"`([a-z]+)`", cells[0]) or ["core"]:
+            rows[extra] = cells[2].lower().replace("_", "-")
+    extras = project["optional-dependencies"]
+    assert set(rows) == set(extras) | {"core"}, sorted(set(rows) ^ (set(extras) | {"core"}))
+    for extra, requirements in [("core", project["dependencies"]), *extras.items()]:
+        for requirement in requirements:
+            if requirement.startswith("m2kt["):
+                for inner in requirement[5:].split("]")[0].split(","):
+                    assert f"`{inner}`" in rows[extra] or extra == "test", (extra, inner)
+            else:
+                assert _requirement_name(requirement) in rows[extra], (extra, requirement)
+    assert project["license"] == "Apache-2.0"
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()

@@ -69,7 +69,7 @@ def test_number_alias_crosses_at_the_token_embedding_in_every_position(pair: dic
     config = IngestConfig(
         targets=[f"token:{ALIAS}"], cal=CALConfig(kind=kind), inject=InjectConfig(layer="embed.tok"), steps=0
     )
-    report = ingest(student, packet, config, keys=pair["key"].verify_key)
+    report = ingest(student, packet, config, keys=pair["key"].verify_key, suite=pair["suite"])
     after = accuracy(student, texts, answers)
     assert report.decision == "accepted" and len(report.anchors["train"]) + len(report.anchors["holdout"]) == 11
     assert after >= 0.95 * ceiling and after > before + 0.3, (before, after, ceiling)
@@ -219,10 +219,10 @@ def test_cli_ingest_writes_weights_and_report(pair: dict, tmp_path: Path) -> Non
             str(tmp_path / "student"),
             "--config",
             str(tmp_path / "cfg.json"),
-            "--key",
-            str(keys.public),
             "--suite",
             str(tmp_path / "suite.json"),
+            "--key",
+            str(keys.public),
             "--out",
             str(tmp_path / "out"),
         ],
@@ -240,6 +240,8 @@ def test_cli_ingest_writes_weights_and_report(pair: dict, tmp_path: Path) -> Non
             str(tmp_path / "student"),
             "--config",
             str(tmp_path / "cfg.json"),
+            "--suite",
+            str(tmp_path / "suite.json"),
             "--key",
             str(tmp_path / "missing.pub"),
             "--out",
@@ -274,6 +276,7 @@ def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_p
     save_tiny(pair["student"], tmp_path / "student")
     (tmp_path / "teacher.pub").write_text(teacher.key.verify_key.to_pem())
     (tmp_path / "cfg.json").write_text(json.dumps({"targets": [], "steps": 2, "inject": {"mode": "none"}}))
+    (tmp_path / "suite.json").write_text(json.dumps({"task": pair["suite"].task}))
     result = CliRunner().invoke(
         app,
         [
@@ -287,6 +290,8 @@ def test_cli_ingest_posts_a_receipt_to_the_broker(pair: dict, live_broker, tmp_p
             str(tmp_path / "student"),
             "--config",
             str(tmp_path / "cfg.json"),
+            "--suite",
+            str(tmp_path / "suite.json"),
             "--key",
             str(tmp_path / "teacher.pub"),
             "--out",
@@ -310,6 +315,7 @@ def test_trust_region_keeps_mapped_targets_near_the_zero_shot_map(pair: dict) ->
         pair["packet"],
         IngestConfig(targets=["token:minus"], cal=CALConfig(kind="linear"), steps=0),
         keys=pair["key"].verify_key,
+        suite=pair["suite"],
     )
     bounded = fresh(pair)
     config = IngestConfig(
@@ -322,8 +328,8 @@ def test_trust_region_keeps_mapped_targets_near_the_zero_shot_map(pair: dict) ->
         trust_region=0.01,
         loss=LossWeights(geo=1.0, struct=1.0, reason=1.0),
     )
-    report = ingest(bounded, pair["packet"], config, keys=pair["key"].verify_key)
-    assert report.steps_run == 20
+    report = ingest(bounded, pair["packet"], config, keys=pair["key"].verify_key, suite=pair["suite"])
+    assert report.steps_run == 20 and report.decision == "accepted"
     base, moved = zero.injector.vectors, bounded.injector.vectors
     assert float((moved - base).norm() / base.norm()) <= 0.0101
 
@@ -346,3 +352,16 @@ def test_an_interrupted_ingestion_leaves_the_student_as_it_was(pair: dict) -> No
         )
     assert student.cal is None and len(student.adapters) == 0 and student.injector.token_ids == []
     assert torch.equal(student.answer_distribution(pair["minus"]), outputs)
+
+
+def test_an_ingestion_that_verifies_nothing_is_rolled_back(pair: dict) -> None:
+    """With no probe suite the verifier has nothing to check; such an ingestion is never reported as
+    accepted (issue 19): it is rolled back with a check that says what to give."""
+    student = fresh(pair)
+    report = ingest(
+        student, pair["packet"], IngestConfig(targets=["token:minus"], steps=0), keys=pair["key"].verify_key
+    )
+    assert report.decision == "rolled_back" and report.injected == []
+    assert [c["name"] for c in report.checks] == ["verified"]
+    assert "no verifier check ran" in report.reasons[0] and "--suite" in report.reasons[0]
+    assert student.injector.token_ids == [] and student.cal is None

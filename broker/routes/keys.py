@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    summary="Register a public key (yours, or any node's as admin)",
+    summary="Register a public key (yours; as admin, name its owner)",
     responses={
         200: {"model": KeyOut, "description": "Already registered"},
         **error_responses(400, 401, 403, 404, 409, 413),
@@ -50,3 +50,13 @@ def get_key(fingerprint: str, session: SessionDep, caller: CurrentCaller) -> Key
 def revoke_key(fingerprint: str, body: KeyRevoke, session: SessionDep, caller: KeysCaller) -> KeyRevoked:
     key, count = service.revoke_key(session, caller, fingerprint, body.reason)
     return KeyRevoked(key=key_out(key), packets_revoked=count)
+
+
+@router.delete(
+    "/{fingerprint}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Drop a key no packet references (e.g. registered under the wrong node); else revoke it",
+    responses=error_responses(401, 403, 404, 409),
+)
+def delete_key(fingerprint: str, session: SessionDep, caller: KeysCaller) -> None:
+    service.delete_key(session, caller, fingerprint)

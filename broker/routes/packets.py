@@ -94,7 +94,7 @@ def get_lineage(packet_id: str, session: SessionDep, caller: ReadCaller) -> Line
 @router.post(
     "/{packet_id}/receipts",
     status_code=status.HTTP_201_CREATED,
-    summary="Report an ingestion (accepted / rolled back) with its scores",
+    summary="Report an ingestion (accepted / rolled back) with its scores; the ingesting node's token, not an admin's",
     responses=error_responses(401, 403, 404, 413),
 )
 def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: ReceiptCaller) -> ReceiptOut:

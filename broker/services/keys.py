@@ -1,11 +1,13 @@
-"""The key registry: nodes register Ed25519 public keys; revoking one revokes its packets."""
+"""The key registry: nodes register Ed25519 public keys; revoking one revokes its packets; a key that
+signed nothing yet (e.g. registered under the wrong node) can be dropped and registered again."""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from m2kt.broker.caller import Caller
@@ -34,6 +36,14 @@ def register_key(session: Session, caller: Caller, text: str, owner: str | None)
         raise Malformed(
             f"not an Ed25519 public key: {getattr(exc, 'reason', exc)}", code="invalid_public_key"
         ) from None
+    if owner is None and caller.is_admin:
+        # An admin registering a node's key while logged in as itself would make the admin its owner,
+        # and the node's uploads would then be refused (key_not_owned): make the admin say whose it is.
+        raise Malformed(
+            "as admin, name the node this key belongs to: --owner NODE (or owner in the body); "
+            f"--owner {caller.node} if it really is this admin node's own key",
+            code="owner_required",
+        )
     owner_id = caller.node_id
     if owner is not None and owner != caller.node:
         if not caller.is_admin:
@@ -45,7 +55,11 @@ def register_key(session: Session, caller: Caller, text: str, owner: str | None)
     existing = session.get(PublicKey, verify_key.fingerprint)
     if existing is not None:
         if existing.owner_id != owner_id:
-            raise Conflict("this key is registered to another node", code="key_taken")
+            raise Conflict(
+                f"this key is registered to node {existing.owner.name!r}; if that is wrong and the key signed no "
+                f"packet, drop it first (m2kt key drop {existing.fingerprint}) and register it again",
+                code="key_taken",
+            )
         return existing, False
     key = PublicKey(fingerprint=verify_key.fingerprint, owner_id=owner_id, public_key=verify_key.to_base64())
     session.add(key)
@@ -79,3 +93,29 @@ def revoke_key(session: Session, caller: Caller, fingerprint: str, reason: str |
             append_event(session, packet.topic, EventKind.revoked, packet.id)
     audit.record(session, caller.node_id, "key.revoked", fingerprint, reason=reason, packets=len(packets))
     return key, len(packets)
+
+
+def delete_key(session: Session, caller: Caller, fingerprint: str) -> None:
+    """Drop a key that no packet references (admin or owner; the 'keys' scope is the route's), so it can be
+    registered again, e.g. under the node it really belongs to. A key that signed a packet stays: its
+    packets keep their provenance; revoke it instead."""
+    key = get_key(session, fingerprint)
+    if key.owner_id != caller.node_id and not caller.is_admin:
+        raise Forbidden("only the key's owner or an admin can drop it", code="insufficient_scope")
+    in_use = Conflict(
+        f"key {fingerprint[:16]}… signed packets on this broker, which keep their provenance: it cannot be "
+        "dropped; revoke it instead (m2kt key revoke, POST /v1/keys/{fingerprint}/revoke)",
+        code="key_in_use",
+    )
+    # Lock the key's row: an upload's foreign-key check on it then waits for this transaction, and one
+    # that got there first has committed its packet before the check below.
+    session.execute(select(PublicKey.fingerprint).where(PublicKey.fingerprint == fingerprint).with_for_update())
+    if session.scalar(select(exists().where(Packet.key_fingerprint == fingerprint))):
+        raise in_use
+    owner = key.owner.name
+    try:
+        with session.begin_nested():  # a packet committed since the check above: refused by its foreign key
+            session.delete(key)
+    except IntegrityError:
+        raise in_use from None
+    audit.record(session, caller.node_id, "key.deleted", fingerprint, owner=owner)

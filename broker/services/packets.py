@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Forbidden, NotFound, RangeNotSatisfiable
-from m2kt.broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, PacketStatus
+from m2kt.broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, PacketStatus, Role
 from m2kt.broker.schemas import LineageNode, LineageOut, ReceiptIn, ReceiptOut
 from m2kt.broker.services import audit
 from m2kt.broker.services.topics import append_event
@@ -111,7 +111,13 @@ def lineage(session: Session, packet_id: str) -> LineageOut:
 
 
 def add_receipt(session: Session, caller: Caller, packet_id: str, body: ReceiptIn) -> ReceiptOut:
-    """The caller's 'receipt' scope is checked by the route (ReceiptCaller)."""
+    """The caller's 'receipt' scope is checked by the route (ReceiptCaller). A receipt says which node
+    ingested the packet, so an admin node (whose 'admin' scope grants 'receipt' too) may not post one."""
+    if caller.role is Role.admin:
+        raise Forbidden(
+            "receipts record what a student node did; post it with that student's token, not an admin's",
+            code="receipt_needs_student",
+        )
     get_packet(session, packet_id)
     receipt = IngestionReceipt(
         packet_id=packet_id, node_id=caller.node_id, decision=body.decision, scores=body.scores, report=body.report

@@ -19,7 +19,7 @@ Errors are one line on stderr.
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,6 +27,24 @@ from rich.console import Console
 from m2kt import __version__
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FILE, EXIT_BROKER, EXIT_UNAVAILABLE, EXIT_HANDLER = 0, 1, 2, 3, 4, 5, 6
+
+
+def _hide_flag_types() -> None:
+    """Typer 0.2x prints ``<bool>`` after on/off flags, which reads as "takes a value" (``--migrate true``
+    then fails). Show a type only for options that take one."""
+    option_class = getattr(getattr(typer, "core", None), "TyperOption", None)
+    show_type = getattr(option_class, "display_type_rich", None)
+    if option_class is None or show_type is None or getattr(show_type, "_m2kt", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return "" if getattr(self, "is_flag", False) else show_type(self, ctx)
+
+    display_type_rich._m2kt = True  # type: ignore[attr-defined]
+    option_class.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 
 app = typer.Typer(
     name="m2kt",
@@ -72,9 +90,15 @@ def main(
         str | None, typer.Option("--broker", envvar="M2KT_URL", help="Broker URL (default: from `m2kt login`).")
     ] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="M2KT_TOKEN", help="API token.")] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", envvar="M2KT_PROFILE", help="A stored identity (`m2kt login URL --token T --profile NAME`)."
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """M2KT command line."""
-    ctx.obj = {"broker": broker, "token": token}
+    ctx.obj = {"broker": broker, "token": token, "profile": profile}

@@ -88,9 +88,16 @@ def packet_inspect(
             if getattr(m.extraction, k)
         )
     )
+    flagged = [c.label for c in m.concepts if m.safety.threshold is not None and c.safety_score >= m.safety.threshold]
     out.print(
-        f"safety       {m.safety.scorer} {m.safety.version}"
-        + (f" (threshold {m.safety.threshold})" if m.safety.threshold is not None else "")
+        f"safety       scorer {m.safety.scorer} v{m.safety.version}: "
+        + (
+            f"{len(flagged)} concept(s) at or above threshold {m.safety.threshold}"
+            + (f" ({', '.join(flagged)})" if flagged else "")
+            if m.safety.threshold is not None
+            else "no threshold declared"
+        ),
+        markup=False,
     )
     out.print(f"parents      {', '.join(m.parents) if m.parents else '—'}")
     tensors = Table("tensor", "dtype", "shape", "bytes", title="tensors", title_justify="left")
@@ -131,6 +138,17 @@ def packet_verify(
         f"valid: {file} topic={m.topic} concepts={len(m.concepts)} signed-by={result.key.fingerprint[:16]}…",
         markup=False,
     )
+
+
+@packet_app.command("id")
+def packet_id_command(file: Annotated[Path, typer.Argument(help="Packet file (.m2kt).")]) -> None:
+    """Print a packet file's id (the sha256 of the file; what the broker, fetch and lineage call it)."""
+    from m2kt.format.verifier import packet_id
+
+    try:
+        out.print(packet_id(file), markup=False)
+    except OSError as exc:
+        fail(EXIT_FILE, f"{file}: {exc.strerror or exc}")
 
 
 @packet_app.command("schema")

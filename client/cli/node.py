@@ -142,7 +142,8 @@ def pack(
     )
     flagged = [c.label for c in m.concepts if m.safety.threshold is not None and c.safety_score >= m.safety.threshold]
     out.print(
-        f"safety   {m.safety.scorer}: {len(flagged)} concept(s) at or above {m.safety.threshold}"
+        f"safety   scorer {m.safety.scorer} v{m.safety.version}: {len(flagged)} concept(s) at or above threshold "
+        f"{m.safety.threshold}"
         + (f" ({', '.join(flagged)})" if flagged else ""),
         markup=False,
     )
@@ -153,8 +154,19 @@ def train_tiny_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to save the model into (safetensors + JSON).")],
     p: Annotated[int, typer.Option("--p", help="Modulus of the task a OP b = over Z_p.")] = 23,
     operators: Annotated[
-        str, typer.Option("--operators", help="Comma-separated operations (add, sub, mul, ...).")
+        str,
+        typer.Option(
+            "--operators",
+            help="Comma-separated operator tokens: an operation (add, sub, mul, ...) or a synonym NAME=OPERATION "
+            "(plus=add) the model learns as that operation.",
+        ),
     ] = "add,sub",
+    vocab: Annotated[
+        str,
+        typer.Option(
+            "--vocab", help="Comma-separated operator tokens to put in the vocabulary untrained (e.g. plus,minus)."
+        ),
+    ] = "",
     d_model: Annotated[int, typer.Option("--d-model")] = 64,
     layers: Annotated[int, typer.Option("--layers")] = 2,
     heads: Annotated[int, typer.Option("--heads")] = 4,
@@ -162,7 +174,7 @@ def train_tiny_command(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Train a small TinyTransformer teacher on a built-in symbolic task (about a minute on a CPU)."""
+    """Train a TinyTransformer on a built-in task ``a OP b =`` over Z_p (a teacher, or a student to ingest into)."""
     _require_torch()
     from m2kt.nn.device import pick_device
     from m2kt.toy.checkpoint import save_tiny
@@ -170,12 +182,15 @@ def train_tiny_command(
     from m2kt.toy.symbolic import OPERATIONS, ModularTask
     from m2kt.toy.train import TrainConfig, train_tiny
 
-    names = [o.strip() for o in operators.split(",") if o.strip()]
-    unknown = [o for o in names if o not in OPERATIONS]
-    if not names or unknown:
+    tokens = {name.strip(): (op or name).strip() for name, _, op in (o.partition("=") for o in operators.split(","))}
+    tokens.pop("", None)
+    unknown = [f"{t}={o}" if t != o else t for t, o in tokens.items() if o not in OPERATIONS]
+    if not tokens or unknown:
         fail(EXIT_USAGE, f"--operators: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(OPERATIONS)}")
+    extra = tuple(v.strip() for v in vocab.split(",") if v.strip())
+    names = list(tokens)
     try:
-        task = ModularTask(p=p, operators={o: o for o in names})
+        task = ModularTask(p=p, operators=tokens, vocab_operators=extra)
         config = TinyConfig.for_task(task, d_model=d_model, n_layers=layers, n_heads=heads)
         train = TrainConfig(steps=steps, seed=seed, device=str(pick_device(device)))
     except ValueError as exc:

@@ -48,9 +48,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 node_app = typer.Typer(help="Register nodes (admin).", no_args_is_help=True)
-key_app = typer.Typer(help="Register and revoke signing keys.", no_args_is_help=True)
+key_app = typer.Typer(help="Register, list, revoke and drop signing keys.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(key_app, name="key")
+
+
+def _print_table(table: Table) -> None:
+    """Print at the table's natural width: packet ids and fingerprints are copied from here, so a narrow
+    terminal (or a pipe, which rich treats as 80 columns) must not cut them short."""
+    from rich.measure import Measurement
+    from rich.segment import Segments
+
+    natural = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    # Rendered here: Console.print(width=) is capped at the console's width, and its crop would cut lines.
+    out.print(Segments(out.render(table, out.options.update(width=max(out.width, natural)))), crop=False)
 
 
 def _dump(value: Any) -> str:
@@ -67,8 +78,14 @@ def broker_client(ctx: typer.Context, quiet: bool = False, **kwargs: Any) -> Ite
     from m2kt.sdk.client import BrokerClient
 
     options = ctx.obj or {}
+    url, token = options.get("broker"), options.get("token")
     try:
-        client = BrokerClient(options.get("broker"), options.get("token"), quiet=quiet, **kwargs)
+        if options.get("profile") and (url is None or token is None):  # explicit --broker / --token still win
+            from m2kt.sdk.config import load_config
+
+            stored = load_config(options["profile"])
+            url, token = url or stored.url, token if token is not None else stored.token
+        client = BrokerClient(url, token, quiet=quiet, **kwargs)
     except M2KTError as exc:
         fail(EXIT_BROKER, str(exc))
     try:
@@ -89,12 +106,18 @@ def broker_client(ctx: typer.Context, quiet: bool = False, **kwargs: Any) -> Ite
 
 @app.command()
 def login(
+    ctx: typer.Context,
     url: Annotated[str, typer.Argument(help="Broker base URL, e.g. http://127.0.0.1:8000")],
     token: Annotated[
         str, typer.Option("--token", help="This node's API token (m2kt_…).", prompt=True, hide_input=True)
     ],
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="Store it as this named profile (use: m2kt --profile NAME …); else the default."),
+    ] = None,
 ) -> None:
     """Check a token against a broker and remember both (user config dir, mode 0600)."""
+    profile = profile or (ctx.obj or {}).get("profile")
     from m2kt.sdk.client import BrokerClient
     from m2kt.sdk.config import save_config
 
@@ -105,8 +128,9 @@ def login(
         fail(EXIT_UNAVAILABLE, f"broker unavailable: {exc}")
     except BrokerError as exc:
         fail(EXIT_BROKER, f"login refused: {exc}")
-    path = save_config(url, token)
-    out.print(f"logged in to {url} as {who.node} ({who.role}); saved to {path}", markup=False)
+    path = save_config(url, token, profile)
+    where = f"profile {profile!r}" if profile else "the default identity"
+    out.print(f"logged in to {url} as {who.node} ({who.role}); saved as {where} in {path}", markup=False)
 
 
 @app.command()
@@ -178,8 +202,10 @@ def subscribe(
     """Follow a topic: fetch and verify each packet into --out, in order, resuming where the name left off.
 
     A revoked or quarantined packet is reported, and a copy already in --out is renamed *.revoked."""
+    handled = 0
     with broker_client(ctx, quiet) as broker:
         for delivery in broker.subscribe(topic, name, dest=out_dir, wait=wait, once=once):
+            handled += 1
             if delivery.kind != "published":
                 held = out_dir / f"{delivery.packet_id}.m2kt"
                 if held.exists():
@@ -204,6 +230,8 @@ def subscribe(
                 code = subprocess.call([*shlex.split(exec_cmd), str(delivery.path)], env=env)
                 if code != 0:
                     fail(EXIT_HANDLER, f"--exec exited with {code} on {delivery.packet_id}; not acknowledged")
+    if handled == 0 and not as_json:  # only --once ends without a delivery
+        out.print(f"nothing new on {topic} for subscription {name}", markup=False)
 
 
 @app.command()
@@ -217,7 +245,10 @@ def topics(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     table = Table("topic", "packets", "last seq", "safety threshold")
     for t in rows:
         table.add_row(t.name, str(t.packets), str(t.last_seq), f"{t.effective_safety_threshold:g}")
-    out.print(table)
+    if not rows:
+        out.print("no topics yet: a topic appears with its first packet", markup=False)
+        return
+    _print_table(table)
 
 
 @app.command()
@@ -237,7 +268,10 @@ def packets(
     table = Table("seq", "event", "packet", "publisher", "status", "bytes")
     for e in page.items:
         table.add_row(str(e.seq), e.kind, e.packet.id, e.packet.publisher, e.packet.status, f"{e.packet.size:,}")
-    out.print(table)
+    if not page.items:
+        out.print(f"no events on {topic} after seq {after}", markup=False)
+        return
+    _print_table(table)
 
 
 @app.command()
@@ -254,7 +288,10 @@ def lineage(
     for relation, nodes in (("ancestor", result.ancestors), ("descendant", result.descendants)):
         for n in nodes:
             table.add_row(relation, str(n.depth), n.id, n.topic or "(not on this broker)", n.status or "")
-    out.print(table)
+    if not result.ancestors and not result.descendants:
+        out.print(f"{packet_id}: no ancestors and no descendants", markup=False)
+        return
+    _print_table(table)
 
 
 @node_app.command("add")
@@ -264,11 +301,22 @@ def node_add(
     role: Annotated[str, typer.Option("--role", help="teacher, student or admin.")],
     scope: Annotated[list[str] | None, typer.Option("--scope", help="Token scope (repeat); default by role.")] = None,
     ttl_days: Annotated[int | None, typer.Option(help="Token lifetime in days.")] = None,
+    save_as: Annotated[
+        str | None,
+        typer.Option(
+            "--save-as", help="Also store the new token as this profile here (for a node run on this machine)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a node and print its first API token (shown once)."""
     with broker_client(ctx) as broker:
         created = broker.create_node(name, role, scope, ttl_days)
+        url = broker.base_url
+    if save_as:
+        from m2kt.sdk.config import save_config
+
+        path = save_config(url, created.token.token, save_as)
     if as_json:
         out.print(_dump(created), markup=False)
     else:
@@ -276,13 +324,17 @@ def node_add(
             f"node {created.node.name} ({created.node.role}) scopes={','.join(created.token.scopes)}", markup=False
         )
         out.print(f"token: {created.token.token}", markup=False)
+        if save_as:
+            out.print(f"saved as profile {save_as!r} in {path}: m2kt --profile {save_as} …", markup=False)
 
 
 @key_app.command("register")
 def key_register(
     ctx: typer.Context,
     public_key: Annotated[Path, typer.Argument(help="Public key file (NAME.pub).", exists=True, dir_okay=False)],
-    owner: Annotated[str | None, typer.Option(help="Register for another node (admin).")] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="The node the key belongs to; required as admin (else: the calling node).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a public key so the broker accepts packets it signs."""
@@ -304,6 +356,63 @@ def key_revoke(
     out.print(
         _dump(result) if as_json else f"revoked {fingerprint}; {result.packets_revoked} packet(s) revoked", markup=False
     )
+
+
+def _when(moment: Any) -> str:
+    return moment.isoformat(sep=" ", timespec="seconds") if moment is not None else ""
+
+
+@key_app.command("list")
+def key_list(
+    ctx: typer.Context,
+    owner: Annotated[str | None, typer.Option(help="Only this node's keys.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The key registry, oldest first: fingerprint, owner, when registered, when revoked (why)."""
+    with broker_client(ctx) as broker:
+        rows = broker.keys(owner)
+    if as_json:
+        out.print(_dump(rows), markup=False)
+        return
+    if not rows:
+        out.print(f"no keys registered for {owner}" if owner else "no keys registered", markup=False)
+        return
+    table = Table("fingerprint", "owner", "created", "revoked")
+    for k in rows:
+        revoked = _when(k.revoked_at) + (f" ({k.revoked_reason})" if k.revoked_at and k.revoked_reason else "")
+        table.add_row(k.fingerprint, k.owner, _when(k.created_at), revoked)
+    _print_table(table)
+
+
+@key_app.command("drop")
+def key_drop(ctx: typer.Context, fingerprint: Annotated[str, typer.Argument(help="Key fingerprint.")]) -> None:
+    """Remove a key that signed no packet, so it can be registered again under the right node.
+
+    For a key registered under the wrong node. The key's owner or an admin may drop it; a key that signed
+    packets is refused (key_in_use), since its packets keep their provenance: revoke it instead."""
+    with broker_client(ctx) as broker:
+        broker.delete_key(fingerprint)
+    out.print(f"dropped {fingerprint}; register it again with: m2kt key register FILE.pub --owner NODE", markup=False)
+
+
+@app.command()
+def receipts(
+    ctx: typer.Context, packet_id: Annotated[str, typer.Argument(help="Packet id.")], as_json: JsonOpt = False
+) -> None:
+    """A packet's ingestion receipts: which nodes took it in or rolled it back, with their scores."""
+    with broker_client(ctx) as broker:
+        rows = broker.receipts(packet_id)
+    if as_json:
+        out.print(_dump(rows), markup=False)
+        return
+    if not rows:
+        out.print(f"no receipts for {packet_id}", markup=False)
+        return
+    table = Table("node", "decision", "created", "scores")
+    for r in rows:
+        scores = ", ".join(f"{name}={value:.4g}" for name, value in sorted(r.scores.items()))
+        table.add_row(r.node, r.decision, _when(r.created_at), scores)
+    _print_table(table)
 
 
 @packet_app.command("quarantine")

@@ -20,9 +20,9 @@ CHUNK = 1 << 20
 PathLike = str | os.PathLike[str]
 
 
-def resolve(base_url: str | None, token: str | None) -> tuple[str, str | None]:
+def resolve(base_url: str | None, token: str | None, profile: str | None = None) -> tuple[str, str | None]:
     if base_url is None or token is None:
-        config = load_config()
+        config = load_config(profile)
         base_url = base_url or config.url
         token = token if token is not None else config.token
     if not base_url:

@@ -128,6 +128,9 @@ class AsyncBrokerClient(ClientBase):
     async def receipts(self, packet_id: str) -> list[Receipt]:
         return await self._send(calls.receipts(packet_id))
 
+    async def keys(self, owner: str | None = None) -> list[KeyRecord]:
+        return await self._send(calls.keys(owner))
+
     async def key(self, fingerprint: str) -> KeyRecord:
         return await self._send(calls.key(fingerprint))
 
@@ -136,6 +139,9 @@ class AsyncBrokerClient(ClientBase):
 
     async def revoke_key(self, fingerprint: str, reason: str | None = None) -> KeyRevocation:
         return await self._send(calls.revoke_key(fingerprint, reason))
+
+    async def delete_key(self, fingerprint: str) -> None:
+        await self._send(calls.delete_key(fingerprint))
 
     async def create_node(
         self, name: str, role: str, scopes: list[str] | None = None, ttl_days: int | None = None

@@ -82,6 +82,10 @@ def key(fingerprint: str) -> Call[KeyRecord]:
     return Call("GET", f"/v1/keys/{_q(fingerprint)}", KeyRecord)
 
 
+def keys(owner: str | None = None) -> Call[list[KeyRecord]]:
+    return Call("GET", "/v1/keys", list[KeyRecord], params={"owner": owner} if owner is not None else None)
+
+
 def register_key(public_key: VerifyKey | str | os.PathLike[str], owner: str | None = None) -> Call[KeyRecord]:
     if isinstance(public_key, VerifyKey):
         text = public_key.to_pem()
@@ -94,6 +98,11 @@ def register_key(public_key: VerifyKey | str | os.PathLike[str], owner: str | No
 
 def revoke_key(fingerprint: str, reason: str | None = None) -> Call[KeyRevocation]:
     return Call("POST", f"/v1/keys/{_q(fingerprint)}/revoke", KeyRevocation, json={"reason": reason})
+
+
+def delete_key(fingerprint: str) -> Call[None]:
+    # Sent once: a retry after a lost answer would report 404 for a key that was dropped.
+    return Call("DELETE", f"/v1/keys/{_q(fingerprint)}", None, idempotent=False)
 
 
 def create_node(

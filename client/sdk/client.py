@@ -145,6 +145,10 @@ class BrokerClient(ClientBase):
         """Ingestion receipts students posted for a packet."""
         return self._send(calls.receipts(packet_id))
 
+    def keys(self, owner: str | None = None) -> list[KeyRecord]:
+        """The key registry, oldest first; ``owner``: only that node's keys."""
+        return self._send(calls.keys(owner))
+
     def key(self, fingerprint: str) -> KeyRecord:
         return self._send(calls.key(fingerprint))
 
@@ -153,6 +157,11 @@ class BrokerClient(ClientBase):
 
     def revoke_key(self, fingerprint: str, reason: str | None = None) -> KeyRevocation:
         return self._send(calls.revoke_key(fingerprint, reason))
+
+    def delete_key(self, fingerprint: str) -> None:
+        """Drop a key no packet references (owner or admin), e.g. one registered under the wrong node;
+        a key that signed packets is refused (409 ``key_in_use``): revoke it instead."""
+        self._send(calls.delete_key(fingerprint))
 
     def create_node(
         self, name: str, role: str, scopes: list[str] | None = None, ttl_days: int | None = None

@@ -44,7 +44,7 @@ from m2kt.student.rebind import ingest_by_rebinding
 from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.student import Student
 from m2kt.student.training import CALTrainer, project_to_trust_region
-from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit, flagged_directions, snapshot
+from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit, decide, flagged_directions, snapshot
 
 __all__ = [
     "Checkpoint",
@@ -396,7 +396,7 @@ def ingest(
         train_seconds = time.perf_counter() - t_train
         t_verify = time.perf_counter()
         after, checks = audit_ingestion(student, prep, training, result, before, suite, config)
-        accepted = all(c.passed for c in checks)
+        accepted = decide(checks)
     except BaseException:  # an error or interrupt mid-ingestion leaves the student as it was
         rollback(student, saved)
         raise

@@ -40,7 +40,7 @@ from m2kt.student.probing import PacketContents, read_packet
 from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.store import AlignmentStore, AnchorPairs
 from m2kt.student.student import Student
-from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit
+from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit, decide
 
 __all__ = ["Mapping", "anchor_pairs", "ingest_by_alignment", "map_concepts"]
 
@@ -259,7 +259,7 @@ def ingest_by_alignment(
                     mapping.kappa,
                 )
             )
-        accepted = all(c.passed for c in checks)
+        accepted = decide(checks)
         if accepted:
             student.concepts = mapping.concepts
             if config.alignment.store and mapping.pairs is not None and not mapping.reused:

@@ -36,7 +36,7 @@ from m2kt.student.config import IngestConfig, RebindConfig
 from m2kt.student.probing import PacketContents
 from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.student import Student
-from m2kt.student.verifier import Check, ProbeSuite, audit, snapshot
+from m2kt.student.verifier import Check, ProbeSuite, audit, decide, snapshot
 
 __all__ = ["Rebinding", "apply_rebinding", "find_rebinding", "ingest_by_rebinding", "observations"]
 
@@ -296,7 +296,7 @@ def ingest_by_rebinding(
             )
             if rebinding.tied:
                 notes.append(f"{len(rebinding.tied)} other program(s) explain the probes as well: {rebinding.tied[:3]}")
-        accepted = all(c.passed for c in checks)
+        accepted = decide(checks)
     except BaseException:
         rollback(student, saved)
         raise

@@ -99,6 +99,21 @@ class Check:
         return {"name": self.name, "passed": self.passed, "detail": self.detail, "value": self.value}
 
 
+NOTHING_VERIFIED = (
+    "no verifier check ran, so nothing shows this ingestion is safe to keep: give a probe suite with task "
+    "inputs (ingest(..., suite=ProbeSuite(task=...)); m2kt ingest --suite FILE, see the README's 'Ingest a "
+    "packet') or concepts the verifier can check"
+)
+
+
+def decide(checks: list[Check]) -> bool:
+    """Keep an ingestion only if every check passed — and at least one ran: an ingestion that verified
+    nothing is rolled back, with a ``verified`` check saying why, never reported as accepted."""
+    if not checks:
+        checks.append(Check("verified", False, NOTHING_VERIFIED))
+    return all(c.passed for c in checks)
+
+
 def audit(
     before: Snapshot,
     after: Snapshot,
