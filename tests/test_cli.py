@@ -95,3 +95,17 @@ def test_help_shows_no_type_after_an_on_off_flag() -> None:
         assert result.exit_code == 0, result.output
         assert "<bool>" not in result.output, args
         assert "<int>" in result.output or "<str>" in result.output, args
+
+
+def test_ingest_template_prints_every_field_and_loads_back(tmp_path: Path) -> None:
+    """The config and suite formats are documented by example: the template loads as it is printed."""
+    from m2kt.cli.main import app as full_app
+    from m2kt.student import IngestConfig, ProbeSuite
+
+    result = CliRunner().invoke(full_app, ["ingest-template"])
+    assert result.exit_code == 0, result.output
+    template = json.loads(result.output)
+    assert IngestConfig.from_json(template["config"]) == IngestConfig()
+    assert {"steps", "targets", "cal", "inject", "verifier", "alignment", "rebind"} <= set(template["config"])
+    (tmp_path / "suite.json").write_text(json.dumps(template["suite"]))
+    assert ProbeSuite.load(tmp_path / "suite.json") == ProbeSuite()

@@ -93,7 +93,7 @@ def bench_real(
     descriptions by section: private M2KT (each alignment), word-list anchors, alignment reuse, against
     KD, the student's own labels and its oracle.
 
-    Setup: apt-get update; apt-get install wamerican; pip install '.[real]'."""
+    Setup: apt-get update; apt-get install wamerican; then install this package with its 'real' extra."""
     try:
         from m2kt.benchmarks.real.run import main
     except ImportError as exc:

@@ -206,6 +206,18 @@ def train_tiny_command(
     out.print(f"saved    {path}", markup=False)
 
 
+@app.command("ingest-template")
+def ingest_template() -> None:
+    """Print an ingest config with every field at its default, and an empty verifier suite, as JSON to edit."""
+    _require_torch()
+    import json
+
+    from m2kt.student import IngestConfig
+
+    suite = {"task": [], "answers": None, "safety": [], "flagged": {}, "flagged_position": "last"}
+    sys.stdout.write(json.dumps({"config": IngestConfig().to_json(), "suite": suite}, indent=2) + "\n")
+
+
 @app.command()
 def ingest(
     ctx: typer.Context,
@@ -216,11 +228,20 @@ def ingest(
     ],
     key: Annotated[list[Path], typer.Option("--key", help="Trusted teacher public key file; repeat to trust several.")],
     config_file: Annotated[
-        Path | None, typer.Option("--config", help="Ingest config (JSON); defaults if absent.")
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Ingest config (JSON; every field with its default: m2kt ingest-template; an example: "
+            "examples/synonyms/ingest.json). Defaults if absent.",
+        ),
     ] = None,
     suite_file: Annotated[
         Path | None,
-        typer.Option("--suite", help="Verifier probe suite (JSON: task, answers, safety, flagged, flagged_position)."),
+        typer.Option(
+            "--suite",
+            help="Verifier probe suite (JSON: task, answers, safety, flagged, flagged_position; an example: "
+            "examples/synonyms/suite.json). Without one nothing is verified and the ingestion is rolled back.",
+        ),
     ] = None,
     load: Annotated[Path | None, typer.Option("--load", help="A previous ingestion's weights to start from.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for ingested.safetensors and report.json.")] = Path(
@@ -280,7 +301,12 @@ def ingest(
         markup=False,
     )
     scores = report.probe_scores
-    out.print(f"probes   {scores['measure']}: before {scores['before']} · after {scores['after']}", markup=False)
+    def score(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    out.print(
+        f"probes   {scores['measure']}: before {score(scores['before'])} · after {score(scores['after'])}", markup=False
+    )
     if report.alignment is not None:
         a = report.alignment
         how = (
