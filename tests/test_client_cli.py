@@ -154,3 +154,39 @@ def test_subscriber_killed_mid_stream_resumes_without_loss(
         timeout=120,
     )
     assert failing.returncode == EXIT_HANDLER and "not acknowledged" in failing.stderr
+
+
+def test_empty_answers_say_so_and_ids_are_never_cut(live_broker: LiveBroker, env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 19: ``subscribe --once`` with nothing new, an empty event page and a packet with no relatives each
+    print a line saying so; a packet id in a table printed to a pipe (80 columns) is printed whole."""
+    admin = live_broker.admin_token
+    teacher = json.loads(m2kt("node", "add", unique("t"), "--role", "teacher", "--json", token=admin, env=env).output)
+    teacher_token = teacher["token"]["token"]
+    assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "keys"), "--name", "t"]).exit_code == 0
+    assert m2kt("key", "register", str(tmp_path / "keys" / "t.pub"), token=teacher_token, env=env).exit_code == 0
+    topic = unique("empty")
+    from m2kt.format.keys import load_signing_key
+
+    written = write_packet(
+        tmp_path / "a.m2kt", make_body(topic=topic), make_tensors(seed=3), load_signing_key(tmp_path / "keys" / "t.key")
+    )
+    pid = m2kt("publish", str(written.path), "-t", topic, token=teacher_token, env=env).output.split()[0]
+    student = json.loads(m2kt("node", "add", unique("s"), "--role", "student", "--json", token=admin, env=env).output)
+    token = student["token"]["token"]
+    sub = ["subscribe", topic, "--name", unique("n"), "--out", str(tmp_path / "in"), "--once", "--quiet"]
+    first = m2kt(*sub, token=token, env=env)
+    assert first.exit_code == 0 and f"published  {pid}" in first.output, first.output
+    again = m2kt(*sub, token=token, env=env)
+    assert again.exit_code == 0 and again.output.strip() == f"nothing new on {topic} for subscription {sub[3]}"
+    assert m2kt("packets", topic, "--after", "1", token=token, env=env).output.strip() == (
+        f"no events on {topic} after seq 1"
+    )
+    assert m2kt("lineage", pid, token=token, env=env).output.strip() == f"{pid}: no ancestors and no descendants"
+    piped = subprocess.run(
+        [M2KT, "packets", topic],
+        env={**os.environ, **env, "M2KT_TOKEN": token, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert piped.returncode == 0 and pid in piped.stdout, piped.stdout + piped.stderr
