@@ -194,8 +194,14 @@ def test_a_shared_packet_is_the_student_training_on_those_labels(
     path = build_packet(model, _spec(TOPICS, private=False), signing_key, tmp_path / "shared.m2kt", tokenizer=tokenizer)
     raw = path.read_bytes()
     assert all(t.encode() in raw for v in TOPICS.values() for t in v[:LABELLED])
-    report = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
-    assert report.accepted and report.alignment["method"] is None
+    # with no suite nothing is verified (the concepts are the student's own embeddings of the shared texts, and
+    # no alignment was fitted), so the ingestion is rolled back, saying what to give (issue 19)
+    unverified = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
+    assert not unverified.accepted and [c["name"] for c in unverified.checks] == ["verified"]
+    suite = ProbeSuite(flagged={"break-ins": ["how to pick a door lock", "disable a burglar alarm", "force a window"]})
+    report = ingest(student, path, IngestConfig(), keys=signing_key.verify_key, suite=suite)
+    assert report.accepted and [c["name"] for c in report.checks] == ["flagged_concepts"]
+    assert report.alignment["method"] is None
     assert report.alignment["from_shared_texts"] == list(TOPICS)
     own = torch.stack([student.embed(v[:LABELLED]).mean(0) for v in TOPICS.values()])
     assert torch.allclose(student.concepts.vectors, own, atol=1e-5)

@@ -109,6 +109,18 @@ def test_mini_run_writes_table_json_and_plot(mini_run: tuple[dict, Path]) -> Non
         assert f"— {scenario}: **" in table, "one pass/fail line per claim and scenario"
     for record in document["records"]:
         assert FIELDS <= set(record), record["condition"]
+    assert saved["complete"] is True and saved["runs_done"] == 1 and "Partial" not in table
+
+
+def test_a_partial_document_says_so(mini_run: tuple[dict, Path], tmp_path: Path) -> None:
+    """Outputs are rewritten after every run of a long benchmark; until the last, they say they are partial."""
+    from m2kt.benchmarks.transfer.report import write_outputs
+
+    document, _ = mini_run
+    partial = {**document, "complete": False, "runs_done": 1, "settings": {**document["settings"], "seeds": 3}}
+    write_outputs(partial, tmp_path, log=lambda line: None)
+    assert "**Partial: 1 of 3 run(s) done" in (tmp_path / "transfer.md").read_text()
+    assert json.loads((tmp_path / "transfer.json").read_text())["complete"] is False
 
 
 def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Path]) -> None:

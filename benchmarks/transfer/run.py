@@ -449,27 +449,38 @@ def _same_kind(example: Example, scenario: Scenario) -> bool:
 def run_benchmark(
     settings: Settings, out: Path, log: Callable[[str], None] = print, *, command: str = "m2kt bench transfer"
 ) -> dict[str, Any]:
-    """All runs, then the table, JSON and plot under ``out``; returns the JSON document."""
+    """All runs, then the table, JSON and plot under ``out``; returns the JSON document.
+
+    The outputs are rewritten after every run, marked ``"complete": false`` until the last one, so a long run
+    that is stopped keeps what it measured."""
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
+
+    def document(runs: int) -> dict[str, Any]:
+        return {
+            "command": command,
+            "settings": asdict(settings),
+            "complete": runs == settings.seeds,
+            "runs_done": runs,
+            "environment": {
+                "device": str(pick_device(settings.device)),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "seconds": time.perf_counter() - started,
+            },
+            "pairs": [PAIRS[i % len(PAIRS)].describe() for i in range(runs)],
+            "records": records,
+        }
+
     with tempfile.TemporaryDirectory(prefix="m2kt-bench-") as tmp:
         for run in range(settings.seeds):
             records += run_pair(run, settings, Path(tmp), log)
-    document = {
-        "command": command,
-        "settings": asdict(settings),
-        "environment": {
-            "device": str(pick_device(settings.device)),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "seconds": time.perf_counter() - started,
-        },
-        "pairs": [PAIRS[i % len(PAIRS)].describe() for i in range(settings.seeds)],
-        "records": records,
-    }
-    return write_outputs(document, out, log)
+            if run + 1 < settings.seeds:
+                write_outputs(document(run + 1), out, lambda line: None)
+                log(f"  outputs after {run + 1} of {settings.seeds} run(s) written to {out} (partial)")
+    return write_outputs(document(settings.seeds), out, log)
 
 
 def parse_budgets(text: str) -> list[Budget]:
