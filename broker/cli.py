@@ -6,7 +6,6 @@ command loads this module to list its subcommands, and those imports cost about 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -44,12 +43,11 @@ def migrate_cmd(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ) -> None:
     """Upgrade the database schema (Alembic) to the given revision."""
-    from m2kt.broker.db import current_revision, head_revision, make_engine, upgrade
+    from m2kt.broker.db import current_revision, ensure_sqlite_dir, head_revision, make_engine, upgrade
     from m2kt.broker.settings import Settings
 
     url = Settings().effective_database_url
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_sqlite_dir(url)
     engine = make_engine(url)
     try:
         before = current_revision(engine)

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import func, select
-from typer.testing import CliRunner
 
 from m2kt.benchmarks.harness.brokers import register_node, unique
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
@@ -27,20 +26,8 @@ from m2kt.format.keys import load_signing_key
 from m2kt.sdk.client import BrokerClient
 from tests.conftest import LiveBroker
 
-runner = CliRunner()
+from tests.cli_session import env, m2kt, runner  # noqa: F401 - env is a fixture
 M2KT = str(Path(sys.executable).with_name("m2kt"))
-
-
-@pytest.fixture
-def env(live_broker: LiveBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("M2KT_CONFIG", str(tmp_path / "config.json"))
-    for var in ("M2KT_URL", "M2KT_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    return {"M2KT_URL": live_broker.url, "M2KT_CONFIG": str(tmp_path / "config.json")}
-
-
-def m2kt(*args: str, token: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
-    return runner.invoke(app, list(args), env={**env, "M2KT_TOKEN": token})
 
 
 def keys_of(owner: str, token: str, env: dict[str, str]) -> list[dict[str, object]]:

@@ -210,26 +210,28 @@ class S3Store(BlobStore):
             )
             return url
 
-    def check(self) -> None:
+    def _bucket_exists(self) -> bool:
+        """head_bucket: False when the bucket does not exist; any other failure is a StorageError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            return True
         except ClientError as exc:
             code, status, message = _client_error_details(exc)
             if status == 404 or code in ("NoSuchBucket", "NotFound"):
-                raise StorageError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}") from exc
+                return False
             raise StorageError(f"S3 head_bucket {self.bucket!r} failed: {code or status} {message}".rstrip()) from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 head_bucket {self.bucket!r} failed: {exc}") from exc
 
+    def check(self) -> None:
+        if not self._bucket_exists():
+            raise StorageError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}")
+
     def create(self) -> bool:
-        try:
-            self.check()
+        if self._bucket_exists():
             return False
-        except StorageError as exc:
-            if "does not exist" not in str(exc):
-                raise
         with self._errors("create_bucket", ""):
             self.client.create_bucket(Bucket=self.bucket)
         return True

@@ -38,6 +38,17 @@ def keygen(
     out.print(f"fingerprint: {paths.fingerprint}")
 
 
+def safety_summary(m: Any) -> str:
+    """The manifest's declared safety scores in one line (``pack`` and ``packet inspect`` print the same)."""
+    if m.safety.threshold is None:
+        return f"scorer {m.safety.scorer} v{m.safety.version}: no threshold declared"
+    flagged = [c.label for c in m.concepts if c.safety_score >= m.safety.threshold]
+    return (
+        f"scorer {m.safety.scorer} v{m.safety.version}: {len(flagged)} concept(s) at or above threshold "
+        f"{m.safety.threshold}" + (f" ({', '.join(flagged)})" if flagged else "")
+    )
+
+
 def _describe(header: PacketHeader, path: Path) -> dict[str, Any]:
     from m2kt.format.verifier import packet_id
 
@@ -88,17 +99,7 @@ def packet_inspect(
             if getattr(m.extraction, k)
         )
     )
-    flagged = [c.label for c in m.concepts if m.safety.threshold is not None and c.safety_score >= m.safety.threshold]
-    out.print(
-        f"safety       scorer {m.safety.scorer} v{m.safety.version}: "
-        + (
-            f"{len(flagged)} concept(s) at or above threshold {m.safety.threshold}"
-            + (f" ({', '.join(flagged)})" if flagged else "")
-            if m.safety.threshold is not None
-            else "no threshold declared"
-        ),
-        markup=False,
-    )
+    out.print(f"safety       {safety_summary(m)}", markup=False)
     out.print(f"parents      {', '.join(m.parents) if m.parents else '—'}")
     tensors = Table("tensor", "dtype", "shape", "bytes", title="tensors", title_justify="left")
     for t in header.tensors:

@@ -82,6 +82,7 @@ def pack(
     _require_torch()
     from dataclasses import replace
 
+    from m2kt.cli.local import safety_summary
     from m2kt.cli.models import load_model
     from m2kt.errors import SpecError
     from m2kt.format import PacketError, packet_id, read_header
@@ -140,13 +141,7 @@ def pack(
         f"{m.data_usage.labelled_examples} labelled examples",
         markup=False,
     )
-    flagged = [c.label for c in m.concepts if m.safety.threshold is not None and c.safety_score >= m.safety.threshold]
-    out.print(
-        f"safety   scorer {m.safety.scorer} v{m.safety.version}: {len(flagged)} concept(s) at or above threshold "
-        f"{m.safety.threshold}"
-        + (f" ({', '.join(flagged)})" if flagged else ""),
-        markup=False,
-    )
+    out.print(f"safety   {safety_summary(m)}", markup=False)
 
 
 @app.command("train-tiny")

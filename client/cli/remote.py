@@ -78,13 +78,11 @@ def broker_client(ctx: typer.Context, quiet: bool = False, **kwargs: Any) -> Ite
     from m2kt.sdk.client import BrokerClient
 
     options = ctx.obj or {}
-    url, token = options.get("broker"), options.get("token")
     try:
-        if options.get("profile") and (url is None or token is None):  # explicit --broker / --token still win
-            from m2kt.sdk.config import load_config
+        from m2kt.sdk._base import resolve
 
-            stored = load_config(options["profile"])
-            url, token = url or stored.url, token if token is not None else stored.token
+        # explicit --broker / --token win over the stored identity (--profile, else the default)
+        url, token = resolve(options.get("broker"), options.get("token"), options.get("profile"))
         client = BrokerClient(url, token, quiet=quiet, **kwargs)
     except M2KTError as exc:
         fail(EXIT_BROKER, str(exc))
