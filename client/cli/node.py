@@ -206,11 +206,12 @@ def ingest_template() -> None:
     """Print an ingest config with every field at its default, and an empty verifier suite, as JSON to edit."""
     _require_torch()
     import json
+    from dataclasses import asdict
 
-    from m2kt.student import IngestConfig
+    from m2kt.student import IngestConfig, ProbeSuite
 
-    suite = {"task": [], "answers": None, "safety": [], "flagged": {}, "flagged_position": "last"}
-    sys.stdout.write(json.dumps({"config": IngestConfig().to_json(), "suite": suite}, indent=2) + "\n")
+    template = {"config": IngestConfig().to_json(), "suite": asdict(ProbeSuite())}
+    sys.stdout.write(json.dumps(template, indent=2) + "\n")
 
 
 @app.command()
