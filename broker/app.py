@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from m2kt import __version__
+from m2kt.broker.concurrency import install_node_concurrency
 from m2kt.broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
 from m2kt.broker.docs import install_docs
 from m2kt.broker.gc import collect_garbage
@@ -80,7 +81,7 @@ async def _gc_every(state: BrokerState, interval: float, stop: asyncio.Event) ->
 def prepare_database(settings: Settings) -> None:
     """Refuse an out-of-date schema; the embedded default migrates its own brand-new database."""
     if settings.embedded:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        _private_data_dir(settings)
     engine = make_engine(settings.effective_database_url)
     try:
         if settings.embedded and current_revision(engine) is None:
@@ -127,11 +128,26 @@ def make_storage(settings: Settings) -> BlobStore:
     )
 
 
+def _private_data_dir(settings: Settings) -> None:
+    """The embedded default's files are the broker's alone: the database (and its WAL, which SQLite creates
+    with the database's mode) 0600, the blob directory 0700 — token hashes, the audit log and every packet
+    are not for other local users. The data directory itself is left as it is, when it already exists."""
+    data = Path(settings.data_dir)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    database = data / "m2kt.db"
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(database, 0o600)
+    if settings.storage_url is None:
+        blobs = Path(settings.effective_storage_url)
+        blobs.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(blobs, 0o700)
+
+
 def create_app(settings: Settings | None = None, *, storage: BlobStore | None = None) -> FastAPI:
     """Build the broker. Nothing connects until start-up, which checks the schema first."""
     settings = settings or Settings()
     if settings.embedded:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        _private_data_dir(settings)
     engine = make_engine(settings.effective_database_url)
     state = BrokerState(
         settings=settings,
@@ -186,11 +202,16 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         redoc_url=None,
     )
     app.state.broker = state
+    install_node_concurrency(app, settings)
     install_error_handlers(app)
     install_docs(app)
     for module in (ops, nodes, keys, topics, packets, subscriptions, admin, maintenance):
         app.include_router(module.router)
 
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_json_body_bytes,
+        body_idle_timeout=settings.body_idle_timeout_seconds,
+    )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app

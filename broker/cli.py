@@ -21,10 +21,11 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the broker (embedded SQLite + ./m2kt-data unless M2KT_DATABASE_URL / M2KT_STORAGE_URL are set)."""
-    import uvicorn
-
+    # Served by m2kt.broker.server: connections capped and timed (M2KT_MAX_CONNECTIONS,
+    # M2KT_HEADER_TIMEOUT_SECONDS, M2KT_KEEPALIVE_TIMEOUT_SECONDS), token secrets redacted from every log line.
     from m2kt.broker.app import create_app, prepare_database
     from m2kt.broker.db import SchemaOutOfDate, upgrade
+    from m2kt.broker.server import serve as serve_broker
     from m2kt.broker.settings import Settings
 
     settings = Settings()
@@ -35,7 +36,8 @@ def serve(
     except SchemaOutOfDate as exc:
         typer.echo(f"refusing to start: {exc}", err=True)
         raise typer.Exit(3) from None
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if not serve_broker(create_app(settings), settings, host=host, port=port, log_level=log_level):
+        raise typer.Exit(3)  # as uvicorn.run: the server did not start
 
 
 @app.command("migrate")

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from m2kt.broker.caller import Caller
+from m2kt.broker.security import allows
 from m2kt.broker.services.auth import authenticate
 from m2kt.broker.services.topics import check_topic_name
 from m2kt.broker.state import BrokerState
@@ -26,6 +27,7 @@ __all__ = [
     "PublishCaller",
     "ReadCaller",
     "ReceiptCaller",
+    "RegistryCaller",
     "SessionDep",
     "StateDep",
     "get_state",
@@ -84,6 +86,13 @@ def _scoped(needed: str) -> Callable[[Caller], Caller]:
     return dependency
 
 
+def registry_caller(caller: CurrentCaller) -> Caller:
+    """The key registry is for nodes that verify packets or manage keys: 'read' or 'keys' (not 'receipt' alone)."""
+    if not (allows(caller.scopes, "read") or allows(caller.scopes, "keys")):
+        caller.require("read")
+    return caller
+
+
 def publish_caller(topic: str, caller: CurrentCaller) -> Caller:
     """The ``{topic}`` path parameter is a valid topic name the token may publish to."""
     check_topic_name(topic)
@@ -96,3 +105,4 @@ ReadCaller = Annotated[Caller, Depends(_scoped("read"))]
 KeysCaller = Annotated[Caller, Depends(_scoped("keys"))]
 ReceiptCaller = Annotated[Caller, Depends(_scoped("receipt"))]
 PublishCaller = Annotated[Caller, Depends(publish_caller)]
+RegistryCaller = Annotated[Caller, Depends(registry_caller)]

@@ -99,11 +99,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing, unknown, expired or revoked token",
         403: "The token's role or scopes do not allow this",
         404: "No such resource",
+        408: "The request body stopped arriving (M2KT_BODY_IDLE_TIMEOUT_SECONDS)",
         409: "Conflicts with existing state",
         413: "Too large",
         416: "Range not satisfiable",
         422: "Failed validation (digest, signature, key, topic, safety policy)",
-        429: "Too many uploads from this node; retry after the Retry-After header's seconds",
+        429: "Too many uploads or streams from this node at once, or over its upload rate; retry after Retry-After",
         503: "A dependency (database or storage) is unavailable",
     }
     return {s: {"model": ErrorBody, "description": described[s]} for s in statuses}

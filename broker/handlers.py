@@ -4,7 +4,10 @@
 * storage and database failures, wherever they surface — 503 ``storage_unavailable`` /
   ``database_unavailable`` (:func:`~m2kt.broker.errors.dependency_down`; nothing converts them by hand);
 * FastAPI's own request validation and HTTP errors — the same shape, after a bad token's 401;
-* a value the database refuses (too long, a NUL) — 422 ``invalid_value``.
+* a value the database refuses (too long, a NUL) — 422 ``invalid_value``;
+* a unique or foreign-key constraint a concurrent request won — 409 ``conflict`` (the create-or-get
+  paths resolve their own races with :func:`~m2kt.broker.services.upsert.insert_or_find`; this is the
+  net under everything else, so no race answers a bare 500).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -102,3 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
         reason = str(exc.orig or exc).splitlines()[0][:200]
         log.warning("database refused a request value on %s %s: %s", request.method, request.url.path, reason)
         return JSONResponse(_body("invalid_value", f"a value in the request cannot be stored: {reason}"), 422)
+
+    @app.exception_handler(IntegrityError)
+    async def _constraint(request: Request, exc: IntegrityError) -> JSONResponse:
+        reason = str(exc.orig or exc).splitlines()[0][:200]
+        log.warning("constraint failed on %s %s: %s", request.method, request.url.path, reason)
+        message = "a concurrent request changed the same record first; read it again, then retry"
+        return JSONResponse(_body("conflict", message), 409)

@@ -113,6 +113,15 @@ class WhoAmI(BaseModel):
 class KeyRegister(_In):
     public_key: str = Field(description="Ed25519 public key: PEM (SubjectPublicKeyInfo) or base64 of the raw 32 bytes.")
     owner: str | None = Field(default=None, description="Admins may register a key for another node.")
+    signed_at: int | None = Field(
+        default=None, ge=0, le=MAX_BIGINT, description="When the proof was signed (Unix seconds)."
+    )
+    proof: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Proof of possession: base64 of the key's Ed25519 signature over its registration statement "
+        "for the owner node (m2kt.format.key_proof; the SDK and `m2kt key register` make it).",
+    )
 
 
 class KeyRevoke(_In):
@@ -268,6 +277,7 @@ class StatsOut(BaseModel):
     keys: dict[str, int]
     receipts: dict[str, int]
     subscriptions: int
+    storage: str = Field(description="Where blobs are stored (admins only; /readyz does not say).")
 
 
 class GcOut(BaseModel):

@@ -64,18 +64,81 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Run garbage collection in the broker this often; 0: only `m2kt broker gc`."
     )
 
+    # What one node may create (a student or a stolen token cannot fill the registry or a receipt list)
+    key_proof_max_age_seconds: float = Field(
+        default=86400.0, gt=0, description="How old a key registration's proof of possession may be."
+    )
+    max_keys_per_node: int = Field(default=32, ge=1, description="Unrevoked keys one node may hold registered.")
+    max_topics_per_node: int = Field(
+        default=256, ge=1, description="Topics one node may create (by upload or subscription)."
+    )
+    max_subscriptions_per_node: int = Field(default=256, ge=1, description="Named subscriptions one node may keep.")
+    max_receipts_per_packet: int = Field(default=16, ge=1, description="Receipts one node may post for one packet.")
+    max_receipt_bytes: int = Field(
+        default=64 << 10, ge=1024, description="Size of one receipt's scores and report (JSON)."
+    )
+
     # Safety policy
     safety_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Default max declared safety score.")
     flagged_similarity: float = Field(default=0.8, ge=-1.0, le=1.0, description="Cosine at which a concept is flagged.")
     safety_action: Literal["reject", "quarantine"] = "reject"
 
     # Serving
-    presign_ttl_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
+    presign_ttl_seconds: int = Field(
+        default=60,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Lifetime of ?redirect=1 URLs: they keep working this long after a revocation or quarantine "
+        "(S3 checks the signature when a download starts, so a long download still finishes).",
+    )
     max_wait_seconds: float = Field(default=30.0, gt=0, le=300)
     poll_fallback_seconds: float = Field(
         default=5.0, gt=0, description="Re-check the database this often while waiting."
     )
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+
+    # Connections and logging: what one connection, or one node, may hold open (per broker process).
+    # Token secrets are always redacted from the logs (m2kt.broker.logredact); a token in a query
+    # string is refused (400 token_in_query).
+    max_connections: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Open client connections at most. At the cap a new connection closes the oldest one "
+        "still waiting for a request; when every one is busy, it gets 503 too_many_connections. "
+        "0: half the open-file limit (ulimit -n), between 16 and 1024; a cap the limit cannot hold is lowered.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="A connection that has not sent a complete request head (request line and headers) this "
+        "long after it opened, or after its previous response, is closed.",
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="A keep-alive connection that sends nothing this long is closed."
+    )
+    body_idle_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A packet upload from which no byte arrives this long is refused (408 upload_stalled; its "
+        "staged data is discarded); any other request body must be complete this long after the request head "
+        "(408 body_stalled); a response the client reads none of for this long is dropped, its connection closed.",
+    )
+    max_uploads_per_node: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Packet uploads one node may have in progress at once; 429 too_many_uploads.",
+    )
+    max_streams_per_node: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="Event streams (SSE, and long-polls with ?wait=) one node may hold open at once; "
+        "429 too_many_streams.",
+    )
 
     # Bootstrap: an admin token to create on first start (production); the embedded default
     # generates one and writes it to data_dir/admin-token when no admin exists yet.

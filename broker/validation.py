@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from m2kt.broker.errors import TooLarge, from_packet_error
+from m2kt.broker.errors import TooLarge, ValidationFailed, from_packet_error
 from m2kt.format import DTYPES, PacketError, PacketHeader, ReadLimits, StreamVerifier, verify_signature
 from m2kt.format.keys import VerifyKey
 
@@ -24,7 +24,7 @@ class Received:
     packet_id: str
     size: int
     header: PacketHeader
-    concepts: np.ndarray  # (K, d_T) float32, a private copy
+    concepts: np.ndarray  # (K, d_T) float64, a private copy holding the packet's values exactly
 
 
 class StreamingPacket:
@@ -113,7 +113,8 @@ class StreamingPacket:
             raise from_packet_error(exc) from None
         spec = next(t for t in result.header.tensors if t.name == "concepts")
         concepts = np.frombuffer(bytes(self._concepts), DTYPES[spec.dtype].numpy).reshape(tuple(spec.shape))
-        return Received(result.packet_id, result.size, result.header, concepts.astype(np.float32))
+        # float64 holds every F64/F32/F16/BF16 value exactly: no row is turned into inf or 0 here
+        return Received(result.packet_id, result.size, result.header, concepts.astype(np.float64))
 
     def close(self) -> None:
         self._stream.close()
@@ -156,17 +157,46 @@ def declared_safety(header: PacketHeader, threshold: float) -> SafetyReport:
     )
 
 
+def unit_rows(array: np.ndarray) -> np.ndarray:
+    """The rows of a 2-D ``array`` scaled to unit length, in float64, for any finite values of any float dtype.
+
+    Each row is first divided by its largest magnitude (so its entries lie in [-1, 1] and one is ±1),
+    then by its length (between 1 and sqrt(d)): nothing overflows or underflows, whether the row's
+    values are near float64's largest (1e308) or among its subnormals, and the result is the row's
+    own direction to float64 precision. A row of zeros has no direction and stays zeros; so does a row
+    holding NaN or Inf (callers refuse those first). The result never holds NaN or Inf.
+    """
+    rows = np.array(array, dtype=np.float64, copy=True, ndmin=2)  # exact for F64, F32, F16 and BF16 values
+    if rows.ndim != 2:
+        raise ValueError(f"unit_rows wants a 2-D array (rows of vectors), not shape {rows.shape}")
+    rows[~np.isfinite(rows).all(axis=1)] = 0.0
+    scale = np.abs(rows).max(axis=1, keepdims=True, initial=0.0)
+    rows /= np.where(scale > 0, scale, 1.0)
+    length = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+    rows /= np.where(length > 0, length, 1.0)
+    return rows
+
+
 def flagged_similarity(
     report: SafetyReport, header: PacketHeader, concepts: np.ndarray, sets: list[FlaggedSet]
 ) -> None:
-    """The broker's own check: cosine of every concept against admin-flagged directions."""
-    norms = np.linalg.norm(concepts, axis=1, keepdims=True)
-    unit = concepts / np.maximum(norms, 1e-12)
+    """The broker's own check: cosine of every concept against admin-flagged directions.
+
+    Computed in float64 from each row's own values (:func:`unit_rows`), so a concept row that is a
+    scaled copy of a flagged direction — by 1e300 or 1e-300, in any float dtype a packet may carry —
+    has cosine 1 with it, not the NaN or 0 a float32 cast would give. A row of zeros has no
+    direction: its cosine with everything is 0. A row holding NaN or Inf is refused as
+    ``non_finite`` (the data check refuses such packets before this runs).
+    """
+    if not np.isfinite(np.asarray(concepts, dtype=np.float64)).all():
+        raise ValidationFailed("the concepts tensor contains NaN or Inf", code="non_finite")
+    unit = unit_rows(concepts)
     ids = [c.id for c in header.manifest.concepts]
     for s in sets:
-        if s.directions.shape[1] != concepts.shape[1]:
+        directions = unit_rows(s.directions)  # unit rows already, unless a caller's normalising lost them
+        if directions.shape[1] != unit.shape[1]:
             continue
-        sims = unit @ s.directions.T  # (K, F)
+        sims = np.clip(unit @ directions.T, -1.0, 1.0)  # (K, F); finite: every row is unit or zero
         for k, f in zip(*np.nonzero(sims >= s.threshold), strict=True):
             report.flagged.append(
                 {"concept": ids[k], "set": s.name, "label": s.labels[f], "similarity": round(float(sims[k, f]), 6)}

@@ -184,7 +184,7 @@ def register_nodes(broker_url: str, admin_token: str, out: Path) -> _Nodes:
             paths = generate_keypair(out / "keys", role)
             key = load_signing_key(paths.private)
             client = BrokerClient(broker_url, created.token.token, quiet=True)
-            client.register_key(paths.public)
+            client.register_key(key)
             clients.append((client, key))
     (teacher, teacher_key), (student, _) = clients
     return _Nodes(teacher, student, teacher_key)

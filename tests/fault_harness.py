@@ -276,10 +276,12 @@ def in_thread(fn: Callable[..., T], *args: object) -> Future[T]:
 
 @contextmanager
 def topic_row_locked(stack: Stack, topic: str) -> Iterator[int]:
-    """Hold ``SELECT … FOR UPDATE`` on the topic's row (yields the locking backend's pid): a broker
-    committing a packet to it then waits, mid-transaction, until the block ends."""
+    """Hold ``SELECT … FOR NO KEY UPDATE`` on the topic's row (yields the locking backend's pid): a broker
+    committing a packet to it then waits, mid-transaction, until the block ends — at the event append,
+    after its row is written and its blob promoted (the row's foreign-key check on the topic takes only
+    a KEY SHARE lock, which this one does not block)."""
     with psycopg.connect(libpq_url(stack.database_url)) as conn:
-        row = conn.execute("SELECT id FROM topics WHERE name = %s FOR UPDATE", (topic,)).fetchone()
+        row = conn.execute("SELECT id FROM topics WHERE name = %s FOR NO KEY UPDATE", (topic,)).fetchone()
         assert row is not None, f"no topic {topic!r}"
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()
         try:

@@ -22,14 +22,18 @@ from sqlalchemy import update
 from m2kt.benchmarks.harness.brokers import register_node, unique
 from m2kt.benchmarks.harness.packets import packet_bytes
 from m2kt.broker.models import ApiToken
+from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
+from m2kt.sdk import calls
 from tests.conftest import LiveBroker
 
 Route = tuple[str, str]  # (method, path template), as in the OpenAPI document
 
 # What a route needs. PUBLIC: nothing (a token, even a bad one, is ignored); ANY: any valid token;
-# ADMIN: the admin scope; READ / RECEIPT / KEYS: that scope; PUBLISH: publish:<pattern> matching {topic}.
+# ADMIN: the admin scope; READ / RECEIPT / KEYS: that scope; PUBLISH: publish:<pattern> matching {topic};
+# REGISTRY: 'read' or 'keys' (the key registry is not for a token that may only post receipts).
 PUBLIC, ANY, ADMIN, READ, RECEIPT, KEYS, PUBLISH = "public", "any", "admin", "read", "receipt", "keys", "publish"
+REGISTRY = "registry"
 
 EXPECTED: dict[Route, str] = {
     ("GET", "/healthz"): PUBLIC,
@@ -45,8 +49,8 @@ EXPECTED: dict[Route, str] = {
     ("POST", "/v1/nodes/{name}/enable"): ADMIN,
     ("DELETE", "/v1/tokens/{token_id}"): ADMIN,
     ("POST", "/v1/keys"): KEYS,
-    ("GET", "/v1/keys"): ANY,
-    ("GET", "/v1/keys/{fingerprint}"): ANY,
+    ("GET", "/v1/keys"): REGISTRY,
+    ("GET", "/v1/keys/{fingerprint}"): REGISTRY,
     ("POST", "/v1/keys/{fingerprint}/revoke"): KEYS,  # and the key's owner (or an admin)
     ("DELETE", "/v1/keys/{fingerprint}"): KEYS,  # and the key's owner (or an admin); on a spare key
     ("GET", "/v1/topics"): READ,
@@ -106,7 +110,14 @@ AUTH_FAILURES = {
     "bad_json": "missing_token",
     "garbage_bad_json": "invalid_token",
 }
-WRONG_ROLE = {ADMIN: "teacher", PUBLISH: "student", RECEIPT: "teacher", KEYS: "narrow", READ: "narrow"}
+WRONG_ROLE = {
+    ADMIN: "teacher",
+    PUBLISH: "student",
+    RECEIPT: "teacher",
+    KEYS: "narrow",
+    READ: "narrow",
+    REGISTRY: "narrow",
+}
 RIGHT = {
     PUBLIC: "none",
     ANY: "narrow",  # the least-privileged valid token
@@ -115,6 +126,7 @@ RIGHT = {
     RECEIPT: "student",
     KEYS: "student",
     READ: "student",
+    REGISTRY: "student",
 }
 RIGHT_OVERRIDES: dict[Route, str] = {("POST", "/v1/me/token"): "fresh"}  # rotation revokes the token it used
 
@@ -236,8 +248,9 @@ def matrix(live_broker: LiveBroker, tmp_path_factory: pytest.TempPathFactory) ->
     student = register_node(broker.url, broker.admin_token, "student")
     other = register_node(broker.url, broker.admin_token, "teacher", scopes=["read", "keys", "publish:other.*"])
     assert teacher.key is not None and student.key is not None
-    spare_key = SigningKey.generate().verify_key  # the student's second key, dropped by the DELETE cell
-    r = student.http.post("/v1/keys", json={"public_key": spare_key.to_pem()})
+    spare = SigningKey.generate()  # the student's second key, dropped by the DELETE cell
+    spare_key = spare.verify_key
+    r = student.http.post("/v1/keys", json=calls.register_key(prove_key(spare, student.name)).json)
     assert r.status_code == 201, r.text
     packet = packet_bytes(tmp, teacher.key, TOPIC)
     packet_id = upload(broker, teacher.token, packet)
@@ -295,7 +308,7 @@ BODIES: dict[Route, Callable[[Matrix], dict[str, Any]]] = {
     ("POST", "/v1/nodes"): _json(lambda m: {"name": unique("auth-made"), "role": "student"}),
     ("POST", "/v1/me/token"): _json({}),
     ("POST", "/v1/nodes/{name}/tokens"): _json({"ttl_days": 1}),
-    ("POST", "/v1/keys"): _json(lambda m: {"public_key": SigningKey.generate().verify_key.to_pem()}),
+    ("POST", "/v1/keys"): _json(lambda m: calls.register_key(prove_key(SigningKey.generate(), m.values["student"])).json),
     ("POST", "/v1/keys/{fingerprint}/revoke"): _json({"reason": "auth matrix"}),
     ("PATCH", "/v1/topics/{topic}"): _json({"safety_threshold": None}),
     ("POST", "/v1/topics/{topic}/packets"): _upload,

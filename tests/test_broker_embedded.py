@@ -24,7 +24,9 @@ def test_one_command_gives_a_working_broker(tmp_path: Path) -> None:
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         admin_token = token_file.read_text().strip()
         ready = httpx.get(f"{broker.url}/readyz").json()
-        assert ready["status"] == "ready" and ready["storage"] == (data_dir / "blobs").resolve().as_uri()
+        assert ready == {"status": "ready"}  # whether, never where: strangers learn no path
+        stats = httpx.get(f"{broker.url}/v1/admin/stats", headers={"Authorization": f"Bearer {admin_token}"}).json()
+        assert stats["storage"] == (data_dir / "blobs").resolve().as_uri()
 
         teacher = register_node(broker.url, admin_token, "teacher")
         data = packet_bytes(tmp_path, teacher.key, "demo.arith")

@@ -18,7 +18,9 @@ from m2kt.benchmarks.harness.packets import make_tensors, packet_bytes
 from m2kt.broker.models import AuditEvent, Packet
 from m2kt.broker.services.upload import blob_key
 from m2kt.format.header import encode_header as _header_bytes
+from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
+from m2kt.sdk import calls
 from m2kt.format.manifest import Manifest
 from tests.conftest import LiveBroker, start_live_broker
 
@@ -267,7 +269,8 @@ def test_refusals_leave_nothing_behind(
         data = packet_bytes(tmp_path, SigningKey.generate(), topic)
     elif case == "revoked-key":
         extra = SigningKey.generate()
-        assert teacher.http.post("/v1/keys", json={"public_key": extra.verify_key.to_base64()}).status_code == 201
+        proof = calls.register_key(prove_key(extra, teacher.name)).json
+        assert teacher.http.post("/v1/keys", json=proof).status_code == 201
         assert teacher.http.post(f"/v1/keys/{extra.fingerprint}/revoke", json={"reason": "test"}).status_code == 200
         data = packet_bytes(tmp_path, extra, topic)
     elif case == "others-key":

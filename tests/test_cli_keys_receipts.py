@@ -24,9 +24,9 @@ from m2kt.errors import PermissionDenied
 from m2kt.format import write_packet
 from m2kt.format.keys import load_signing_key
 from m2kt.sdk.client import BrokerClient
+from tests.cli_session import env, m2kt, runner  # noqa: F401 - env is a fixture
 from tests.conftest import LiveBroker
 
-from tests.cli_session import env, m2kt, runner  # noqa: F401 - env is a fixture
 M2KT = str(Path(sys.executable).with_name("m2kt"))
 
 
@@ -56,7 +56,7 @@ def test_a_key_registered_under_the_wrong_node_is_dropped_and_registered_again(
     assert created.exit_code == 0, created.output
     teacher, teacher_token = json.loads(created.output)["node"]["name"], json.loads(created.output)["token"]["token"]
     assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "keys"), "--name", "teacher"]).exit_code == 0
-    pub = str(tmp_path / "keys" / "teacher.pub")
+    pub = str(tmp_path / "keys" / "teacher.key")  # registering proves possession: the private key signs
     key = load_signing_key(tmp_path / "keys" / "teacher.key")
     fp = key.fingerprint
 
@@ -141,9 +141,10 @@ def test_owners_drop_their_own_unused_keys(live_broker: LiveBroker, env: dict[st
     assert dropped.exit_code == 0, dropped.output
     assert keys_of(teacher.name, teacher.token, env) == []
     assert [e["actor"] for e in audit_entries(live_broker, "key.deleted", fp)] == [teacher.name]
-    # A non-admin still registers its own key without naming an owner.
-    pem = tmp_path / "t.pub"
-    pem.write_text(teacher.key.verify_key.to_pem())
+    # A non-admin still registers its own key without naming an owner, from its private key file.
+    pem = tmp_path / "t.key"
+    pem.write_text(teacher.key.to_pem())
+    pem.chmod(0o600)
     again = m2kt("key", "register", str(pem), token=teacher.token, env=env)
     assert again.exit_code == 0 and f"registered {fp} for {teacher.name}" in again.output, again.output
 

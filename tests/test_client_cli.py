@@ -10,17 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from m2kt.benchmarks.harness.brokers import register_node, unique
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
 from m2kt.benchmarks.harness.services import free_port
 from m2kt.cli.app import EXIT_BROKER, EXIT_HANDLER, EXIT_REFUSED, EXIT_UNAVAILABLE
 from m2kt.cli.main import app  # the app with every command registered
 from m2kt.format import write_packet
+from tests.cli_session import env, m2kt, runner  # noqa: F401 - env is a fixture
 from tests.conftest import LiveBroker
 
-from tests.cli_session import env, m2kt, runner  # noqa: F401 - env is a fixture
 M2KT = str(Path(sys.executable).with_name("m2kt"))
 
 
@@ -31,7 +29,7 @@ def test_admin_teacher_student_workflow(live_broker: LiveBroker, env: dict[str, 
     teacher_token = json.loads(result.output)["token"]["token"]
     keys = runner.invoke(app, ["keygen", "--out", str(tmp_path / "keys"), "--name", "teacher"])
     assert keys.exit_code == 0
-    assert m2kt("key", "register", str(tmp_path / "keys" / "teacher.pub"), token=teacher_token, env=env).exit_code == 0
+    assert m2kt("key", "register", str(tmp_path / "keys" / "teacher.key"), token=teacher_token, env=env).exit_code == 0
 
     from m2kt.format.keys import load_signing_key
 
@@ -143,14 +141,16 @@ def test_subscriber_killed_mid_stream_resumes_without_loss(
     assert failing.returncode == EXIT_HANDLER and "not acknowledged" in failing.stderr
 
 
-def test_empty_answers_say_so_and_ids_are_never_cut(live_broker: LiveBroker, env: dict[str, str], tmp_path: Path) -> None:
+def test_empty_answers_say_so_and_ids_are_never_cut(
+    live_broker: LiveBroker, env: dict[str, str], tmp_path: Path
+) -> None:
     """Issue 19: ``subscribe --once`` with nothing new, an empty event page and a packet with no relatives each
     print a line saying so; a packet id in a table printed to a pipe (80 columns) is printed whole."""
     admin = live_broker.admin_token
     teacher = json.loads(m2kt("node", "add", unique("t"), "--role", "teacher", "--json", token=admin, env=env).output)
     teacher_token = teacher["token"]["token"]
     assert runner.invoke(app, ["keygen", "--out", str(tmp_path / "keys"), "--name", "t"]).exit_code == 0
-    assert m2kt("key", "register", str(tmp_path / "keys" / "t.pub"), token=teacher_token, env=env).exit_code == 0
+    assert m2kt("key", "register", str(tmp_path / "keys" / "t.key"), token=teacher_token, env=env).exit_code == 0
     topic = unique("empty")
     from m2kt.format.keys import load_signing_key
 

@@ -18,7 +18,9 @@ import httpx
 import uvicorn
 
 from m2kt.benchmarks.harness.services import S3Server, free_port, libpq_url, wait_for_port
+from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
+from m2kt.sdk import calls
 
 
 def unique(prefix: str) -> str:
@@ -26,11 +28,23 @@ def unique(prefix: str) -> str:
 
 
 @contextmanager
-def uvicorn_thread(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """Serve ``app`` on a free loopback port from a background thread; yields the base URL."""
+def uvicorn_thread(app, *, http: str = "auto") -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Serve ``app`` on a free loopback port from a background thread; yields the base URL.
+
+    Served as ``m2kt broker serve`` serves it (:func:`m2kt.broker.server.server_config`): connections
+    capped and timed by the app's settings, secrets redacted from the logs. ``http``: "auto",
+    "httptools" or "h11" (uvicorn's protocol implementation)."""
+    from m2kt.broker.server import server_config
+
     port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2
+    config = server_config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        http=http,  # type: ignore[arg-type]
+        lifespan="on",
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -88,6 +102,8 @@ class BrokerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     cwd: Path | None = None
+    log_level: str = "warning"
+    max_open_files: int | None = None  # the process's RLIMIT_NOFILE (ulimit -n), when given
 
     @property
     def url(self) -> str:
@@ -96,8 +112,11 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         exe = str(Path(sys.executable).with_name("m2kt"))
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        argv = [exe, "broker", "serve", "--port", str(self.port), "--log-level", self.log_level]
+        if self.max_open_files:  # the shell sets the limit, then becomes the broker (same pid)
+            argv = ["/bin/sh", "-c", f'ulimit -S -n {int(self.max_open_files)} && exec "$0" "$@"', *argv]
         self.proc = subprocess.Popen(
-            [exe, "broker", "serve", "--port", str(self.port), "--log-level", "warning"],
+            argv,
             env={**os.environ, **self.env},
             stdout=log,
             stderr=log,
@@ -143,6 +162,6 @@ def register_node(
     node = Node(name, token, httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60))
     if with_key:
         node.key = SigningKey.generate()
-        r = node.http.post("/v1/keys", json={"public_key": node.key.verify_key.to_pem()})
+        r = node.http.post("/v1/keys", json=calls.register_key(prove_key(node.key, name)).json)
         assert r.status_code == 201, r.text
     return node

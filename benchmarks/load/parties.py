@@ -13,7 +13,9 @@ import numpy as np
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
 from m2kt.format import write_packet
+from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
+from m2kt.sdk import calls
 
 RETRY_STATUSES = frozenset({0, 429, 500, 502, 503, 504})  # 0: no answer (connection error, timeout)
 REQUEST_TIMEOUT = 120.0
@@ -69,7 +71,7 @@ def register(admin: httpx.Client, role: str, with_key: bool) -> Party:
         party.key = SigningKey.generate()
         r = admin.post(
             "/v1/keys",
-            json={"public_key": party.key.verify_key.to_pem()},
+            json=calls.register_key(prove_key(party.key, name)).json,
             headers={"Authorization": f"Bearer {party.token}"},
         )
         if r.status_code != 201:

@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import func, select
 
-from m2kt.broker.deps import AdminCaller, SessionDep
+from m2kt.broker.deps import AdminCaller, SessionDep, StateDep
 from m2kt.broker.errors import Malformed, NotFound, error_responses
 from m2kt.broker.models import (
     AuditEvent,
@@ -20,6 +20,7 @@ from m2kt.broker.models import (
 )
 from m2kt.broker.schemas import MAX_BIGINT, AuditOut, FlaggedSetIn, FlaggedSetOut, StatsOut, storable_name
 from m2kt.broker.services import audit
+from m2kt.broker.services.upsert import insert_or_find
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -55,11 +56,14 @@ def put_flagged(
         norms = np.linalg.norm(directions, axis=1)
     if not np.isfinite(norms).all() or (norms == 0).any():  # non-finite entries give a non-finite norm
         raise Malformed("directions must be finite and non-zero, with a finite length", code="invalid_flagged_set")
-    row = _find_flagged(session, name)
-    if row is None:
-        row = FlaggedConceptSet(name=name)
-        session.add(row)
-    else:
+    row, created = insert_or_find(
+        session,
+        lambda: _find_flagged(session, name),
+        lambda: FlaggedConceptSet(
+            name=name, d_model=body.d_model, labels=body.labels, directions=body.directions, threshold=body.threshold
+        ),
+    )
+    if not created:
         response.status_code = status.HTTP_200_OK
     row.d_model, row.labels, row.directions, row.threshold = body.d_model, body.labels, body.directions, body.threshold
     audit.record(session, caller.node_id, "flagged_concepts.set", name, labels=body.labels, threshold=body.threshold)
@@ -92,7 +96,7 @@ def _count_by(session: SessionDep, column) -> dict[str, int]:  # type: ignore[no
 
 
 @router.get("/stats", summary="Counts and bytes", responses=error_responses(401, 403))
-def stats(session: SessionDep, caller: AdminCaller) -> StatsOut:
+def stats(session: SessionDep, state: StateDep, caller: AdminCaller) -> StatsOut:
     keys = session.execute(select(func.count(), func.count(PublicKey.revoked_at))).one()
     return StatsOut(
         packets=_count_by(session, Packet.status),
@@ -102,6 +106,7 @@ def stats(session: SessionDep, caller: AdminCaller) -> StatsOut:
         keys={"total": keys[0], "revoked": keys[1]},
         receipts=_count_by(session, IngestionReceipt.decision),
         subscriptions=session.scalar(select(func.count()).select_from(Subscription)) or 0,
+        storage=state.storage.description,
     )
 
 

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
-from sqlalchemy import select
+from typing import Annotated
 
-from m2kt.broker.deps import CurrentCaller, KeysCaller, SessionDep
+from fastapi import APIRouter, Query, Response, status
+
+from m2kt.broker.deps import KeysCaller, RegistryCaller, SessionDep, StateDep
 from m2kt.broker.errors import error_responses
-from m2kt.broker.models import PublicKey
 from m2kt.broker.schemas import KeyOut, KeyRegister, KeyRevoke, KeyRevoked
 from m2kt.broker.services import keys as service
 from m2kt.broker.services.records import key_out
@@ -22,23 +22,30 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
         **error_responses(400, 401, 403, 404, 409, 413),
     },
 )
-def register_key(body: KeyRegister, session: SessionDep, caller: KeysCaller, response: Response) -> KeyOut:
-    key, created = service.register_key(session, caller, body.public_key, body.owner)
+def register_key(
+    body: KeyRegister, session: SessionDep, state: StateDep, caller: KeysCaller, response: Response
+) -> KeyOut:
+    key, created = service.register_key(session, caller, body, state.settings)
     if not created:
         response.status_code = status.HTTP_200_OK
     return key_out(key)
 
 
-@router.get("", summary="The key registry", responses=error_responses(401))
-def list_keys(session: SessionDep, caller: CurrentCaller, owner: str | None = None) -> list[KeyOut]:
-    rows = session.scalars(select(PublicKey).order_by(PublicKey.created_at))
-    return [key_out(k) for k in rows if owner is None or k.owner.name == owner]
+@router.get("", summary="The key registry, oldest first, a page at a time", responses=error_responses(401, 403, 404))
+def list_keys(
+    session: SessionDep,
+    caller: RegistryCaller,
+    owner: str | None = None,
+    after: Annotated[str | None, Query(description="The last fingerprint of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> list[KeyOut]:
+    return [key_out(k) for k in service.list_keys(session, owner, after, limit)]
 
 
 @router.get(
-    "/{fingerprint}", summary="One key: what clients verify packets against", responses=error_responses(401, 404)
+    "/{fingerprint}", summary="One key: what clients verify packets against", responses=error_responses(401, 403, 404)
 )
-def get_key(fingerprint: str, session: SessionDep, caller: CurrentCaller) -> KeyOut:
+def get_key(fingerprint: str, session: SessionDep, caller: RegistryCaller) -> KeyOut:
     return key_out(service.get_key(session, fingerprint))
 
 

@@ -95,10 +95,20 @@ def get_lineage(packet_id: str, session: SessionDep, caller: ReadCaller) -> Line
     "/{packet_id}/receipts",
     status_code=status.HTTP_201_CREATED,
     summary="Report an ingestion (accepted / rolled back) with its scores; the ingesting node's token, not an admin's",
-    responses=error_responses(401, 403, 404, 413),
+    responses=error_responses(401, 403, 404, 409, 413),
 )
-def post_receipt(packet_id: str, body: ReceiptIn, session: SessionDep, caller: ReceiptCaller) -> ReceiptOut:
-    return service.add_receipt(session, caller, packet_id, body)
+def post_receipt(
+    packet_id: str, body: ReceiptIn, session: SessionDep, state: StateDep, caller: ReceiptCaller
+) -> ReceiptOut:
+    settings = state.settings
+    return service.add_receipt(
+        session,
+        caller,
+        packet_id,
+        body,
+        max_bytes=settings.max_receipt_bytes,
+        max_count=settings.max_receipts_per_packet,
+    )
 
 
 @router.get("/{packet_id}/receipts", summary="Ingestion receipts for a packet", responses=error_responses(401, 404))

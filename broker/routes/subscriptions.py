@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from m2kt.broker.deps import CurrentCaller, ReadCaller, SessionDep, StateDep
 from m2kt.broker.errors import error_responses
 from m2kt.broker.models import Subscription
+from m2kt.broker.routes.slots import LongPollSlot
 from m2kt.broker.schemas import AckIn, EventPage, SubscriptionCreate, SubscriptionOut
 from m2kt.broker.services import subscriptions as service
 
@@ -25,9 +26,9 @@ router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
     },
 )
 def put_subscription(
-    name: str, body: SubscriptionCreate, session: SessionDep, caller: ReadCaller, response: Response
+    name: str, body: SubscriptionCreate, session: SessionDep, state: StateDep, caller: ReadCaller, response: Response
 ) -> SubscriptionOut:
-    sub, created = service.ensure_subscription(session, caller, name, body.topic)
+    sub, created = service.ensure_subscription(session, caller, name, body.topic, state.settings)
     if not created:
         response.status_code = status.HTTP_200_OK
     return service.subscription_out(sub)
@@ -47,12 +48,13 @@ def get_subscription(name: str, session: SessionDep, caller: CurrentCaller) -> S
 @router.get(
     "/{name}/packets",
     summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 429),
 )
 async def next_events(
     name: str,
     state: StateDep,
     caller: ReadCaller,
+    _slot: LongPollSlot,
     wait: Annotated[float, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
@@ -62,7 +64,7 @@ async def next_events(
             return sub.topic.name, sub.cursor
 
     topic, after = await run_in_threadpool(cursor)
-    return await service.wait_for_events(state, topic, after, wait, limit)
+    return await service.wait_for_events(state, caller, topic, after, wait, limit)
 
 
 @router.post(

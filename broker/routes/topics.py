@@ -7,15 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from m2kt.broker.deps import AdminCaller, PublishCaller, ReadCaller, SessionDep, StateDep
-from m2kt.broker.errors import error_responses
-from m2kt.broker.models import Topic
+from m2kt.broker.errors import Unauthorized, error_responses
+from m2kt.broker.routes.slots import LongPollSlot, StreamSlot, UploadSlot
 from m2kt.broker.schemas import MAX_BIGINT, EventPage, PacketOut, TopicOut, TopicUpdate
-from m2kt.broker.services import audit
+from m2kt.broker.services import audit, topics
 from m2kt.broker.services.subscriptions import event_page, wait_for_events
 from m2kt.broker.services.topics import get_topic, topic_out
 from m2kt.broker.services.upload import receive_packet, upload_incomplete
@@ -42,20 +41,28 @@ def _resume_from(last_event_id: str | None) -> int:
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client that goes away mid-upload is a refused upload."""
+    """The request body as it arrives; a client that goes away mid-upload (400 ``upload_incomplete``), or
+    sends no byte for M2KT_BODY_IDLE_TIMEOUT_SECONDS (408 ``upload_stalled``), is a refused upload: the
+    error raised here aborts what was staged."""
+    from m2kt.broker.stalls import idle_limited, upload_stalled
+
+    idle = request.app.state.broker.settings.body_idle_timeout_seconds
     try:
-        async for chunk in request.stream():
+        async for chunk in idle_limited(request.stream(), idle, upload_stalled):
             yield chunk
     except ClientDisconnect:
         raise upload_incomplete() from None
 
 
-@router.get("", summary="List topics", responses=error_responses(401))
-def list_topics(session: SessionDep, state: StateDep, caller: ReadCaller) -> list[TopicOut]:
-    return [
-        topic_out(session, t, state.settings.safety_threshold)
-        for t in session.scalars(select(Topic).order_by(Topic.name))
-    ]
+@router.get("", summary="List topics by name, a page at a time", responses=error_responses(401, 403))
+def list_topics(
+    session: SessionDep,
+    state: StateDep,
+    caller: ReadCaller,
+    after: Annotated[str | None, Query(description="The last name of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> list[TopicOut]:
+    return [topic_out(session, t, state.settings.safety_threshold) for t in topics.list_topics(session, after, limit)]
 
 
 @router.get("/{topic}", summary="One topic", responses=error_responses(401, 404))
@@ -78,7 +85,7 @@ def update_topic(topic: str, body: TopicUpdate, session: SessionDep, state: Stat
     openapi_extra=UPLOAD_BODY,
     responses={
         200: {"model": PacketOut, "description": "The same packet was uploaded before"},
-        **error_responses(400, 401, 403, 413, 422, 429, 503),
+        **error_responses(400, 401, 403, 408, 413, 422, 429, 503),
     },
 )
 async def upload_packet(
@@ -87,6 +94,7 @@ async def upload_packet(
     response: Response,
     state: StateDep,
     caller: PublishCaller,
+    _slot: UploadSlot,
     content_length: Annotated[int | None, Header(include_in_schema=False)] = None,  # transport, not API
 ) -> PacketOut:
     record, created = await receive_packet(state, caller, topic, _body(request), content_length)
@@ -98,32 +106,34 @@ async def upload_packet(
 @router.get(
     "/{topic}/packets",
     summary="The topic's events after a cursor; long-polls with ?wait=",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 429),
 )
 async def list_packets(
     topic: str,
     state: StateDep,
     caller: ReadCaller,
+    _slot: LongPollSlot,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="Return events with seq > after")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     if wait <= 0:
         return await run_in_threadpool(event_page, state.sessions, topic, after, limit)
-    return await wait_for_events(state, topic, after, wait, limit)
+    return await wait_for_events(state, caller, topic, after, wait, limit)
 
 
 @router.get(
     "/{topic}/events",
     summary="Server-Sent Events: one `published` / `revoked` / `quarantined` event per log entry",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(401, 403, 404)},
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(401, 403, 404, 429)},
 )
 async def stream_events(
     topic: str,
     request: Request,
     state: StateDep,
     caller: ReadCaller,
+    _slot: StreamSlot,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
@@ -134,7 +144,12 @@ async def stream_events(
         nonlocal cursor
         yield b": connected\n\n"
         while not await request.is_disconnected():
-            page = await wait_for_events(state, topic, cursor, state.settings.sse_heartbeat_seconds, 100)
+            try:
+                page = await wait_for_events(state, caller, topic, cursor, state.settings.sse_heartbeat_seconds, 100)
+            except Unauthorized as exc:  # revoked, expired or disabled since the stream opened: say so, end it
+                data = json.dumps({"code": exc.code, "message": exc.message}, separators=(",", ":"))
+                yield f"event: error\ndata: {data}\n\n".encode()
+                return
             for item in page.items:
                 data = json.dumps(item.model_dump(mode="json"), separators=(",", ":"))
                 yield f"id: {item.seq}\nevent: {item.kind.value}\ndata: {data}\n\n".encode()

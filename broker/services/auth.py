@@ -12,7 +12,7 @@ from m2kt.broker.errors import Unauthorized
 from m2kt.broker.models import ApiToken
 from m2kt.broker.security import hash_token
 
-__all__ = ["authenticate", "missing_token"]
+__all__ = ["authenticate", "missing_token", "refuse_unusable", "still_valid"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -29,16 +29,30 @@ def authenticate(sessions: sessionmaker[Session], token: str | None) -> Caller:
     now = datetime.now(UTC)
     with sessions.begin() as session:
         row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
-        if row is None:
-            raise Unauthorized("unknown API token", code="invalid_token", headers=_CHALLENGE)
-        if row.revoked_at is not None:
-            raise Unauthorized("this API token was revoked", code="token_revoked", headers=_CHALLENGE)
-        if row.expires_at is not None and row.expires_at <= now:
-            raise Unauthorized(
-                "this API token has expired; ask an admin to rotate it", code="token_expired", headers=_CHALLENGE
-            )
-        if row.node.disabled_at is not None:
-            raise Unauthorized("this node is disabled", code="node_disabled", headers=_CHALLENGE)
+        refuse_unusable(row, now)
+        assert row is not None
         if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
             row.last_used_at = now
         return Caller(row.node_id, row.node.name, row.node.role, tuple(row.scopes), row.id, row.expires_at)
+
+
+def still_valid(sessions: sessionmaker[Session], caller: Caller) -> None:
+    """Refuse (401) a caller whose token was revoked or expired, or whose node was disabled, since it
+    authenticated: long-lived responses (event streams, long-polls) call this before each delivery,
+    so a revocation takes effect on what they send next, not when they reconnect."""
+    with sessions() as session:
+        refuse_unusable(session.get(ApiToken, caller.token_id), datetime.now(UTC))
+
+
+def refuse_unusable(row: ApiToken | None, now: datetime) -> None:
+    """401 for a token that is unknown, revoked or expired at ``now``, or whose node is disabled."""
+    if row is None:
+        raise Unauthorized("unknown API token", code="invalid_token", headers=_CHALLENGE)
+    if row.revoked_at is not None:
+        raise Unauthorized("this API token was revoked", code="token_revoked", headers=_CHALLENGE)
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthorized(
+            "this API token has expired; ask an admin to rotate it", code="token_expired", headers=_CHALLENGE
+        )
+    if row.node.disabled_at is not None:
+        raise Unauthorized("this node is disabled", code="node_disabled", headers=_CHALLENGE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -16,6 +16,10 @@ from m2kt.broker.schemas import NAME_PATTERN, TokenOut
 from m2kt.broker.security import DEFAULT_SCOPES, hash_token, new_token, valid_scope
 from m2kt.broker.services import audit
 
+#: Characters of a token shown in listings to tell tokens apart: "m2kt_" and 4 of the secret (24 of its
+#: 256 bits; tokens issued before kept 7 in the database, and listings cut them to 4 as well).
+SHOWN = 9
+
 
 def get_node(session: Session, name: str) -> Node:
     node = session.scalar(select(Node).where(Node.name == name)) if re.fullmatch(NAME_PATTERN, name) else None
@@ -25,8 +29,15 @@ def get_node(session: Session, name: str) -> Node:
 
 
 def issue_token(
-    session: Session, node: Node, scopes: list[str] | None, ttl_days: int | None, *, secret: str | None = None
+    session: Session,
+    node: Node,
+    scopes: list[str] | None,
+    ttl_days: int | None,
+    *,
+    secret: str | None = None,
+    expires_at: datetime | None = None,
 ) -> TokenOut:
+    """A new token for ``node``; it expires after ``ttl_days`` (or at ``expires_at``; neither: never)."""
     scopes = list(scopes) if scopes is not None else list(DEFAULT_SCOPES[node.role])
     bad = [s for s in scopes if not valid_scope(s)]
     if bad:
@@ -38,17 +49,17 @@ def issue_token(
     row = ApiToken(
         node_id=node.id,
         token_hash=hash_token(secret),
-        prefix=secret[:12],
+        prefix=secret[:SHOWN],
         scopes=scopes,
         created_at=now,
-        expires_at=now + timedelta(days=ttl_days) if ttl_days else None,
+        expires_at=expires_at or (now + timedelta(days=ttl_days) if ttl_days else None),
     )
     session.add(row)
     session.flush()
     return TokenOut(
         id=row.id,
         node=node.name,
-        prefix=row.prefix,
+        prefix=row.prefix[:SHOWN],
         scopes=scopes,
         created_at=now,
         expires_at=row.expires_at,
@@ -103,21 +114,34 @@ def revoke_token(session: Session, caller: Caller, token_id: int) -> ApiToken:
 def rotate_token(session: Session, caller: Caller, ttl_days: int | None, default_ttl_days: int) -> TokenOut:
     """A new token for the caller's node with the caller's scopes; the caller's token is revoked.
 
-    The new token lives no longer than the old one was issued for (or ``default_ttl_days`` if it had
-    no expiry), so rotation cannot stretch a lifetime an admin chose."""
-    # Two rotations with one token at once: the row lock makes the second see the first's revocation.
-    old = session.scalar(select(ApiToken).where(ApiToken.id == caller.token_id).with_for_update(of=ApiToken))
-    if old is None or old.revoked_at is not None:
+    Rotation changes the secret, not the lifetime: the new token expires when the old one would have
+    (a token without expiry gets ``default_ttl_days``), or sooner with ``ttl_days``. So a 1-day token
+    that keeps rotating still ends after its day."""
+    # One rotation per token, on every database: the conditional UPDATE is the first statement of the
+    # transaction, so it takes the write lock (SQLite) or the row lock (Postgres) and re-reads the row;
+    # a concurrent second rotation finds it revoked and updates nothing.
+    now = datetime.now(UTC)
+    won = session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == caller.token_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if won != 1:
         raise Unauthorized("this API token was revoked", code="token_revoked", headers={"WWW-Authenticate": "Bearer"})
-    limit = (old.expires_at - old.created_at) if old.expires_at is not None else timedelta(days=default_ttl_days)
-    longest = max(1, int(limit.total_seconds() // 86400))
-    if ttl_days is not None and ttl_days > longest:
-        raise Malformed(
-            f"ttl_days {ttl_days} is longer than this token's own lifetime ({longest} days); ask an admin for more",
-            code="ttl_too_long",
-        )
-    token = issue_token(session, old.node, list(old.scopes), ttl_days or longest)
-    old.revoked_at = datetime.now(UTC)
+    old = session.get(ApiToken, caller.token_id, populate_existing=True)
+    assert old is not None
+    expires = old.expires_at if old.expires_at is not None else now + timedelta(days=default_ttl_days)
+    if ttl_days is not None:
+        if now + timedelta(days=ttl_days) > expires:
+            left = max(0.0, (expires - now).total_seconds() / 86400)
+            raise Malformed(
+                f"ttl_days {ttl_days} would outlive this token ({left:.1f} days left); rotation keeps the expiry, "
+                "ask an admin for a longer-lived token",
+                code="ttl_too_long",
+            )
+        expires = now + timedelta(days=ttl_days)
+    token = issue_token(session, old.node, list(old.scopes), None, expires_at=expires)
     audit.record(session, caller.node_id, "token.rotated", caller.node, old_token_id=old.id, token_id=token.id)
     return token
 
@@ -126,7 +150,7 @@ def token_out(row: ApiToken) -> TokenOut:
     return TokenOut(
         id=row.id,
         node=row.node.name,
-        prefix=row.prefix,
+        prefix=row.prefix[:SHOWN],
         scopes=row.scopes,
         created_at=row.created_at,
         expires_at=row.expires_at,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from m2kt.broker.caller import Caller
-from m2kt.broker.errors import Conflict, Forbidden, NotFound, RangeNotSatisfiable
+from m2kt.broker.errors import Conflict, Forbidden, NotFound, RangeNotSatisfiable, TooLarge
 from m2kt.broker.models import EventKind, IngestionReceipt, LineageEdge, Packet, PacketStatus, Role
 from m2kt.broker.schemas import LineageNode, LineageOut, ReceiptIn, ReceiptOut
 from m2kt.broker.services import audit
@@ -110,15 +111,44 @@ def lineage(session: Session, packet_id: str) -> LineageOut:
     return LineageOut(packet=packet_id, ancestors=walk(packet_id, True), descendants=walk(packet_id, False))
 
 
-def add_receipt(session: Session, caller: Caller, packet_id: str, body: ReceiptIn) -> ReceiptOut:
+def add_receipt(
+    session: Session, caller: Caller, packet_id: str, body: ReceiptIn, *, max_bytes: int, max_count: int
+) -> ReceiptOut:
     """The caller's 'receipt' scope is checked by the route (ReceiptCaller). A receipt says which node
-    ingested the packet, so an admin node (whose 'admin' scope grants 'receipt' too) may not post one."""
+    ingested the packet, so an admin node (whose 'admin' scope grants 'receipt' too) may not post one.
+
+    A withdrawn (revoked or quarantined) packet takes ``rolled_back`` receipts only: a student says it
+    undid the ingestion, never that it took the packet in (409 ``packet_withdrawn``). One receipt's
+    scores and report are at most ``max_bytes`` of JSON (413 ``receipt_too_large``), and one node posts
+    at most ``max_count`` receipts per packet (409 ``too_many_receipts``)."""
     if caller.role is Role.admin:
         raise Forbidden(
             "receipts record what a student node did; post it with that student's token, not an admin's",
             code="receipt_needs_student",
         )
-    get_packet(session, packet_id)
+    packet = get_packet(session, packet_id)
+    if packet.status is not PacketStatus.accepted and body.decision != "rolled_back":
+        raise Conflict(
+            f"packet {packet_id[:16]}… is {packet.status.value}: post 'rolled_back' once you have undone it",
+            code="packet_withdrawn",
+        )
+    size = len(json.dumps([body.scores, body.report], separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise TooLarge(
+            f"the receipt's scores and report are {size} bytes of JSON, over {max_bytes} (M2KT_MAX_RECEIPT_BYTES); "
+            "keep the summary, not the whole log",
+            code="receipt_too_large",
+        )
+    posted = session.scalar(
+        select(func.count())
+        .select_from(IngestionReceipt)
+        .where(IngestionReceipt.packet_id == packet_id, IngestionReceipt.node_id == caller.node_id)
+    )
+    if posted is not None and posted >= max_count:
+        raise Conflict(
+            f"node {caller.node!r} posted {posted} receipts for this packet already, the most allowed",
+            code="too_many_receipts",
+        )
     receipt = IngestionReceipt(
         packet_id=packet_id, node_id=caller.node_id, decision=body.decision, scores=body.scores, report=body.report
     )

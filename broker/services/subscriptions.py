@@ -6,15 +6,24 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import Subscription
 from m2kt.broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
+from m2kt.broker.services.auth import still_valid
 from m2kt.broker.services.records import events_out
-from m2kt.broker.services.topics import check_topic_name, events_after, get_or_create_topic, get_topic
+from m2kt.broker.services.topics import (
+    check_topic_name,
+    check_topic_quota,
+    events_after,
+    get_or_create_topic,
+    get_topic,
+)
+from m2kt.broker.services.upsert import insert_or_find
+from m2kt.broker.settings import Settings
 from m2kt.broker.state import BrokerState
 from m2kt.broker.threads import in_thread
 
@@ -27,14 +36,20 @@ def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: i
     return EventPage(items=items, cursor=items[-1].seq if items else after)
 
 
-async def wait_for_events(state: BrokerState, topic: str, after: int, wait: float, limit: int) -> EventPage:
-    """Events after ``after``; when none, wait up to ``wait`` seconds for one (long-poll)."""
+async def wait_for_events(
+    state: BrokerState, caller: Caller, topic: str, after: int, wait: float, limit: int
+) -> EventPage:
+    """Events after ``after``; when none, wait up to ``wait`` seconds for one (long-poll).
+
+    ``caller``'s token and node are checked again before the page is returned (401 when revoked,
+    expired or disabled meanwhile): what a long-lived request delivers obeys the credentials of now."""
     deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
     while True:
         wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
         page = await in_thread(event_page, state.sessions, topic, after, limit)
         remaining = deadline - time.monotonic()
         if page.items or remaining <= 0:
+            await in_thread(still_valid, state.sessions, caller)
             return page
         try:
             await asyncio.wait_for(wake.wait(), min(remaining, state.settings.poll_fallback_seconds))
@@ -61,27 +76,39 @@ def _find(session: Session, caller: Caller, name: str) -> Subscription | None:
     return session.scalar(select(Subscription).where(Subscription.node_id == caller.node_id, Subscription.name == name))
 
 
-def ensure_subscription(session: Session, caller: Caller, name: str, topic: str) -> tuple[Subscription, bool]:
-    """The caller's 'read' scope is checked by the route (ReadCaller)."""
+def ensure_subscription(
+    session: Session, caller: Caller, name: str, topic: str, settings: Settings
+) -> tuple[Subscription, bool]:
+    """The caller's 'read' scope is checked by the route (ReadCaller). A node keeps at most
+    ``max_subscriptions_per_node`` subscriptions and creates at most ``max_topics_per_node`` topics."""
     if not storable_name(name):
         raise Malformed(
             f"invalid subscription name {name[:100]!r}: 1-{MAX_NAME_LENGTH} characters, no NUL", code="invalid_name"
         )
     check_topic_name(topic)
-    sub = _find(session, caller, name)
-    if sub is not None:
-        if sub.topic.name != topic:
+
+    def make() -> Subscription:
+        kept = session.scalar(
+            select(func.count()).select_from(Subscription).where(Subscription.node_id == caller.node_id)
+        )
+        if kept is not None and kept >= settings.max_subscriptions_per_node:
             raise Conflict(
-                f"subscription {name!r} follows topic {sub.topic.name!r}, not {topic!r}",
-                code="subscription_topic_mismatch",
+                f"node {caller.node!r} keeps {kept} subscriptions, the most this broker allows "
+                "(M2KT_MAX_SUBSCRIPTIONS_PER_NODE); delete one first",
+                code="too_many_subscriptions",
             )
-        return sub, False
-    row = get_or_create_topic(session, topic, caller.node_id)
-    sub = Subscription(node_id=caller.node_id, name=name, topic_id=row.id, cursor=0)
-    session.add(sub)
-    session.flush()
+        check_topic_quota(session, caller, topic, settings.max_topics_per_node)
+        row = get_or_create_topic(session, topic, caller.node_id)
+        return Subscription(node_id=caller.node_id, name=name, topic_id=row.id, cursor=0)
+
+    sub, created = insert_or_find(session, lambda: _find(session, caller, name), make)
+    if not created and sub.topic.name != topic:
+        raise Conflict(
+            f"subscription {name!r} follows topic {sub.topic.name!r}, not {topic!r}",
+            code="subscription_topic_mismatch",
+        )
     session.refresh(sub)
-    return sub, True
+    return sub, created
 
 
 def acknowledge(session: Session, caller: Caller, name: str, cursor: int) -> Subscription:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from m2kt.broker.errors import Malformed, NotFound
+from m2kt.broker.caller import Caller
+from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent
 from m2kt.broker.pubsub import notify_in_transaction
 from m2kt.broker.schemas import TopicOut
+from m2kt.broker.services.upsert import insert_or_find
 from m2kt.format.manifest import TOPIC_PATTERN
 
 
@@ -32,18 +33,35 @@ def get_topic(session: Session, name: str) -> Topic:
     return topic
 
 
+def check_topic_quota(session: Session, caller: Caller, name: str, limit: int) -> None:
+    """409 ``too_many_topics`` when ``name`` does not exist yet and the caller (not an admin) has created
+    ``limit`` topics already: a node cannot fill the topic list by uploading or subscribing."""
+    if caller.is_admin or session.scalar(select(Topic.id).where(Topic.name == name)) is not None:
+        return
+    created = session.scalar(select(func.count()).select_from(Topic).where(Topic.created_by == caller.node_id)) or 0
+    if created >= limit:
+        raise Conflict(
+            f"node {caller.node!r} created {created} topics, the most this broker allows (M2KT_MAX_TOPICS_PER_NODE); "
+            f"use an existing topic or ask an admin to create {name!r}",
+            code="too_many_topics",
+        )
+
+
+def list_topics(session: Session, after: str | None, limit: int) -> list[Topic]:
+    """A page of topics by name; ``after``: the last name of the previous page."""
+    query = select(Topic).order_by(Topic.name).limit(limit)
+    if after is not None:
+        query = query.where(Topic.name > after)
+    return list(session.scalars(query))
+
+
 def get_or_create_topic(session: Session, name: str, creator_id: int | None) -> Topic:
     check_topic_name(name)
-    topic = session.scalar(select(Topic).where(Topic.name == name))
-    if topic is not None:
-        return topic
-    try:
-        with session.begin_nested():
-            topic = Topic(name=name, created_by=creator_id, last_seq=0)
-            session.add(topic)
-    except IntegrityError:  # created concurrently
-        topic = session.scalar(select(Topic).where(Topic.name == name))
-        assert topic is not None
+    topic, _ = insert_or_find(
+        session,
+        lambda: session.scalar(select(Topic).where(Topic.name == name)),
+        lambda: Topic(name=name, created_by=creator_id, last_seq=0),
+    )
     return topic
 
 

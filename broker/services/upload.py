@@ -27,20 +27,31 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from m2kt.broker.bloblocks import locked_transaction
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import BrokerError, Malformed, TooLarge, TooManyRequests, ValidationFailed
-from m2kt.broker.models import EventKind, FlaggedConceptSet, LineageEdge, Packet, PacketStatus, PublicKey, Topic
+from m2kt.broker.models import (
+    ApiToken,
+    EventKind,
+    FlaggedConceptSet,
+    LineageEdge,
+    Packet,
+    PacketStatus,
+    PublicKey,
+    Topic,
+)
 from m2kt.broker.schemas import PacketOut
 from m2kt.broker.services import audit
+from m2kt.broker.services.auth import refuse_unusable
 from m2kt.broker.services.records import packet_out
-from m2kt.broker.services.topics import append_event, get_or_create_topic
+from m2kt.broker.services.topics import append_event, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
 from m2kt.broker.storage import StagedUpload, StorageError
 from m2kt.broker.threads import in_thread
@@ -52,6 +63,7 @@ from m2kt.broker.validation import (
     check_signature,
     declared_safety,
     flagged_similarity,
+    unit_rows,
 )
 from m2kt.format.keys import VerifyKey
 
@@ -73,14 +85,22 @@ class _Checked:
     threshold: float
 
 
-def _check_header(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket) -> _Checked:
-    """Everything decidable from the header: topic, key (known, live, the caller's), signature."""
+def _check_header(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket, blob: str) -> _Checked:
+    """Everything decidable from the header: topic, storable text, key (known, live, the caller's),
+    quota, signature. ``blob`` is the blob key, which names exactly this file."""
     header = stream.header
     assert header is not None
     manifest = header.manifest
     if manifest.topic != topic:
         raise ValidationFailed(
             f"the packet is signed for topic {manifest.topic!r} but was sent to {topic!r}", code="topic_mismatch"
+        )
+    _check_storable(header.manifest.model_dump(mode="json"))
+    if manifest.teacher.node is not None and manifest.teacher.node != caller.node:
+        raise ValidationFailed(
+            f"the packet's signed manifest names teacher node {manifest.teacher.node!r}, but {caller.node!r} "
+            "uploaded it; publish it as that node, or pack it with that node's name",
+            code="teacher_node_mismatch",
         )
     with state.sessions() as session:
         key = session.get(PublicKey, manifest.key_fingerprint)
@@ -91,27 +111,48 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             )
         if key.revoked_at is not None:
             raise ValidationFailed(f"key {key.fingerprint[:16]}… was revoked", code="key_revoked")
-        if key.owner_id != caller.node_id and not caller.is_admin:
+        if key.owner_id != caller.node_id:  # admins too: an admin publishes with its own keys
             raise ValidationFailed(
                 f"key {key.fingerprint[:16]}… belongs to node {key.owner.name!r}, not to {caller.node!r}",
                 code="key_not_owned",
             )
         raw = key.public_key
-        _check_quota(state, session, caller, header.file_size, header.manifest.data_sha256)
+        _check_parents(session, manifest.parents)
+        check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
+        _check_quota(state, session, caller, header.file_size, blob)
         row = session.scalar(select(Topic).where(Topic.name == topic))
         threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
     check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
     return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
 
 
-def _check_quota(state: BrokerState, session: Session, caller: Caller, size: int, data_sha256: str) -> None:
-    """413 when this packet would take the node's stored bytes over its quota (re-uploads are free).
+def _check_parents(session: Session, parents: list[str]) -> None:
+    """422 when a parent on this broker is withdrawn (revoked or quarantined): a packet cannot claim to
+    descend from knowledge its publisher or an admin took back. A parent this broker does not hold
+    stays allowed (lineage across brokers) and is shown as ``known: false``; a parent withdrawn later
+    keeps its edges, so its descendants can be found and rolled back."""
+    if not parents:
+        return
+    rows = session.execute(select(Packet.id, Packet.status).where(Packet.id.in_(parents))).all()
+    withdrawn = [(pid, status) for pid, status in rows if status is not PacketStatus.accepted]
+    if withdrawn:
+        pid, status = withdrawn[0]
+        raise ValidationFailed(
+            f"parent {pid[:16]}… is {status.value}; a packet cannot descend from a withdrawn one",
+            code="parent_withdrawn",
+        )
 
+
+def _check_quota(state: BrokerState, session: Session, caller: Caller, size: int, blob: str) -> None:
+    """413 when this packet would take the node's stored bytes over its quota.
+
+    Only re-uploading this very file (same blob key: same header and data bytes) is free: it stores
+    nothing new. A new packet sharing another's data section, or another node's bytes, counts in full.
     Concurrent uploads by one node may each pass and together overshoot by at most their own sizes."""
     quota = state.settings.node_quota_bytes
     if not quota:
         return
-    if session.scalar(select(Packet.id).where(Packet.data_sha256 == data_sha256).limit(1)) is not None:
+    if session.scalar(select(Packet.id).where(Packet.storage_key == blob).limit(1)) is not None:
         return
     used = session.scalar(select(func.coalesce(func.sum(Packet.size), 0)).where(Packet.publisher_id == caller.node_id))
     if used + size > quota:
@@ -120,6 +161,24 @@ def _check_quota(state: BrokerState, session: Session, caller: Caller, size: int
             f"of {quota} bytes — ask an admin to raise M2KT_NODE_QUOTA_BYTES or remove old packets",
             code="quota_exceeded",
         )
+
+
+def _check_storable(value: object, where: str = "manifest") -> None:
+    """422 for a NUL character anywhere in the manifest's text (keys or values): Postgres cannot store
+    one in JSON, so it is refused on every database alike, before anything is staged."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed(
+                f"{where} contains a NUL character (U+0000), which the broker cannot store; remove it and sign again",
+                code="nul_in_manifest",
+            )
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_storable(name, where)
+            _check_storable(item, f"{where}.{str(name)[:40]}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
 
 
 def _check_rate(state: BrokerState, caller: Caller) -> None:
@@ -161,9 +220,10 @@ class _Receiver:
             self._early.append(chunk)
             if header is None:
                 return
-            self.checked = _check_header(self.state, self.caller, self.topic, self.stream)
             assert self.stream.header_sha256 is not None
-            self.key = blob_key(header.manifest.data_sha256, self.stream.header_sha256)
+            key = blob_key(header.manifest.data_sha256, self.stream.header_sha256)
+            self.checked = _check_header(self.state, self.caller, self.topic, self.stream, key)
+            self.key = key
             self.staged = self.state.storage.stage(self.key)
             early, self._early = self._early, []
             for piece in early:
@@ -184,8 +244,7 @@ class _Receiver:
 def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
     out = []
     for row in session.scalars(select(FlaggedConceptSet)):
-        directions = np.asarray(row.directions, dtype=np.float32)
-        directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+        directions = unit_rows(np.asarray(row.directions, dtype=np.float64))
         out.append(
             FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default)
         )
@@ -233,11 +292,7 @@ def _store_and_commit(
                 existing = session.get(Packet, received.packet_id)
                 if existing is not None:
                     return packet_out(session, existing), False
-                if not receiver.promoted:
-                    staged.complete()  # S3: the object appears under its final key, nothing is copied
-                    if staged.staging_key != key:  # local: a rename out of incoming/
-                        state.storage.promote(staged.staging_key, key)
-                    receiver.promoted = True
+                _recheck_publisher(session, caller, checked.key_fingerprint)
                 topic = get_or_create_topic(session, topic_name, caller.node_id)
                 packet = Packet(
                     id=received.packet_id,
@@ -251,10 +306,21 @@ def _store_and_commit(
                     status=status,
                     storage_key=key,
                 )
-                session.add(packet)
-                session.flush()  # the packet row before the edges that reference it
-                session.add_all(LineageEdge(parent_id=p, child_id=packet.id) for p in manifest.parents)
-                session.flush()
+                try:
+                    session.add(packet)
+                    session.flush()  # the packet row before the edges that reference it
+                    session.add_all(LineageEdge(parent_id=p, child_id=packet.id) for p in manifest.parents)
+                    session.flush()
+                except DataError as exc:  # a value this database cannot store: refused, nothing staged stays
+                    reason = str(exc.orig or exc).splitlines()[0][:200]
+                    raise ValidationFailed(f"the packet cannot be stored: {reason}", code="invalid_value") from None
+                # Only now, with the row written (but not committed), does the blob appear: a refusal above
+                # leaves no blob; a failure below rolls the row back (a blob without a row is GC's).
+                if not receiver.promoted:
+                    staged.complete()  # S3: the object appears under its final key, nothing is copied
+                    if staged.staging_key != key:  # local: a rename out of incoming/
+                        state.storage.promote(staged.staging_key, key)
+                    receiver.promoted = True
                 session.refresh(packet)
                 record = packet_out(session, packet)
                 # Last: appending the event locks the topic row until commit; keep that short.
@@ -267,6 +333,24 @@ def _store_and_commit(
             if attempt:  # the same packet committed concurrently: the second try returns it
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recheck_publisher(session: Session, caller: Caller, fingerprint: str) -> None:
+    """Where the row is committed, again: the key is still live, the token and node still valid.
+
+    The conditional UPDATE locks the key's row (Postgres) or takes the write lock (SQLite) until this
+    transaction ends, so a revocation either commits first (and this upload is refused, 422
+    ``key_revoked``) or waits and then revokes this packet with the key's others — never a packet
+    signed by a revoked key committed after its revocation."""
+    live = session.execute(
+        update(PublicKey)
+        .where(PublicKey.fingerprint == fingerprint, PublicKey.revoked_at.is_(None))
+        .values(owner_id=PublicKey.owner_id)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if live != 1:
+        raise ValidationFailed(f"key {fingerprint[:16]}… was revoked during the upload", code="key_revoked")
+    refuse_unusable(session.get(ApiToken, caller.token_id, populate_existing=True), datetime.now(UTC))
 
 
 def upload_incomplete() -> Malformed:

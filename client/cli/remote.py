@@ -32,14 +32,15 @@ from m2kt.cli.app import (
 )
 from m2kt.errors import (
     BrokerError,
+    KeyFileError,
     M2KTError,
     MalformedRequest,
+    PacketError,
     ServiceUnavailable,
     TransportError,
     ValidationError,
     VerificationError,
 )
-from m2kt.errors import PacketError
 
 if TYPE_CHECKING:  # the SDK (httpx) is imported when a command talks to a broker, not to list the commands
     from m2kt.sdk.client import BrokerClient
@@ -111,7 +112,9 @@ def login(
     ],
     profile: Annotated[
         str | None,
-        typer.Option("--profile", help="Store it as this named profile (use: m2kt --profile NAME …); else the default."),
+        typer.Option(
+            "--profile", help="Store it as this named profile (use: m2kt --profile NAME …); else the default."
+        ),
     ] = None,
 ) -> None:
     """Check a token against a broker and remember both (user config dir, mode 0600)."""
@@ -326,19 +329,60 @@ def node_add(
             out.print(f"saved as profile {save_as!r} in {path}: m2kt --profile {save_as} …", markup=False)
 
 
+def _registration_key(path: Path) -> Any:
+    """A private key file (it signs the registration here) or a proof file from ``m2kt key prove``."""
+    from m2kt.format.key_proof import KeyProof
+
+    text = path.read_text(errors="replace")[:20000]
+    if text.lstrip().startswith("{"):
+        try:
+            return KeyProof.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyFileError(path, f"not a key proof file (m2kt key prove writes one): {exc}") from None
+    if "PUBLIC KEY" in text or path.suffix == ".pub":
+        raise KeyFileError(
+            path,
+            "registering needs the private key (NAME.key): it signs the registration here and only the signature "
+            "is sent; an admin registering another node's key uses the proof that node made with `m2kt key prove`",
+        )
+    return path
+
+
 @key_app.command("register")
 def key_register(
     ctx: typer.Context,
-    public_key: Annotated[Path, typer.Argument(help="Public key file (NAME.pub).", exists=True, dir_okay=False)],
+    key_file: Annotated[
+        Path,
+        typer.Argument(
+            help="The private key (NAME.key; it signs the registration, only the signature is sent), or a proof "
+            "file from `m2kt key prove`.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
     owner: Annotated[
         str | None, typer.Option(help="The node the key belongs to; required as admin (else: the calling node).")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a public key so the broker accepts packets it signs."""
+    """Register a key so the broker accepts packets it signs, proving you hold its private key."""
+    key = _registration_key(key_file)
     with broker_client(ctx) as broker:
-        record = broker.register_key(public_key, owner)
+        record = broker.register_key(key, owner)
     out.print(_dump(record) if as_json else f"registered {record.fingerprint} for {record.owner}", markup=False)
+
+
+@key_app.command("prove")
+def key_prove(
+    key_file: Annotated[Path, typer.Argument(help="The private key (NAME.key).", exists=True, dir_okay=False)],
+    node: Annotated[str, typer.Option(help="The node the key is to be registered for.")],
+) -> None:
+    """Print a proof that you hold this key, for an admin to register it for NODE (`m2kt key register PROOF
+    --owner NODE`); the private key stays here. The broker takes it for a day (M2KT_KEY_PROOF_MAX_AGE_SECONDS)."""
+    from m2kt.format.key_proof import prove_key
+    from m2kt.format.keys import load_signing_key
+
+    out.print(prove_key(load_signing_key(key_file), node).to_json(), markup=False, end="")
 
 
 @key_app.command("revoke")

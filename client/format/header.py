@@ -29,6 +29,7 @@ from m2kt.format.manifest import Manifest, TensorSpec, canonical_json
 __all__ = [
     "DEFAULT_LIMITS",
     "MANIFEST_KEY",
+    "MAX_TENSOR_BYTES",
     "PACKET_SUFFIX",
     "SIGNATURE_KEY",
     "PacketHeader",
@@ -39,11 +40,15 @@ __all__ = [
     "parse_header",
     "read_header",
     "read_header_from",
+    "shape_nbytes",
 ]
 
 PACKET_SUFFIX = ".m2kt"
 MANIFEST_KEY = "m2kt.manifest"
 SIGNATURE_KEY = "m2kt.signature"
+#: The most bytes a tensor's shape may describe, its zero dimensions left out: numpy's limit (an
+#: ``intp``), which is within safetensors' (a ``u64``). An empty tensor is bound by it too.
+MAX_TENSOR_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,25 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def shape_nbytes(dtype: str, shape: list[int]) -> int | None:
+    """The bytes a ``dtype`` tensor of ``shape`` (non-negative ints) holds, or None for a shape no reader can hold.
+
+    A zero dimension makes a tensor empty, but numpy still multiplies the other dimensions to size
+    the array (refusing one whose product times the item size passes ``2**63 - 1``), and safetensors
+    multiplies the dimensions left to right in a u64 before it sees the zero. So the product of the
+    non-zero dimensions times the item size must stay within :data:`MAX_TENSOR_BYTES`, empty tensor or
+    not; that bounds every dimension and every running product too. It is checked as the product
+    grows, so a hostile shape costs at most ``max_ndim`` multiplications of small numbers.
+    """
+    held = DTYPES[dtype].itemsize  # the product of the non-zero dimensions so far, times the item size
+    for d in shape:
+        if d:
+            held *= d
+            if held > MAX_TENSOR_BYTES:
+                return None
+    return 0 if 0 in shape else held
+
+
 def _parse_tensor_entry(name: str, entry: Any, limits: ReadLimits) -> TensorSpec:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise PacketFormatError(
@@ -146,14 +170,24 @@ def _parse_tensor_entry(name: str, entry: Any, limits: ReadLimits) -> TensorSpec
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
         raise PacketFormatError("bad_offsets", f"tensor {name[:80]!r}: data_offsets must be two non-negative integers")
     begin, end = offsets
-    nbytes = 1
-    for d in shape:
-        nbytes *= d
-    nbytes *= DTYPES[dtype].itemsize
-    if end - begin != nbytes:
+    span, nbytes = end - begin, shape_nbytes(dtype, shape)
+    # Offsets that disagree with the shape first, then a shape that agrees with them but that no
+    # reader can hold. A non-empty shape past the limit needs more bytes than any span within it.
+    if nbytes is not None:
+        disagree = span != nbytes
+    else:
+        disagree = 0 not in shape and span <= MAX_TENSOR_BYTES
+    if disagree:
+        needs = nbytes if nbytes is not None else f"more than {MAX_TENSOR_BYTES}"
         raise PacketFormatError(
             "bad_offsets",
-            f"tensor {name[:80]!r}: offsets span {end - begin} bytes but {dtype}{shape} needs {nbytes}",
+            f"tensor {name[:80]!r}: offsets span {span} bytes but {dtype}{str(shape)[:120]} needs {needs}",
+        )
+    if nbytes is None:
+        raise PacketFormatError(
+            "bad_shape",
+            f"tensor {name[:80]!r}: shape {str(shape)[:120]} describes more than {MAX_TENSOR_BYTES} bytes of "
+            f"{dtype}, zero dimensions aside; no reader can hold it",
         )
     try:
         return TensorSpec.model_validate({"name": name, "dtype": dtype, "shape": shape, "data_offsets": (begin, end)})

@@ -62,12 +62,15 @@ class Packet:
                 raise KeyError(f"the packet has no tensor {name!r}; it has {[t.name for t in self.header.tensors]}")
             dtype = DTYPES[spec.dtype].numpy
             count = (spec.data_offsets[1] - spec.data_offsets[0]) // dtype.itemsize
-            if count == 0:
-                arr = np.empty(tuple(spec.shape), dtype)
-            else:
-                arr = np.frombuffer(
-                    self._buffer, dtype, count=count, offset=self.header.data_offset + spec.data_offsets[0]
-                ).reshape(tuple(spec.shape))
+            try:  # parse_header admits only shapes numpy can hold (shape_nbytes); this keeps it a PacketError
+                if count == 0:
+                    arr = np.empty(tuple(spec.shape), dtype)
+                else:
+                    arr = np.frombuffer(
+                        self._buffer, dtype, count=count, offset=self.header.data_offset + spec.data_offsets[0]
+                    ).reshape(tuple(spec.shape))
+            except (ValueError, OverflowError) as exc:  # pragma: no cover - guarded by the header's checks
+                raise PacketFormatError("bad_shape", f"tensor {name[:80]!r}: {str(exc)[:200]}") from None
             arr.flags.writeable = False
             self._views[name] = arr
         return self._views[name]

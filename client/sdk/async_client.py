@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import httpx
 
 from m2kt.errors import M2KTError, ServiceUnavailable, TransportError
-from m2kt.format.keys import VerifyKey
+from m2kt.format.key_proof import KeyProof
+from m2kt.format.keys import SigningKey, VerifyKey
 from m2kt.format.signature import verify_signature
 from m2kt.format.stream import StreamVerifier
 from m2kt.sdk import calls
@@ -114,7 +115,10 @@ class AsyncBrokerClient(ClientBase):
         return await self._send(calls.me())
 
     async def topics(self) -> list[TopicRecord]:
-        return await self._send(calls.topics())
+        out: list[TopicRecord] = []
+        while len(page := await self._send(calls.topics(out[-1].name if out else None))) == calls.PAGE:
+            out += page
+        return out + page
 
     async def events(self, topic: str, *, after: int = 0, wait: float = 0, limit: int = 100) -> EventPage:
         return await self._send(calls.events(topic, after, wait, limit))
@@ -129,13 +133,19 @@ class AsyncBrokerClient(ClientBase):
         return await self._send(calls.receipts(packet_id))
 
     async def keys(self, owner: str | None = None) -> list[KeyRecord]:
-        return await self._send(calls.keys(owner))
+        out: list[KeyRecord] = []
+        while len(page := await self._send(calls.keys(owner, out[-1].fingerprint if out else None))) == calls.PAGE:
+            out += page
+        return out + page
 
     async def key(self, fingerprint: str) -> KeyRecord:
         return await self._send(calls.key(fingerprint))
 
-    async def register_key(self, public_key: VerifyKey | PathLike, owner: str | None = None) -> KeyRecord:
-        return await self._send(calls.register_key(public_key, owner))
+    async def register_key(self, key: SigningKey | KeyProof | PathLike, owner: str | None = None) -> KeyRecord:
+        """As :meth:`BrokerClient.register_key`."""
+        node = owner if owner is not None or isinstance(key, KeyProof) else (await self.me()).node
+        proof = calls.key_proof(key, lambda: node or "")
+        return await self._send(calls.register_key(proof, owner))
 
     async def revoke_key(self, fingerprint: str, reason: str | None = None) -> KeyRevocation:
         return await self._send(calls.revoke_key(fingerprint, reason))
@@ -179,8 +189,10 @@ class AsyncBrokerClient(ClientBase):
         call, headers = calls.publish(topic, size)
         return await self._send(call, content_factory=body, headers=headers)
 
-    async def verify_key_for(self, fingerprint: str) -> VerifyKey:
-        if fingerprint not in self._keys:
+    async def verify_key_for(self, fingerprint: str, *, fresh: bool = False) -> VerifyKey:
+        """As :meth:`BrokerClient.verify_key_for`."""
+        if fresh or fingerprint not in self._keys:
+            self._keys.pop(fingerprint, None)
             self._keys[fingerprint] = verify_key_from_record(await self.key(fingerprint), self.trusted)
         return self._keys[fingerprint]
 
@@ -238,6 +250,7 @@ class AsyncBrokerClient(ClientBase):
             finally:
                 await response.aclose()
             assert key is not None
+            await self.verify_key_for(key.fingerprint, fresh=True)  # a key revoked since it was cached: refused
             os.replace(tmp, final)
             return FetchedPacket(final, packet_id, result.header.manifest, key.fingerprint, result.size)
         finally:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
 
-from m2kt.errors import VerificationError
-from m2kt.format.keys import VerifyKey, parse_verify_key
+from m2kt.errors import KeyFileError, VerificationError
+from m2kt.format.key_proof import KeyProof, prove_key
+from m2kt.format.keys import SigningKey, VerifyKey, load_signing_key, parse_verify_key
 from m2kt.sdk.records import (
     EventPage,
     KeyRecord,
@@ -56,8 +58,16 @@ def me() -> Call[WhoAmI]:
     return Call("GET", "/v1/me", WhoAmI)
 
 
-def topics() -> Call[list[TopicRecord]]:
-    return Call("GET", "/v1/topics", list[TopicRecord])
+#: Items per page of the broker's list routes (topics, keys); a shorter page is the last one.
+PAGE = 1000
+
+
+def topics(after: str | None = None) -> Call[list[TopicRecord]]:
+    """One page of topics by name, after the name ``after``."""
+    params: dict[str, Any] = {"limit": PAGE}
+    if after is not None:
+        params["after"] = after
+    return Call("GET", "/v1/topics", list[TopicRecord], params=params)
 
 
 def events(topic: str, after: int = 0, wait: float = 0, limit: int = 100) -> Call[EventPage]:
@@ -82,18 +92,32 @@ def key(fingerprint: str) -> Call[KeyRecord]:
     return Call("GET", f"/v1/keys/{_q(fingerprint)}", KeyRecord)
 
 
-def keys(owner: str | None = None) -> Call[list[KeyRecord]]:
-    return Call("GET", "/v1/keys", list[KeyRecord], params={"owner": owner} if owner is not None else None)
+def keys(owner: str | None = None, after: str | None = None) -> Call[list[KeyRecord]]:
+    """One page of the key registry, oldest first, after the fingerprint ``after``."""
+    params: dict[str, Any] = {"limit": PAGE}
+    if owner is not None:
+        params["owner"] = owner
+    if after is not None:
+        params["after"] = after
+    return Call("GET", "/v1/keys", list[KeyRecord], params=params)
 
 
-def register_key(public_key: VerifyKey | str | os.PathLike[str], owner: str | None = None) -> Call[KeyRecord]:
-    if isinstance(public_key, VerifyKey):
-        text = public_key.to_pem()
-    elif isinstance(public_key, os.PathLike) or (isinstance(public_key, str) and Path(public_key).is_file()):
-        text = Path(public_key).read_text()
-    else:
-        text = str(public_key)
-    return Call("POST", "/v1/keys", KeyRecord, json={"public_key": text, "owner": owner})
+def register_key(proof: KeyProof, owner: str | None = None) -> Call[KeyRecord]:
+    body = {"public_key": proof.public_key, "owner": owner, "signed_at": proof.signed_at, "proof": proof.signature}
+    return Call("POST", "/v1/keys", KeyRecord, json=body)
+
+
+def key_proof(key: SigningKey | KeyProof | str | os.PathLike[str], node: Callable[[], str]) -> KeyProof:
+    """The proof of possession that registers ``key``: made here from a private key (``SigningKey`` or
+    its ``NAME.key`` file) for the node ``node()`` names, or a ``KeyProof`` a node made (``m2kt key prove``)."""
+    if isinstance(key, KeyProof):
+        return key
+    if isinstance(key, VerifyKey):
+        raise KeyFileError(
+            None, "registering a key needs its private key (it signs the registration; only the signature is sent)"
+        )
+    signing = key if isinstance(key, SigningKey) else load_signing_key(key)
+    return prove_key(signing, node())
 
 
 def revoke_key(fingerprint: str, reason: str | None = None) -> Call[KeyRevocation]:

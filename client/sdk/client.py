@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import httpx
 
 from m2kt.errors import M2KTError, ServiceUnavailable, TransportError
-from m2kt.format.keys import VerifyKey
+from m2kt.format.key_proof import KeyProof
+from m2kt.format.keys import SigningKey, VerifyKey
 from m2kt.format.signature import verify_signature
 from m2kt.format.stream import StreamVerifier
 from m2kt.sdk import calls
@@ -129,7 +130,11 @@ class BrokerClient(ClientBase):
         return self._send(calls.me())
 
     def topics(self) -> list[TopicRecord]:
-        return self._send(calls.topics())
+        """Every topic, by name (page after page)."""
+        out: list[TopicRecord] = []
+        while len(page := self._send(calls.topics(out[-1].name if out else None))) == calls.PAGE:
+            out += page
+        return out + page
 
     def events(self, topic: str, *, after: int = 0, wait: float = 0, limit: int = 100) -> EventPage:
         """The topic's log after a cursor; waits up to ``wait`` seconds for something new."""
@@ -147,13 +152,20 @@ class BrokerClient(ClientBase):
 
     def keys(self, owner: str | None = None) -> list[KeyRecord]:
         """The key registry, oldest first; ``owner``: only that node's keys."""
-        return self._send(calls.keys(owner))
+        out: list[KeyRecord] = []
+        while len(page := self._send(calls.keys(owner, out[-1].fingerprint if out else None))) == calls.PAGE:
+            out += page
+        return out + page
 
     def key(self, fingerprint: str) -> KeyRecord:
         return self._send(calls.key(fingerprint))
 
-    def register_key(self, public_key: VerifyKey | PathLike, owner: str | None = None) -> KeyRecord:
-        return self._send(calls.register_key(public_key, owner))
+    def register_key(self, key: SigningKey | KeyProof | PathLike, owner: str | None = None) -> KeyRecord:
+        """Register a key, proving this node holds it: ``key`` is the private key (a ``SigningKey`` or its
+        ``NAME.key`` file; it signs the registration here and only the signature is sent), or, as admin
+        with ``owner``, the ``KeyProof`` that node made (``m2kt key prove``)."""
+        proof = calls.key_proof(key, lambda: owner or self.me().node)
+        return self._send(calls.register_key(proof, owner))
 
     def revoke_key(self, fingerprint: str, reason: str | None = None) -> KeyRevocation:
         return self._send(calls.revoke_key(fingerprint, reason))
@@ -202,9 +214,11 @@ class BrokerClient(ClientBase):
         call, headers = calls.publish(topic, size)
         return self._send(call, content_factory=body, headers=headers)
 
-    def verify_key_for(self, fingerprint: str) -> VerifyKey:
-        """The registered, unrevoked (and, if pinned, trusted) key with this fingerprint."""
-        if fingerprint not in self._keys:
+    def verify_key_for(self, fingerprint: str, *, fresh: bool = False) -> VerifyKey:
+        """The registered, unrevoked (and, if pinned, trusted) key with this fingerprint; ``fresh`` asks
+        the broker again instead of trusting this client's cache (a revoked key leaves the cache)."""
+        if fresh or fingerprint not in self._keys:
+            self._keys.pop(fingerprint, None)
             self._keys[fingerprint] = verify_key_from_record(self.key(fingerprint), self.trusted)
         return self._keys[fingerprint]
 
@@ -246,6 +260,9 @@ class BrokerClient(ClientBase):
                     out.flush()
                     os.fsync(out.fileno())
             assert key is not None
+            # The cached key checked the signature; before the packet is handed over, the registry is
+            # asked again, so a key revoked since it was cached (or during the download) is refused.
+            self.verify_key_for(key.fingerprint, fresh=True)
             os.replace(tmp, final)
             return FetchedPacket(final, packet_id, result.header.manifest, key.fingerprint, result.size)
         finally:
