@@ -22,12 +22,11 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.concurrency import run_in_threadpool
-
 from m2kt.broker.errors import BrokerError
 from m2kt.broker.logredact import is_credential_name, looks_like_token
 from m2kt.broker.services.auth import authenticate, missing_token
 from m2kt.broker.stalls import body_stalled
+from m2kt.broker.threads import in_thread
 
 UPLOAD_PATH = re.compile(r"^/v1/topics/[^/]+/packets/?$")
 
@@ -70,7 +69,7 @@ async def _token_refusal(scope: dict[str, Any]) -> BrokerError | None:
     state = scope["app"].state.broker
     _, _, token = (_header(scope, b"authorization") or "").partition(" ")
     try:
-        await run_in_threadpool(authenticate, state.sessions, token.strip())
+        await in_thread(authenticate, state.sessions, token.strip())
     except BrokerError as exc:
         return exc
     return None

@@ -239,3 +239,22 @@ def test_the_embedded_defaults_files_are_private(start_broker: Callable[..., Bro
     for extra in ("m2kt.db-wal", "m2kt.db-shm"):
         if (data_dir / extra).exists():
             assert stat.S_IMODE((data_dir / extra).stat().st_mode) & 0o077 == 0, extra
+
+
+def test_a_presigned_url_outlives_a_revocation_by_its_lifetime_only(
+    start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """Documented, not fixed: S3 serves a presigned URL until it expires, whatever the broker decided since.
+    The default lifetime is 60 s; here 2 s, and the URL handed out before the revocation stops after it."""
+    broker = start_broker("postgres", presign_ttl_seconds=2)
+    teacher, student = broker.node("teacher"), broker.node("student", with_key=False)
+    topic = unique("presign")
+    data = packet_bytes(tmp_path, teacher.key, topic)
+    pid = upload(teacher, topic, data).json()["id"]
+    redirect = student.http.get(f"/v1/packets/{pid}/blob", params={"redirect": 1}, follow_redirects=False)
+    assert redirect.status_code == 307, redirect.text
+    url = redirect.headers["location"]
+    assert teacher.http.post(f"/v1/keys/{teacher.key.fingerprint}/revoke", json={}).status_code == 200
+    assert refusal(student.http.get(f"/v1/packets/{pid}/blob")) == (403, "packet_revoked")  # the broker: at once
+    time.sleep(3)  # past the URL's lifetime (a wait, not a time limit: nothing asserts how long anything took)
+    assert httpx.get(url).status_code == 403  # the storage: once the URL has expired

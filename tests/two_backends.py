@@ -4,6 +4,7 @@ an S3 server (nanio), and over the embedded default (SQLite + a blob directory).
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from m2kt.benchmarks.harness.brokers import Node, register_node, unique, uvicorn_thread
+from m2kt.benchmarks.harness.brokers import BrokerProcess, Node, register_node, unique, uvicorn_thread
 from m2kt.benchmarks.harness.services import S3Server
 from m2kt.broker.app import create_app
 from m2kt.broker.services.upload import blob_key
@@ -51,8 +52,11 @@ def start_broker(
     tmp_path: Path, live_broker: LiveBroker, s3_server: S3Server, s3_bucket: str
 ) -> Iterator[Callable[..., Broker]]:
     """``start_broker(backend, **settings)``: a broker on ``backend`` with these settings, stopped at the end.
-    Postgres brokers share the session's database (and its admin) and this test's fresh bucket."""
+    Postgres brokers share the session's database (and its admin) and this test's fresh bucket;
+    ``embedded-process`` is ``m2kt broker serve`` with nothing configured, in a process of its own
+    (its ``state`` is None)."""
     servers = []
+    processes: list[BrokerProcess] = []
 
     def start(backend: str, **settings: Any) -> Broker:
         if backend == "postgres":
@@ -60,6 +64,14 @@ def start_broker(
             token, app, server = start_live_broker(
                 database, s3_server, s3_bucket, tmp_path / unique("pg"), token=live_broker.admin_token, **settings
             )
+        elif backend == "embedded-process":  # `m2kt broker serve` itself: its own process, its own threads
+            cwd = tmp_path / unique("process")
+            cwd.mkdir()
+            env = {k: "" for k in os.environ if k.startswith("M2KT_") and not k.startswith("M2KT_TEST_")}
+            env |= {f"M2KT_{k.upper()}": str(v) for k, v in settings.items()}
+            process = BrokerProcess(env, cwd=cwd, log_path=cwd / "broker.log").start()
+            processes.append(process)
+            return Broker(process.url, (cwd / "m2kt-data" / "admin-token").read_text().strip(), None)
         else:
             token = "m2kt_admin_" + uuid.uuid4().hex
             config = Settings(
@@ -77,3 +89,5 @@ def start_broker(
     yield start
     for server in reversed(servers):
         server.__exit__(None, None, None)
+    for process in processes:
+        process.stop()
