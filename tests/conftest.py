@@ -1,15 +1,24 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
-import pytest
+# One torch thread in the tests and in every process they start (set before torch is first imported):
+# the models the tests train from fixed seeds then come out the same on any machine and under any load.
+# With two threads, floating-point reductions split differently and a few accuracy thresholds in
+# test_teacher.py and test_demo.py were missed by a point or two on this machine (reproduced on the
+# code before issue 18 as well). Set M2KT_TEST_THREADS to try another count.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("M2KT_TEST_THREADS", "1")
+os.environ["MKL_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
 
 from m2kt.benchmarks.harness.packets import make_body
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL, S3Server, libpq_url, start_nanio
@@ -18,6 +27,9 @@ from m2kt.format.manifest import (
     ManifestBody,
 )
 from tests.services import unavailable
+
+if "torch" in sys.modules:  # imported before this file (a plugin): set the count directly
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
