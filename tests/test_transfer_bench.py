@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from m2kt.benchmarks.transfer.report import aggregate, claims, cost_to
+from m2kt.benchmarks.transfer.report import aggregate, claims, cost_to, every_budget
 from m2kt.benchmarks.transfer.run import Settings, run_benchmark
 from m2kt.benchmarks.transfer.scenarios import build_world
 from m2kt.cli.main import app
@@ -224,6 +224,19 @@ def test_claim_lines_pass_and_fail_on_the_numbers() -> None:
     assert "skill: **FAIL**" in lines and "M2KT 400 queries (100%), KD 400 queries (100%)" in lines
     agg = aggregate(records)
     assert cost_to(agg, "skill", "labelled", ["0", "2%", "100%"]) == "400 labels (100%)"
+
+
+def test_the_few_query_target_holds_on_every_pair_not_on_the_mean() -> None:
+    """Mean 90.1 over three pairs, one at 72.1: the target (every pair at >= 90%) is missed, and says where."""
+    records = []
+    for pair, pct in (("pair-a", 98.1), ("pair-b", 100.0), ("pair-c", 72.1)):
+        for condition, value in (("m2kt-rebind", pct), ("kd", 3.0)):
+            records.append(_record("skill", condition, "8", value, 8) | {"pair": pair})
+    lines = "\n".join(every_budget(records))
+    assert "on every pair (m2kt-rebind at N=8): **FAIL** — 90.1 ±" in lines
+    assert "pair-c 72.1" in lines
+    raised = [r | {"pct_of_teacher": 95.0} if r["condition"] == "m2kt-rebind" else r for r in records]
+    assert "on every pair (m2kt-rebind at N=8): **PASS**" in "\n".join(every_budget(raised))
 
 
 def test_cli_help_lists_the_benchmark_options() -> None:

@@ -279,22 +279,38 @@ def every_budget(records: list[dict[str, Any]]) -> list[str]:
     budgets = _budgets(records)
     lines = ["M2KT against KD at every budget (the better M2KT method; 'spread' as above):", ""]
     for scenario in _scenarios(records):
-        worse = []
+        worse, within = [], []
         for b in budgets:
             found, kd = _best_m2kt(agg, scenario, b), agg.get((scenario, "kd", b))
-            if found is None or kd is None:
+            if found is None or kd is None or found[1]["pct"] >= kd["pct"]:
                 continue
+            gap = f"{b}: {found[1]['pct']:.1f} vs KD {kd['pct']:.1f}"
             if found[1]["pct"] < kd["pct"] - max(found[1]["pct_sd"], kd["pct_sd"]):
-                worse.append(f"{b}: {found[1]['pct']:.1f} vs KD {kd['pct']:.1f}")
+                worse.append(gap)
+            else:
+                within.append(gap)
         verdict = "PASS" if not worse else "FAIL"
-        lines.append(f"- {scenario}: **{verdict}**" + (f" — below KD at {'; '.join(worse)}" if worse else ""))
+        line = f"- {scenario}: **{verdict}**" + (f" — below KD at {'; '.join(worse)}" if worse else "")
+        if within:
+            line += f" (mean below KD, within the spread, at {'; '.join(within)})"
+        lines.append(line)
         target = agg.get((scenario, "m2kt-rebind", "8"))
         if target is not None:
-            ok = target["pct"] >= TARGET
+            # The target holds on every pair, not on the mean: the lowest run decides.
+            per_run = {
+                r["pair"]: r["pct_of_teacher"]
+                for r in records
+                if r["scenario"] == scenario
+                and r["condition"] == "m2kt-rebind"
+                and str(r["budget"]) == "8"
+                and r.get("pct_of_teacher") is not None
+            }
+            ok = bool(per_run) and min(per_run.values()) >= TARGET
+            runs = ", ".join(f"{pair} {pct:.1f}" for pair, pct in sorted(per_run.items()))
             lines.append(
-                f"  - ≥ {TARGET:.0f}% of teacher with ≤ 8 queries and 0 labels (m2kt-rebind at N=8): "
+                f"  - ≥ {TARGET:.0f}% of teacher with ≤ 8 queries and 0 labels on every pair (m2kt-rebind at N=8): "
                 f"**{'PASS' if ok else 'FAIL'}** — {target['pct']:.1f} ± {target['pct_sd']:.1f} "
-                f"over {target['runs']} run(s)"
+                f"over {target['runs']} run(s) ({runs})"
             )
     return lines
 
