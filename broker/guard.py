@@ -22,10 +22,11 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from m2kt.broker.errors import BrokerError
+from m2kt.broker.errors import DATABASE_FAILURES, BrokerError, dependency_down
 from m2kt.broker.logredact import is_credential_name, looks_like_token
 from m2kt.broker.services.auth import authenticate, missing_token
 from m2kt.broker.stalls import body_stalled
+from m2kt.broker.storage import StorageError
 from m2kt.broker.threads import in_thread
 
 UPLOAD_PATH = re.compile(r"^/v1/topics/[^/]+/packets/?$")
@@ -64,14 +65,17 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-async def _token_refusal(scope: dict[str, Any]) -> BrokerError | None:
-    """The 401 this request's bearer token gets (unknown, expired, revoked, disabled), or None."""
+async def token_refusal(scope: dict[str, Any]) -> BrokerError | None:
+    """The refusal this request's bearer token gets — 401 when unknown, expired, revoked or disabled, 503
+    when the database cannot say — or None when it is good. Shared with the app's error handlers."""
     state = scope["app"].state.broker
-    _, _, token = (_header(scope, b"authorization") or "").partition(" ")
+    scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
     try:
-        await in_thread(authenticate, state.sessions, token.strip())
+        await in_thread(authenticate, state.sessions, token.strip() if scheme.lower() == "bearer" else None)
     except BrokerError as exc:
         return exc
+    except (StorageError, *DATABASE_FAILURES) as exc:
+        return dependency_down(exc)
     return None
 
 
@@ -108,7 +112,7 @@ class RequestGuard:
     async def _too_large(self, scope: Any, send: Any) -> None:
         """413, but a bad token's 401 first: a stranger learns nothing about limits, nor about routes."""
         if scope.get("path", "").startswith("/v1/"):
-            refusal = await _token_refusal(scope)
+            refusal = await token_refusal(scope)
             if refusal is not None:
                 await _send_error(send, refusal.status, refusal.code, refusal.message, refusal.headers)
                 return

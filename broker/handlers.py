@@ -19,12 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from m2kt.broker.errors import DATABASE_FAILURES, BrokerError, dependency_down
-from m2kt.broker.services.auth import authenticate
-from m2kt.broker.state import BrokerState
+from m2kt.broker.guard import token_refusal
 from m2kt.broker.storage import StorageError
 
 __all__ = ["install_error_handlers"]
@@ -45,19 +43,9 @@ def _render(exc: BrokerError) -> JSONResponse:
 
 
 async def _refused_token(request: Request) -> JSONResponse | None:
-    """The 401 for this request's bearer token, or None when the token is good."""
-    state: BrokerState = request.app.state.broker
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    try:
-        await run_in_threadpool(authenticate, state.sessions, token.strip() if scheme.lower() == "bearer" else None)
-    except BrokerError as exc:
-        return _render(exc)
-    except (StorageError, *DATABASE_FAILURES) as exc:
-        down = dependency_down(exc)
-        assert down is not None
-        return _render(down)
-    return None
+    """The 401 (or 503) for this request's bearer token, or None when the token is good."""
+    refusal = await token_refusal(request.scope)
+    return None if refusal is None else _render(refusal)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -27,11 +27,7 @@ from m2kt.errors import VerificationError
 from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
 from m2kt.sdk import BrokerClient, calls
-from tests.two_backends import BACKENDS, Broker, start_broker  # noqa: F401 - start_broker is a fixture
-
-
-def upload(node: Node, topic: str, data: bytes | Iterator[bytes]) -> httpx.Response:
-    return node.http.post(f"/v1/topics/{topic}/packets", content=data, timeout=120)
+from tests.two_backends import BACKENDS, Broker, start_broker, upload  # noqa: F401 - start_broker is a fixture
 
 
 def packet_id(data: bytes) -> str:

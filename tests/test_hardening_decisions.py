@@ -13,22 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from m2kt.benchmarks.harness.brokers import Node, unique
+from m2kt.benchmarks.harness.brokers import unique
 from m2kt.benchmarks.harness.packets import make_body, packet_bytes
 from m2kt.format.key_proof import prove_key
 from m2kt.format.keys import SigningKey
 from m2kt.format.manifest import TeacherInfo
 from m2kt.sdk import BrokerClient, calls
-from tests.two_backends import BACKENDS, Broker, start_broker  # noqa: F401 - start_broker is a fixture
-
-
-def upload(node: Node, topic: str, data: bytes) -> httpx.Response:
-    return node.http.post(f"/v1/topics/{topic}/packets", content=data, timeout=120)
-
-
-def refusal(r: httpx.Response) -> tuple[int, str]:
-    return r.status_code, r.json().get("code", "")
-
+from tests.two_backends import BACKENDS, Broker, refusal, start_broker, upload  # noqa: F401 - start_broker is a fixture
 
 # ------------------------------------------------------------------ key registration: proof of possession
 

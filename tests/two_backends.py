@@ -91,3 +91,12 @@ def start_broker(
         server.__exit__(None, None, None)
     for process in processes:
         process.stop()
+
+
+def upload(node: Node, topic: str, data: bytes | Iterator[bytes]) -> httpx.Response:
+    """POST a packet (bytes, or an iterator of chunks) as ``node``."""
+    return node.http.post(f"/v1/topics/{topic}/packets", content=data, timeout=120)
+
+
+def refusal(r: httpx.Response) -> tuple[int, str]:
+    return r.status_code, r.json().get("code", "")

@@ -118,9 +118,10 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             )
         raw = key.public_key
         _check_parents(session, manifest.parents)
-        check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
-        _check_quota(state, session, caller, header.file_size, blob)
         row = session.scalar(select(Topic).where(Topic.name == topic))
+        if row is None:  # this upload would create the topic
+            check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
+        _check_quota(state, session, caller, header.file_size, blob)
         threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
     check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
     return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
