@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from m2kt.benchmarks.transfer.report import aggregate, claims, cost_to, every_budget
@@ -128,7 +129,8 @@ def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Pa
     conditions = {r["condition"] for r in records}
     rebind = {"m2kt-rebind", "m2kt-rebind-trace", "m2kt-rebind-no-slots", "m2kt-rebind-no-selection"}
     assert rebind | {"m2kt-rebind-declared"} <= conditions
-    assert {"m2kt", "m2kt-no-geo", "m2kt-no-struct", "m2kt-no-reason", "m2kt-zero-shot-anchor", "kd"} <= conditions
+    assert {"m2kt", "m2kt-no-verifier", "m2kt-no-geo", "m2kt-no-struct", "m2kt-no-reason"} <= conditions
+    assert {"m2kt-zero-shot-anchor", "kd"} <= conditions
     assert {"kd-closed-form-init", "labelled", "floor", "oracle", "teacher", "scratch"} <= conditions
     for r in records:
         name, n = r["condition"], r.get("n")
@@ -244,3 +246,32 @@ def test_cli_help_lists_the_benchmark_options() -> None:
     assert result.exit_code == 0
     for option in ("--quick", "--seeds", "--out", "--p", "--device", "--scenario", "--budgets", "--no-loss-ablations"):
         assert option in result.output
+
+
+def test_m2kt_keeps_the_state_its_held_out_probes_prefer(mini_run: tuple[dict, Path]) -> None:
+    """The verifier holds a quarter of the packet's probes out of training and keeps the state (the zero-shot map
+    included, step -1) whose answers agree most with the teacher's; without it the last step is kept."""
+    records = [r for r in mini_run[0]["records"] if r["scenario"] == "concept" and r["budget"] == "100%"]
+    m2kt = next(r for r in records if r["condition"] == "m2kt")
+    held = m2kt["train"]["held_out_probes"]
+    assert held == m2kt["n"] // 4 and 0 <= m2kt["train"]["held_out_agreement"] <= held
+    assert -1 <= m2kt["train"]["kept_step"] < m2kt["train"]["steps"]
+    bare = next(r for r in records if r["condition"] == "m2kt-no-verifier")
+    assert "kept_step" not in bare["train"] and bare["train"]["steps"] == m2kt["train"]["steps"]
+
+
+def test_every_record_says_how_its_student_core_was_gated(mini_run: tuple[dict, Path]) -> None:
+    for record in mini_run[0]["records"]:
+        core = record["student_core"]
+        assert {"attempt", "attempts", "steps", "validation_accuracy", "passed", "test_accuracy"} <= set(core)
+        assert core["passed"] == (core["validation_accuracy"] >= 0.99)
+
+
+def test_a_core_that_misses_the_gate_is_retrained_from_the_next_seed() -> None:
+    from m2kt.benchmarks.transfer.run import PAIRS, train_core
+
+    world = build_world(7, seed=0)
+    settings = Settings(p=7, core_steps=2, core_attempts=2, core_target=1.0, device="cpu")
+    core, info = train_core(world, PAIRS[0], world.skill, 0, settings, torch.device("cpu"))
+    assert info["attempts"] == 2 and not info["passed"] and info["attempt"] in (1, 2) and info["steps"] == 2
+    assert info["validation_examples"] > 0 and core.config.vocab == world.task.vocabulary()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,10 @@ class LossMix:
     reason: float = 1.0
     reason_temperature: float = 0.1
     trust_region: float | None = None  # max relative move of the injected targets from the zero-shot map
+    # the verifier's share of the packet's probes: held out of training, the state (the zero-shot map
+    # included) whose answers agree most with the teacher's answers to them is kept; 0 keeps the last step
+    holdout: float = 0.25
+    check_every: int = 10
 
 
 @dataclass
@@ -251,9 +256,68 @@ def train_m2kt(
 
     start = time.perf_counter()
     terms: dict[str, float] = {}
-    for _ in range(steps):
+    verifier = _ProbeVerifier.split(trainee, contents, mix.holdout, probes) if probes is not None else None
+    if verifier is not None:
+        probes = verifier.training
+    for step_no in range(steps):
         step = trainer.step(inputs).as_dict()
         terms = {k: step[k] for k in ("geo", "struct", "reason") if getattr(mix, k) > 0 and (k == "geo" or probes)}
         if log is not None:
             log(terms)
-    return {"steps": steps, "seconds": time.perf_counter() - start, **{f"final_{k}": v for k, v in terms.items()}}
+        if verifier is not None and ((step_no + 1) % mix.check_every == 0 or step_no + 1 == steps):
+            verifier.check(step_no)
+    kept = verifier.keep_best() if verifier is not None else {}
+    return {
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+        **{f"final_{k}": v for k, v in terms.items()},
+        **kept,
+    }
+
+
+class _ProbeVerifier:
+    """Early stopping on held-out probes: the teacher's own answers to them (``probe_answer``, no labels)
+    against the student's, checked on the zero-shot map and every few steps; the best state is kept, the
+    earliest on a tie, so training that does not beat the zero-shot map leaves it in place."""
+
+    def __init__(self, trainee: Trainee, held: tuple[torch.Tensor, torch.Tensor, torch.Tensor], training: Any):
+        self.trainee, self.held, self.training = trainee, held, training
+        self.best = (self.agreement(), -1, self.state())
+
+    @classmethod
+    def split(cls, trainee: Trainee, contents: PacketContents, share: float, probes: Any) -> _ProbeVerifier | None:
+        n = len(contents.texts)
+        k = int(n * share)
+        if contents.answers is None or k == 0 or k == n:
+            return None
+        held_rows = list(range(0, n, max(1, n // k)))[:k]  # spread over the packet's probe order
+        train_rows = [i for i in range(n) if i not in set(held_rows)]
+        vocab = Vocabulary(trainee.student.core.config.vocab)
+        ids, mask, t_traces, t_attn, t_out, s_out = probes
+        answers = torch.tensor([vocab.id(contents.answers[i]) for i in held_rows], device=ids.device)
+        rows = torch.tensor(train_rows, device=ids.device)
+        training = (ids[rows], mask[rows], t_traces[rows], t_attn[rows], t_out, s_out)
+        return cls(trainee, (ids[held_rows], mask[held_rows], answers), training)
+
+    @torch.no_grad()
+    def agreement(self) -> int:
+        ids, mask, answers = self.held
+        self.trainee.inject()
+        return int((_logits(self.trainee, ids, mask, grad=False).argmax(-1) == answers).sum())
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        parts = {"cal": self.trainee.cal, "adapters": self.trainee.student.adapters}
+        return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
+
+    def check(self, step: int) -> None:
+        agree = self.agreement()
+        if agree > self.best[0]:
+            self.best = (agree, step, self.state())
+
+    def keep_best(self) -> dict[str, Any]:
+        agree, step, state = self.best
+        self.trainee.cal.load_state_dict(state["cal"])
+        self.trainee.student.adapters.load_state_dict(state["adapters"])
+        with torch.no_grad():
+            self.trainee.inject()
+        return {"kept_step": step, "held_out_probes": int(self.held[2].numel()), "held_out_agreement": agree}

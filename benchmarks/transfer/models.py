@@ -22,13 +22,26 @@ def train_model(
     seed: int,
     steps: int,
     device: str,
+    validation: float = 0.0,
+    target: float | None = None,
 ) -> tuple[TinyTransformer, dict[str, Any]]:
-    """A TinyTransformer of ``shape`` over the task's whole vocabulary, trained on ``examples`` only."""
+    """A TinyTransformer of ``shape`` over the task's whole vocabulary, trained on ``examples`` only.
+
+    ``validation`` > 0 holds that share of ``examples`` out (never the benchmark's test set); with ``target``,
+    training stops once the held-out share is answered at least that well (``metrics["test_accuracy"]``
+    is then the validation accuracy)."""
     config = TinyConfig.for_task(task, **shape)
     model, metrics = train_tiny(
         task,
         config,
-        TrainConfig(seed=seed, steps=steps, device=device, test_fraction=0.0, batch_size=4096),
+        TrainConfig(
+            seed=seed,
+            steps=steps,
+            device=device,
+            test_fraction=validation,
+            batch_size=4096,
+            target_test_accuracy=target if validation > 0 else None,
+        ),
         examples=list(examples),
     )
     return model.eval(), metrics

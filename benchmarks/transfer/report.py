@@ -21,6 +21,7 @@ ORDER = [
     "m2kt-rebind-no-selection",
     "m2kt-rebind-declared",
     "m2kt",
+    "m2kt-no-verifier",
     "m2kt-no-geo",
     "m2kt-no-struct",
     "m2kt-no-reason",

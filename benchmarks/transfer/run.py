@@ -65,7 +65,14 @@ class Settings:
     p: int = 23
     seeds: int = 3
     budgets: list[Budget] = field(default_factory=lambda: [0, 8, 32, 0.02, 0.1, 0.25, 0.5, 1.0])
-    model_steps: int = 600  # teacher and student cores, from scratch
+    model_steps: int = 600  # the teacher, from scratch
+    # The student core must know its own operations before anything is transferred into it: a share of
+    # its own examples is held out (never the test set), it trains until that share is answered at
+    # core_target (at most core_steps steps), and a core that misses is retrained from the next seed.
+    core_validation: float = 0.1
+    core_target: float = 0.99
+    core_steps: int = 1500
+    core_attempts: int = 3
     scratch_steps: int = 300  # a fresh student-shaped model on the budget's labelled examples
     # Adam steps for every condition that trains the CAL (and adapters), per scenario family: the
     # skill family trains adapters and needs more for full-pool KD to reach the teacher.
@@ -117,6 +124,7 @@ class Context:
     anchors: list[str]
     records: list[dict[str, Any]]
     teacher_accuracy: dict[str, float]
+    core_info: dict[str, Any] = field(default_factory=dict)  # how the student core was trained and gated
     packets: dict[int, Path] = field(default_factory=dict)
 
     @property
@@ -160,6 +168,7 @@ class Context:
                     "accuracy": acc,
                     "pct_of_teacher": 100.0 * acc / teacher if teacher > 0 else None,
                     "device": str(self.device),
+                    "student_core": self.core_info,
                     **fields,
                 }
             )
@@ -234,14 +243,17 @@ def _outputs(ctx: Context, *, kd: bool) -> Callable[[Trainee, int, PacketContent
 
 
 def ablations(trust_region: float) -> dict[str, LossMix]:
-    """M2KT with the full composite loss, with each term removed, and without the trust region."""
+    """M2KT with the full composite loss and its probe verifier; without the verifier (the last step is
+    kept); and, each without the verifier so that they show what training does, with one loss term removed
+    and without the trust region."""
     tr = trust_region
     return {
         "m2kt": LossMix(trust_region=tr),
-        "m2kt-no-geo": LossMix(geo=0.0, trust_region=tr),
-        "m2kt-no-struct": LossMix(struct=0.0, trust_region=tr),
-        "m2kt-no-reason": LossMix(reason=0.0, trust_region=tr),
-        "m2kt-no-trust-region": LossMix(),
+        "m2kt-no-verifier": LossMix(trust_region=tr, holdout=0.0),
+        "m2kt-no-geo": LossMix(geo=0.0, trust_region=tr, holdout=0.0),
+        "m2kt-no-struct": LossMix(struct=0.0, trust_region=tr, holdout=0.0),
+        "m2kt-no-reason": LossMix(reason=0.0, trust_region=tr, holdout=0.0),
+        "m2kt-no-trust-region": LossMix(holdout=0.0),
     }
 
 
@@ -388,24 +400,20 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
     log(f"  teacher trained in {tm['seconds']:.1f} s")
     records: list[dict[str, Any]] = []
     key = SigningKey.from_seed(bytes([run % 256]) * 32)
-    cores: dict[tuple[str, ...], TinyTransformer] = {}  # one core per set of known operations
+    cores: dict[tuple[str, ...], tuple[TinyTransformer, dict[str, Any]]] = {}  # one per set of known operations
     for scenario in world.scenarios:
         known = tuple(sorted(scenario.known))
         if known not in cores:
-            cores[known], sm = train_model(
-                world.task,
-                pair.student,
-                scenario.student_examples,
-                seed=pair.student_seed + run,
-                steps=settings.model_steps,
-                device=str(device),
-            )
+            cores[known] = train_core(world, pair, scenario, run, settings, device)
+            info = cores[known][1]
             base_test = [e for e in world.test if _same_kind(e, scenario)]
+            info["test_accuracy"] = evaluate(cores[known][0], base_test, str(device))
             log(
-                f"  student core for {', '.join(known)} trained in {sm['seconds']:.1f} s "
-                f"(held-out {evaluate(cores[known], base_test, str(device)):.3f})"
+                f"  student core for {', '.join(known)} trained in {info['seconds']:.1f} s, {info['steps']} steps, "
+                f"attempt {info['attempt']}: validation {info['validation_accuracy']:.3f} (gate "
+                f"{'passed' if info['passed'] else 'MISSED'}), held-out test {info['test_accuracy']:.3f}"
             )
-        core = cores[known]
+        core, core_info = cores[known]
         teacher_acc = {g: evaluate(teacher, ex, str(device)) for g, ex in scenario.report_groups().items()}
         ctx = Context(
             run=run,
@@ -421,6 +429,7 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
             anchors=anchor_tokens(Vocabulary(world.task.vocabulary()), list(scenario.known), world.task.p),
             records=records,
             teacher_accuracy=teacher_acc,
+            core_info=core_info,
         )
         ctx.record(
             "teacher",
@@ -438,6 +447,43 @@ def run_pair(run: int, settings: Settings, workdir: Path, log: Callable[[str], N
         run_scenario(ctx, log)
     log(f"  run {run} done in {time.perf_counter() - t0:.1f} s")
     return records
+
+
+def train_core(
+    world: World, pair: PairShape, scenario: Scenario, run: int, settings: Settings, device: torch.device
+) -> tuple[TinyTransformer, dict[str, Any]]:
+    """The student's frozen core, trained on its own operations and gated on a held-out share of them.
+
+    A core that misses ``core_target`` after ``core_steps`` is retrained from the next seed, at most
+    ``core_attempts`` times; the best one is kept and the record says whether it passed."""
+    best: tuple[TinyTransformer, dict[str, Any]] | None = None
+    spent = 0.0
+    for attempt in range(settings.core_attempts):
+        model, metrics = train_model(
+            world.task,
+            pair.student,
+            scenario.student_examples,
+            seed=pair.student_seed + run + 1000 * attempt,
+            steps=settings.core_steps,
+            device=str(device),
+            validation=settings.core_validation,
+            target=settings.core_target,
+        )
+        spent += metrics["seconds"]
+        validation = float(metrics["test_accuracy"]) if metrics["test_accuracy"] is not None else float("nan")
+        info = {
+            "attempt": attempt + 1,
+            "steps": metrics["steps"],
+            "validation_accuracy": validation,
+            "validation_examples": metrics["n_test"],
+            "passed": validation >= settings.core_target,
+        }
+        if best is None or validation > best[1]["validation_accuracy"]:
+            best = (model, info)
+        if info["passed"]:
+            break
+    assert best is not None
+    return best[0], {**best[1], "seconds": spent, "attempts": attempt + 1}
 
 
 def _same_kind(example: Example, scenario: Scenario) -> bool:
