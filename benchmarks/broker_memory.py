@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -126,22 +127,25 @@ def prefault(nbytes: int) -> None:
     del pages
 
 
-def write_big_packet(path: Path, scratch: Path, size: int, topic: str, key: SigningKey) -> None:
+def write_big_packet(path: Path, scratch: Path, size: int, topic: str, key: SigningKey, *, seed: int = 0) -> None:
     """A packet of about ``size`` bytes: 4×8 concepts plus a float32 ``traces`` [P, 64, 8] tensor.
 
     The traces are generated chunk-wise into a memory-mapped scratch file (finite normals), so
-    this process never holds the packet in anonymous memory."""
+    this process never holds the packet in anonymous memory. Packets of other seeds differ in every
+    tensor; the creation time is now, so two calls never write the same bytes (a re-published
+    identical packet would be a no-op on the broker, and a timing of nothing)."""
     d, m = 8, 64
     rows = max(1, size // (m * d * 4))
     traces = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(rows, m, d))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     step = max(1, (16 * MiB) // (m * d * 4))
     for i in range(0, rows, step):
         n = min(step, rows - i)
         traces[i : i + n] = rng.standard_normal((n, m, d), dtype=np.float32)
     traces.flush()
     concepts = rng.standard_normal((4, d), dtype=np.float32)
-    write_packet(path, make_body(k=4, d=d, topic=topic), {"concepts": concepts, "traces": traces}, key)
+    body = make_body(k=4, d=d, topic=topic, created_at=datetime.now(UTC))
+    write_packet(path, body, {"concepts": concepts, "traces": traces}, key)
     del traces
     scratch.unlink()
 

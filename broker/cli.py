@@ -6,6 +6,7 @@ command loads this module to list its subcommands, and those imports cost about 
 
 from __future__ import annotations
 
+import socket
 from typing import Annotated
 
 import typer
@@ -19,6 +20,13 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
     migrate: Annotated[bool, typer.Option("--migrate", help="Upgrade the schema before starting.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Broker processes sharing the port (default M2KT_WORKERS, 1). More than 1 needs PostgreSQL; "
+            "one per CPU core is a good start.",
+        ),
+    ] = None,
 ) -> None:
     """Run the broker (embedded SQLite + ./m2kt-data unless M2KT_DATABASE_URL / M2KT_STORAGE_URL are set)."""
     # Served by m2kt.broker.server: connections capped and timed (M2KT_MAX_CONNECTIONS,
@@ -27,6 +35,7 @@ def serve(
     from m2kt.broker.db import SchemaOutOfDate, upgrade
     from m2kt.broker.server import serve as serve_broker
     from m2kt.broker.settings import Settings
+    from m2kt.broker.workers import bind_socket, check_workers, serve_workers
 
     settings = Settings()
     if migrate:
@@ -36,8 +45,27 @@ def serve(
     except SchemaOutOfDate as exc:
         typer.echo(f"refusing to start: {exc}", err=True)
         raise typer.Exit(3) from None
-    if not serve_broker(create_app(settings), settings, host=host, port=port, log_level=log_level):
-        raise typer.Exit(3)  # as uvicorn.run: the server did not start
+    count = workers if workers is not None else settings.workers
+    problem = check_workers(settings, count)
+    if problem:
+        typer.echo(f"refusing to start: {problem}", err=True)
+        raise typer.Exit(2)
+    if count == 1:
+        if not serve_broker(create_app(settings), settings, host=host, port=port, log_level=log_level):
+            raise typer.Exit(3)  # as uvicorn.run: the server did not start
+        return
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(3) from None
+
+    def worker(shared: socket.socket) -> bool:
+        return serve_broker(create_app(settings), settings, host=host, port=port, log_level=log_level, sock=shared)
+
+    typer.echo(f"serving on http://{host}:{sock.getsockname()[1]} with {count} worker processes", err=True)
+    if not serve_workers(worker, sock, count):
+        raise typer.Exit(3)
 
 
 @app.command("migrate")

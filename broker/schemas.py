@@ -278,6 +278,9 @@ class StatsOut(BaseModel):
     receipts: dict[str, int]
     subscriptions: int
     storage: str = Field(description="Where blobs are stored (admins only; /readyz does not say).")
+    process: int = Field(
+        description="The process id of the broker process that answered (with --workers, one of several)."
+    )
 
 
 class GcOut(BaseModel):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from typing import Any, ClassVar, Literal
 
@@ -343,8 +344,11 @@ def server_config(
     return config
 
 
-def serve(app: Any, settings: Settings, *, host: str, port: int, log_level: str = "info") -> bool:
-    """Run the broker until it is told to stop; False when it could not start."""
+def serve(
+    app: Any, settings: Settings, *, host: str, port: int, log_level: str = "info", sock: socket.socket | None = None
+) -> bool:
+    """Run the broker until it is told to stop; False when it could not start. ``sock``: serve this
+    already-bound listening socket (a worker of :mod:`m2kt.broker.workers`) instead of binding one."""
     config = server_config(
         app,
         settings,
@@ -363,7 +367,7 @@ def serve(app: Any, settings: Settings, *, host: str, port: int, log_level: str 
     )
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:  # pragma: no cover - as uvicorn.run
         pass
     return server.started

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     # Connections and logging: what one connection, or one node, may hold open (per broker process).
     # Token secrets are always redacted from the logs (m2kt.broker.logredact); a token in a query
     # string is refused (400 token_in_query).
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Broker processes sharing the port (m2kt broker serve --workers). More than 1 needs PostgreSQL; "
+        "connection caps, upload/stream slots and the per-node upload rate are per process.",
+    )
     max_connections: int = Field(
         default=0,
         ge=0,

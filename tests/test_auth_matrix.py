@@ -308,7 +308,9 @@ BODIES: dict[Route, Callable[[Matrix], dict[str, Any]]] = {
     ("POST", "/v1/nodes"): _json(lambda m: {"name": unique("auth-made"), "role": "student"}),
     ("POST", "/v1/me/token"): _json({}),
     ("POST", "/v1/nodes/{name}/tokens"): _json({"ttl_days": 1}),
-    ("POST", "/v1/keys"): _json(lambda m: calls.register_key(prove_key(SigningKey.generate(), m.values["student"])).json),
+    ("POST", "/v1/keys"): _json(
+        lambda m: calls.register_key(prove_key(SigningKey.generate(), m.values["student"])).json
+    ),
     ("POST", "/v1/keys/{fingerprint}/revoke"): _json({"reason": "auth matrix"}),
     ("PATCH", "/v1/topics/{topic}"): _json({"safety_threshold": None}),
     ("POST", "/v1/topics/{topic}/packets"): _upload,

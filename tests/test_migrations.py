@@ -78,6 +78,7 @@ def test_server_refuses_an_out_of_date_schema(postgres_url: str, tmp_path: Path)
         )
         assert proc.returncode == 3
         assert "refusing to start" in proc.stderr and "m2kt broker migrate" in proc.stderr
+
         def migrate() -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [str(Path(sys.executable).with_name("m2kt")), "broker", "migrate"],

@@ -86,7 +86,9 @@ def test_installed_in_a_fresh_venv_it_runs_from_an_empty_directory(wheel: Path, 
     m2kt = env_dir / "bin" / "m2kt"
     assert "--broker" in _run(m2kt, "demo", "--help", cwd=empty, env=env).stdout
     migrated = _run(m2kt, "broker", "migrate", cwd=empty, env=env).stdout
-    assert migrated.startswith("schema upgraded from an empty database to ") and (tmp_path / "new" / "m2kt.db").is_file()
+    assert (
+        migrated.startswith("schema upgraded from an empty database to ") and (tmp_path / "new" / "m2kt.db").is_file()
+    )
     head = migrated.split()[7]
     assert migrated.strip() == f"schema upgraded from an empty database to {head} (head is {head})", migrated
     assert "--quick" in _run(m2kt, "bench", "transfer", "--help", cwd=empty, env=env).stdout

@@ -56,8 +56,22 @@ def walkthrough_steps(readme: str) -> list[Step]:
 def test_walkthrough_parses_into_the_documented_commands() -> None:
     steps = walkthrough_steps((ROOT / "README.md").read_text())
     commands = " ".join(s.command for s in steps)
-    for needed in ("broker serve", "login", "node add", "key register", "train-tiny", "pack", "publish",
-                   "subscribe", "fetch", "ingest", "--suite", "--receipt", "receipts", "lineage"):
+    for needed in (
+        "broker serve",
+        "login",
+        "node add",
+        "key register",
+        "train-tiny",
+        "pack",
+        "publish",
+        "subscribe",
+        "fetch",
+        "ingest",
+        "--suite",
+        "--receipt",
+        "receipts",
+        "lineage",
+    ):
         assert needed in commands, needed
     assert sum(len(s.expect) for s in steps) >= 10
 
@@ -71,8 +85,12 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     script = ["set -u"]
     for i, step in enumerate(steps):
         command = step.command.replace("8000", port)
-        script += [f"{{ {command}\n}} > step-{i}.out 2>&1", "rc=$?", f"echo $rc > step-{i}.rc",
-                   f'if [ $rc -ne 0 ]; then kill %1 2>/dev/null; exit {min(100 + i, 250)}; fi']
+        script += [
+            f"{{ {command}\n}} > step-{i}.out 2>&1",
+            "rc=$?",
+            f"echo $rc > step-{i}.rc",
+            f"if [ $rc -ne 0 ]; then kill %1 2>/dev/null; exit {min(100 + i, 250)}; fi",
+        ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2KT_")}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -81,8 +99,13 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
         COLUMNS="200",
     )
     proc = subprocess.Popen(
-        ["bash", "-c", "\n".join(script)], cwd=work, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["bash", "-c", "\n".join(script)],
+        cwd=work,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         proc.communicate(timeout=HANG_GUARD)

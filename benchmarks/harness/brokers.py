@@ -104,6 +104,7 @@ class BrokerProcess:
     cwd: Path | None = None
     log_level: str = "warning"
     max_open_files: int | None = None  # the process's RLIMIT_NOFILE (ulimit -n), when given
+    workers: int = 1  # m2kt broker serve --workers
 
     @property
     def url(self) -> str:
@@ -113,6 +114,8 @@ class BrokerProcess:
         exe = str(Path(sys.executable).with_name("m2kt"))
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         argv = [exe, "broker", "serve", "--port", str(self.port), "--log-level", self.log_level]
+        if self.workers != 1:
+            argv += ["--workers", str(self.workers)]
         if self.max_open_files:  # the shell sets the limit, then becomes the broker (same pid)
             argv = ["/bin/sh", "-c", f'ulimit -S -n {int(self.max_open_files)} && exec "$0" "$@"', *argv]
         self.proc = subprocess.Popen(

@@ -52,11 +52,12 @@ class BrokerStack:
 
 @contextmanager
 def broker_stack(
-    tmp: Path, database_url: str, broker_log: Path, extra_env: dict[str, str] | None = None
+    tmp: Path, database_url: str, broker_log: Path, extra_env: dict[str, str] | None = None, *, workers: int = 1
 ) -> Iterator[BrokerStack]:
     """Start everything under ``tmp``; stop it and drop the database on the way out.
 
-    ``extra_env``: more ``M2KT_*`` settings for the broker process (they override the stack's own)."""
+    ``extra_env``: more ``M2KT_*`` settings for the broker process (they override the stack's own);
+    ``workers``: ``m2kt broker serve --workers``."""
     nanio = broker = database = None
     try:
         (tmp / "s3").mkdir()
@@ -78,6 +79,7 @@ def broker_stack(
                 **(extra_env or {}),
             },
             log_path=broker_log,
+            workers=workers,
         ).start()
         ready = httpx.get(broker.url + "/readyz", timeout=30)
         if ready.status_code != 200:

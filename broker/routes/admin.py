@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import numpy as np
@@ -107,6 +108,7 @@ def stats(session: SessionDep, state: StateDep, caller: AdminCaller) -> StatsOut
         receipts=_count_by(session, IngestionReceipt.decision),
         subscriptions=session.scalar(select(func.count()).select_from(Subscription)) or 0,
         storage=state.storage.description,
+        process=os.getpid(),
     )
 
 

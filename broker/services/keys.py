@@ -139,7 +139,7 @@ def revoke_key(session: Session, caller: Caller, fingerprint: str, reason: str |
         was_visible = packet.status is PacketStatus.accepted
         packet.status = PacketStatus.revoked
         if was_visible:
-            append_event(session, packet.topic, EventKind.revoked, packet.id)
+            append_event(session, packet.topic_id, packet.topic.name, EventKind.revoked, packet.id)
     audit.record(session, caller.node_id, "key.revoked", fingerprint, reason=reason, packets=len(packets))
     return key, len(packets)
 

@@ -162,5 +162,11 @@ def ensure_admin(session: Session, token: str, name: str = "admin") -> bool:
     """Create the first admin with this token unless an admin exists. True when created."""
     if session.scalar(select(Node).where(Node.role == Role.admin)) is not None:
         return False
-    create_node(session, None, name, Role.admin, None, None, secret=token)
+    try:
+        create_node(session, None, name, Role.admin, None, None, secret=token)
+    except Conflict:
+        # replicas or workers starting together: the one that lost the insert finds the winner's admin
+        if session.scalar(select(Node).where(Node.role == Role.admin)) is not None:
+            return False
+        raise
     return True

@@ -72,7 +72,7 @@ def set_status(session: Session, caller: Caller, packet_id: str, status: PacketS
         return packet
     packet.status = status
     kind = EventKind.published if status is PacketStatus.accepted else EventKind.quarantined
-    append_event(session, packet.topic, kind, packet.id)
+    append_event(session, packet.topic_id, packet.topic.name, kind, packet.id)
     audit.record(
         session, caller.node_id, f"packet.{'released' if status is PacketStatus.accepted else 'quarantined'}", packet.id
     )

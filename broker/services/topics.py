@@ -65,13 +65,13 @@ def get_or_create_topic(session: Session, name: str, creator_id: int | None) -> 
     return topic
 
 
-def append_event(session: Session, topic: Topic, kind: EventKind, packet_id: str) -> int:
+def append_event(session: Session, topic_id: int, topic_name: str, kind: EventKind, packet_id: str) -> int:
     """Append to the topic's log. The topic row stays locked until commit, so seq order is commit order."""
     seq = session.execute(
-        update(Topic).where(Topic.id == topic.id).values(last_seq=Topic.last_seq + 1).returning(Topic.last_seq)
+        update(Topic).where(Topic.id == topic_id).values(last_seq=Topic.last_seq + 1).returning(Topic.last_seq)
     ).scalar_one()
-    session.add(TopicEvent(topic_id=topic.id, seq=seq, kind=kind, packet_id=packet_id))
-    notify_in_transaction(session, topic.name)
+    session.add(TopicEvent(topic_id=topic_id, seq=seq, kind=kind, packet_id=packet_id))
+    notify_in_transaction(session, topic_name)
     return seq
 
 

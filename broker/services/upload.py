@@ -46,8 +46,9 @@ from m2kt.broker.models import (
     PacketStatus,
     PublicKey,
     Topic,
+    utcnow,
 )
-from m2kt.broker.schemas import PacketOut
+from m2kt.broker.schemas import PacketOut, SafetyVerdict
 from m2kt.broker.services import audit
 from m2kt.broker.services.auth import refuse_unusable
 from m2kt.broker.services.records import packet_out
@@ -83,11 +84,14 @@ def blob_key(data_sha256: str, header_sha256: str) -> str:
 class _Checked:
     key_fingerprint: str
     threshold: float
+    topic_id: int | None  # None: this upload creates the topic
+    flagged: list[FlaggedSet]  # the flagged concept sets, read with the key (one session per header)
 
 
 def _check_header(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket, blob: str) -> _Checked:
     """Everything decidable from the header: topic, storable text, key (known, live, the caller's),
-    quota, signature. ``blob`` is the blob key, which names exactly this file."""
+    quota, signature; and, in the same session, the flagged concept sets the safety check uses once the
+    concepts have arrived. ``blob`` is the blob key, which names exactly this file."""
     header = stream.header
     assert header is not None
     manifest = header.manifest
@@ -123,8 +127,11 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
         _check_quota(state, session, caller, header.file_size, blob)
         threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
+        topic_id = row.id if row is not None else None
+        flagged = _flagged_sets(session, state.settings.flagged_similarity)
     check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
-    return _Checked(manifest.key_fingerprint, threshold if threshold is not None else state.settings.safety_threshold)
+    default = state.settings.safety_threshold
+    return _Checked(manifest.key_fingerprint, threshold if threshold is not None else default, topic_id, flagged)
 
 
 def _check_parents(session: Session, parents: list[str]) -> None:
@@ -252,11 +259,9 @@ def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
     return out
 
 
-def _safety(state: BrokerState, received: Received, checked: _Checked) -> SafetyReport:
+def _safety(received: Received, checked: _Checked) -> SafetyReport:
     report = declared_safety(received.header, checked.threshold)
-    with state.sessions() as session:
-        sets = _flagged_sets(session, state.settings.flagged_similarity)
-    flagged_similarity(report, received.header, received.concepts, sets)
+    flagged_similarity(report, received.header, received.concepts, checked.flagged)
     return report
 
 
@@ -294,10 +299,12 @@ def _store_and_commit(
                 if existing is not None:
                     return packet_out(session, existing), False
                 _recheck_publisher(session, caller, checked.key_fingerprint)
-                topic = get_or_create_topic(session, topic_name, caller.node_id)
+                topic_id = checked.topic_id
+                if topic_id is None:  # the header check found no topic: create it (or find a concurrent one)
+                    topic_id = get_or_create_topic(session, topic_name, caller.node_id).id
                 packet = Packet(
                     id=received.packet_id,
-                    topic=topic,
+                    topic_id=topic_id,
                     publisher_id=caller.node_id,
                     key_fingerprint=checked.key_fingerprint,
                     size=received.size,
@@ -306,6 +313,7 @@ def _store_and_commit(
                     safety=verdict,
                     status=status,
                     storage_key=key,
+                    created_at=utcnow(),
                 )
                 try:
                     session.add(packet)
@@ -322,11 +330,22 @@ def _store_and_commit(
                     if staged.staging_key != key:  # local: a rename out of incoming/
                         state.storage.promote(staged.staging_key, key)
                     receiver.promoted = True
-                session.refresh(packet)
-                record = packet_out(session, packet)
+                record = PacketOut(  # from what this transaction wrote: no read back
+                    id=packet.id,
+                    topic=topic_name,
+                    publisher=caller.node,
+                    key_fingerprint=packet.key_fingerprint,
+                    size=packet.size,
+                    data_sha256=packet.data_sha256,
+                    status=status,
+                    safety=SafetyVerdict.model_validate(verdict),
+                    parents=sorted(manifest.parents),
+                    created_at=packet.created_at,
+                    manifest=packet.manifest,
+                )
                 # Last: appending the event locks the topic row until commit; keep that short.
                 if status is PacketStatus.accepted:
-                    append_event(session, topic, EventKind.published, packet.id)
+                    append_event(session, topic_id, topic_name, EventKind.published, packet.id)
                 else:
                     audit.record(session, caller.node_id, "packet.quarantined_on_upload", packet.id, safety=verdict)
                 return record, True
@@ -422,7 +441,7 @@ async def receive_packet(
         await _receive(receiver, body)
         received = await in_thread(stream.finish)
         assert receiver.checked is not None, "finish() returns only after the header"
-        report = await in_thread(_safety, state, received, receiver.checked)
+        report = await in_thread(_safety, received, receiver.checked)
         status = PacketStatus.accepted
         if not report.passed:
             if settings.safety_action == "reject":

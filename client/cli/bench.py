@@ -3,6 +3,7 @@
 m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda] [--scenario NAME=KNOWN:EXPR …]
                     [--budgets 0,8,32,2%,…] [--no-loss-ablations]
 m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
+m2kt bench speed [--sizes 1,16,128] [--small 200] [--threads 8] [--runs 3] [--workers N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -112,3 +113,29 @@ def bench_real(
     except RuntimeError as exc:  # a setup step missing: package lists, a model package
         fail(EXIT_USAGE, str(exc))
     raise typer.Exit(code)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    sizes: Annotated[str, typer.Option("--sizes", help="Large packet sizes in MiB, comma-separated ('' for none).")] = (
+        "1,16,128"
+    ),
+    small: Annotated[int, typer.Option("--small", help="~2 KB packets per run and mode (0: skip).")] = 200,
+    threads: Annotated[int, typer.Option("--threads", help="Concurrent publishers for the small packets.")] = 8,
+    runs: Annotated[int, typer.Option("--runs", help="Runs per figure (median and min–max are reported).")] = 3,
+    workers: Annotated[int, typer.Option("--workers", help="m2kt broker serve --workers for the broker.")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", help="Write broker_speed.md and broker_speed.json here.")] = None,
+) -> None:
+    """Broker speed next to raw S3 in one run: small-packet publish rates, large publish/fetch throughput.
+
+    Starts nanio, a fresh PostgreSQL database (M2KT_TEST_DATABASE_URL or the local one) and the broker as
+    processes on loopback."""
+    try:
+        from m2kt.benchmarks.broker_speed import main
+    except ImportError as exc:  # the broker or bench extras missing
+        fail(EXIT_USAGE, f"the speed benchmark needs the broker and bench extras: {exc}")
+    argv = ["--sizes", sizes, "--small", str(small), "--threads", str(threads), "--runs", str(runs)]
+    argv += ["--workers", str(workers)]
+    if out is not None:
+        argv += ["--out", str(out)]
+    raise typer.Exit(main(argv))

@@ -297,6 +297,7 @@ def ingest(
         markup=False,
     )
     scores = report.probe_scores
+
     def score(value: float | None) -> str:
         return "—" if value is None else f"{value:.3f}"
 

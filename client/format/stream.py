@@ -16,16 +16,27 @@ __all__ = ["StreamResult", "StreamVerifier"]
 
 
 class _BackgroundSha256:
-    """sha256 fed from a helper thread; a buffer must stay unchanged until the next update() returns."""
+    """sha256 fed from a helper thread; a buffer must stay unchanged until the next update() returns.
+
+    Pieces under ``INLINE`` bytes are hashed in the caller's thread (a small packet never starts the
+    helper: starting a thread costs more than hashing a few KiB)."""
+
+    INLINE = 64 << 10
 
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="m2kt-sha256")
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 
     def update(self, view: memoryview) -> None:
         if self._pending is not None:
             self._pending.result()
+            self._pending = None
+        if len(view) < self.INLINE:
+            self._sha.update(view)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="m2kt-sha256")
         self._pending = self._pool.submit(self._sha.update, view)
 
     def hexdigest(self) -> str:
@@ -36,7 +47,8 @@ class _BackgroundSha256:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,10 @@ def load_config(profile: str | None = None) -> ClientConfig:
         entry = (stored.get("profiles") or {}).get(profile)
         if entry is None:
             known = ", ".join(profiles()) or "none yet"
-            raise M2KTError(f"no profile {profile!r} in {config_path()} (stored: {known}); create it with "
-                            f"`m2kt login URL --token … --profile {profile}`")
+            raise M2KTError(
+                f"no profile {profile!r} in {config_path()} (stored: {known}); create it with "
+                f"`m2kt login URL --token … --profile {profile}`"
+            )
         stored = entry
     return ClientConfig(
         url=os.environ.get("M2KT_URL") or stored.get("url"),
