@@ -139,7 +139,7 @@ class Packet(Base):
     manifest: Mapped[dict[str, Any]] = mapped_column(JSONType)
     safety: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the broker's verdict and its reasons
     status: Mapped[PacketStatus] = mapped_column(_enum(PacketStatus, "packet_status"), index=True)
-    storage_key: Mapped[str] = mapped_column(String(300))
+    storage_key: Mapped[str] = mapped_column(String(300), index=True)  # GC and quota look blobs up by it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     topic: Mapped[Topic] = relationship(lazy="joined")
     publisher: Mapped[Node] = relationship(lazy="joined")

@@ -133,7 +133,7 @@ class _FlipBlob:
     """Man in the middle: flips one byte of every packet body (broker stream or presigned S3)."""
 
     def _flip(self, request: httpx.Request, response: httpx.Response, body: bytes) -> httpx.Response:
-        if response.status_code == 200 and (
+        if response.status_code in (200, 206) and (
             request.url.path.endswith("/blob") or "X-Amz-Signature" in str(request.url)
         ):
             data = bytearray(body)

@@ -38,7 +38,7 @@ def get_packet(packet_id: str, session: SessionDep, caller: ReadCaller) -> Packe
     responses={
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "Partial content"},
-        307: {"description": "Redirect to a presigned URL"},
+        307: {"description": "Redirect to a presigned URL; X-M2KT-Size gives the packet's size in bytes"},
         **error_responses(401, 403, 404, 416, 503),
     },
 )
@@ -60,8 +60,9 @@ async def get_blob(
     try:
         if redirect:
             url = await run_in_threadpool(state.storage.presigned_get, key, state.settings.presign_ttl_seconds)
-            if url is not None:
-                return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+            if url is not None:  # the size lets a client split the download into exact ranges
+                headers = {"X-M2KT-Size": str(size)}
+                return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
         span = service.parse_range(range_, size)
         start, end = span if span else (0, size)
         chunks = await run_in_threadpool(state.storage.read, key, start, end)

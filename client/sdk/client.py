@@ -9,6 +9,7 @@ are sent once. The calls themselves are described once, in :mod:`m2kt.sdk.calls`
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from m2kt.sdk import calls
 from m2kt.sdk._base import CHUNK, ClientBase, PathLike, error_of, packet_path, skippable
 from m2kt.sdk.calls import Call, destination, temporary_path, verify_key_from_record
 from m2kt.sdk.progress import transfer_progress
+from m2kt.sdk.ranged import PART, WORKERS, parse_content_range, parts_in_order
 from m2kt.sdk.records import (
     Delivery,
     EventPage,
@@ -73,7 +75,10 @@ class BrokerClient(ClientBase):
         quiet: bool = False,
         fsync: bool = False,
         sleep: Callable[[float], None] = time.sleep,
+        download_workers: int = WORKERS,
     ) -> None:
+        """``download_workers``: ranged requests in flight while fetching a packet larger than one part
+        (8 MiB); 1 downloads in a single stream."""
         super().__init__(
             base_url,
             token,
@@ -84,6 +89,9 @@ class BrokerClient(ClientBase):
             fsync=fsync,
         )
         self._sleep = sleep
+        if download_workers < 1:
+            raise ValueError("download_workers must be at least 1")
+        self.download_workers = download_workers
         limits = httpx.Timeout(timeout, connect=10)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=limits, transport=transport)
         self._plain = httpx.Client(timeout=limits, transport=transport)  # presigned URLs: no broker token
@@ -245,10 +253,11 @@ class BrokerClient(ClientBase):
         verifier = StreamVerifier(expected_id=packet_id)
         key: VerifyKey | None = None
         try:
-            with self._open_blob(packet_id) as response, open(tmp, "wb") as out:
-                size = int(response.headers.get("content-length", 0)) or None
+            with self._open_blob(packet_id) as (response, fetch_range), open(tmp, "wb") as out:
+                span = parse_content_range(response.headers.get("content-range"))
+                size = span[2] if span else int(response.headers.get("content-length", 0)) or None
                 with transfer_progress(f"fetch {packet_id[:12]}", size, quiet=self.quiet) as advance:
-                    for chunk in response.iter_bytes(CHUNK):
+                    for chunk in self._blob_chunks(response, span, fetch_range):
                         header = verifier.feed(chunk)
                         if header is not None:  # check the signature before the body has arrived
                             key = self.verify_key_for(header.manifest.key_fingerprint)
@@ -269,22 +278,77 @@ class BrokerClient(ClientBase):
             verifier.close()
             tmp.unlink(missing_ok=True)
 
+    def _blob_chunks(
+        self, response: httpx.Response, span: tuple[int, int, int] | None, fetch_range: Callable[[int, int], bytes]
+    ) -> Iterator[bytes]:
+        """The first response's bytes, then — when it was the first part of a larger object — the rest,
+        fetched in ranged requests from several threads and handed over in order."""
+        yield from response.iter_bytes(CHUNK)
+        if span is not None and span[0] == 0 and span[1] < span[2]:
+            for part in parts_in_order(fetch_range, span[1], span[2], part=PART, workers=self.download_workers):
+                for at in range(0, len(part), CHUNK):
+                    yield part[at : at + CHUNK]
+
     def _open_blob(self, packet_id: str) -> Any:
+        """A context manager giving (the response to the first ranged GET, a function fetching any other
+        range of the same object). The first request asks for the first PART bytes only when the client
+        downloads in parallel; a server that ignores ranges answers the whole object (200)."""
+
         @contextmanager
-        def opened() -> Iterator[httpx.Response]:
+        def opened() -> Iterator[tuple[httpx.Response, Callable[[int, int], bytes]]]:
             path = f"/v1/packets/{calls._q(packet_id)}/blob"
             params = {"redirect": 1} if self.prefer_redirect else None
-            request = self._http.build_request("GET", path, params=params, timeout=httpx.Timeout(300, connect=10))
-            response = self._http.send(request, stream=True)
+            timeout = httpx.Timeout(300, connect=10)
+            first = {"Range": f"bytes=0-{PART - 1}"} if self.download_workers > 1 else {}
+            response = self._http.send(
+                self._http.build_request("GET", path, params=params, headers=first, timeout=timeout), stream=True
+            )
+            source = {"url": path, "redirected": False}  # where the other ranges come from
+            lock = threading.Lock()
+
+            def presigned() -> str:
+                """A fresh presigned URL (they live a minute by default; a long download outlives one)."""
+                again = self._http.get(path, params=params, timeout=timeout)
+                if again.status_code != 307:
+                    raise error_of(again)
+                return str(again.headers["location"])
+
             try:
                 if response.status_code == 307:
-                    location = response.headers["location"]
+                    source.update(url=response.headers["location"], redirected=True)
+                    size = int(response.headers.get("x-m2kt-size", "0") or 0)
                     response.close()
-                    response = self._plain.send(self._plain.build_request("GET", location), stream=True)
+                    # Storage servers differ on a range past the end (AWS clamps, others answer 400): ask for
+                    # a first part only when the broker said the object is larger than one.
+                    ranged = first if size > PART else {}
+                    request = self._plain.build_request("GET", source["url"], headers=ranged, timeout=timeout)
+                    response = self._plain.send(request, stream=True)
                 if response.status_code >= 400:
                     response.read()
                     raise error_of(response)
-                yield response
+
+                def fetch_range(start: int, end: int) -> bytes:
+                    headers = {"Range": f"bytes={start}-{end - 1}"}
+                    if not source["redirected"]:
+                        part = self._http.get(path, params=params, headers=headers, timeout=timeout)
+                    else:
+                        url = str(source["url"])
+                        part = self._plain.get(url, headers=headers, timeout=timeout)
+                        if part.status_code in (400, 403):  # the presigned URL expired: ask the broker again
+                            with lock:
+                                if source["url"] == url:
+                                    source["url"] = presigned()
+                            part = self._plain.get(str(source["url"]), headers=headers, timeout=timeout)
+                    if part.status_code >= 400:
+                        raise error_of(part)
+                    if part.status_code != 206 or len(part.content) != end - start:
+                        raise TransportError(
+                            f"download {packet_id[:16]}…: asked for bytes {start}-{end - 1}, got status "
+                            f"{part.status_code} with {len(part.content)} bytes"
+                        )
+                    return part.content
+
+                yield response, fetch_range
             finally:
                 response.close()
 
