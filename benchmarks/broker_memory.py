@@ -46,15 +46,17 @@ SAMPLE_SECONDS = 0.020
 
 
 class RSSSampler:
-    """Samples another process's RSS every 20 ms while a block runs (baseline taken on entry)."""
+    """Samples another process's RSS every 20 ms while a block runs (baseline taken on entry); with its
+    child processes (a broker's ``--workers``), their sum."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
+        self.tree = [self.proc, *self.proc.children(recursive=True)]
         self.samples = 0
         self._stop = threading.Event()
 
     def rss(self) -> int:
-        return self.proc.memory_info().rss
+        return sum(p.memory_info().rss for p in self.tree)
 
     def __enter__(self) -> RSSSampler:
         self.baseline = self.rss()
@@ -90,14 +92,15 @@ class CPUTimes:
     block runs: what the two cores went to, and whether anything else was running."""
 
     def __init__(self, broker_pid: int, nanio_pid: int) -> None:
+        broker = psutil.Process(broker_pid)
         self.procs = {
-            "client": psutil.Process(),
-            "broker": psutil.Process(broker_pid),
-            "nanio": psutil.Process(nanio_pid),
+            "client": [psutil.Process()],
+            "broker": [broker, *broker.children(recursive=True)],  # with --workers, the workers too
+            "nanio": [psutil.Process(nanio_pid)],
         }
 
     def _now(self) -> dict[str, float]:
-        out = {name: sum(p.cpu_times()[:2]) for name, p in self.procs.items()}
+        out = {name: sum(sum(p.cpu_times()[:2]) for p in procs) for name, procs in self.procs.items()}
         t = psutil.cpu_times()
         out["machine"] = (
             t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)

@@ -191,7 +191,7 @@ def measure_large(
     through = Series(section, "fetch through the broker (SDK, verified) vs raw download_file", "MB/s", target=0.8)
     topic = f"bench.large-{uuid.uuid4().hex[:6]}"
     s3c, bucket = stack.s3c, stack.bucket
-    pid = stack.broker_pid if stack.broker.workers == 1 else None  # with workers, the parent only supervises
+    pid = stack.broker_pid  # with --workers, the sampler adds up the worker processes
     for run in range(runs):
         path = tmp / f"large-{size_mib}-{run}.m2kt"
         write_big_packet(path, tmp / "scratch", size_mib * MiB, topic, key, seed=run + 1)  # distinct per run
@@ -201,11 +201,10 @@ def measure_large(
         with stopwatch() as took:
             s3c.upload_file(str(path), bucket, raw_key)
         up.raw.append(mb / took[0])
-        with _rss(pid) as rss, stopwatch() as took:
+        with RSSSampler(pid) as rss, stopwatch() as took:
             packet_id = publisher.publish(path, topic).id
         up.values.append(mb / took[0])
-        if rss is not None:
-            up.rss_growth.append(rss.growth)
+        up.rss_growth.append(rss.growth)
         down = tmp / "raw.down"
         with stopwatch() as took:
             s3c.download_file(bucket, raw_key, str(down))
@@ -214,11 +213,10 @@ def measure_large(
         for series, client, into in ((redirect, redirected, "in-redirect"), (through, streamed, "in-stream")):
             series.raw.append(raw_down)
             target = tmp / into
-            with _rss(pid) as rss, stopwatch() as took:
+            with RSSSampler(pid) as rss, stopwatch() as took:
                 client.fetch(packet_id, f"{target}/")
             series.values.append(mb / took[0])
-            if rss is not None:
-                series.rss_growth.append(rss.growth)
+            series.rss_growth.append(rss.growth)
             for f in target.iterdir():
                 f.unlink()
         s3c.delete_object(Bucket=bucket, Key=raw_key)
@@ -228,15 +226,6 @@ def measure_large(
             f"{redirect.values[-1]:.0f} MB/s, through {through.values[-1]:.0f} MB/s (raw {raw_down:.0f})"
         )
     return [up, redirect, through]
-
-
-@contextmanager
-def _rss(pid: int | None) -> Iterator[RSSSampler | None]:
-    if pid is None:
-        yield None
-        return
-    with RSSSampler(pid) as sampler:
-        yield sampler
 
 
 @contextmanager

@@ -32,6 +32,7 @@ class LoadConfig:
     timeout: float = 300.0
     database_url: str = DEFAULT_DATABASE_URL
     rate_limit: bool = False
+    workers: int = 1  # m2kt broker serve --workers
     upload_rate: float | None = None
     upload_burst: int | None = None
     fetch: bool = False

@@ -217,7 +217,9 @@ def run_load(cfg: LoadConfig, *, command: str, work_dir: Path | None = None) -> 
         tmp = Path(tmp_name)
         broker_log = tmp / "broker.log"
         try:
-            with broker_stack(tmp, cfg.database_url, broker_log, extra_env=cfg.broker_env()) as stack:
+            with broker_stack(
+                tmp, cfg.database_url, broker_log, extra_env=cfg.broker_env(), workers=cfg.workers
+            ) as stack:
                 report = run_on_stack(stack, cfg, tmp, command)
         except BaseException:
             if broker_log.exists():  # the log dies with the temp dir: show its end
@@ -278,6 +280,7 @@ def parse_args(argv: list[str] | None) -> tuple[LoadConfig, Path, Path | None]:
     parser.add_argument("--rate-limit", action="store_true", help="keep the broker's upload rate limit (count 429s)")
     parser.add_argument("--upload-rate", type=float, default=None, help="M2KT_UPLOAD_RATE_PER_MINUTE for the broker")
     parser.add_argument("--upload-burst", type=int, default=None, help="M2KT_UPLOAD_BURST for the broker")
+    parser.add_argument("--workers", type=int, default=1, help="m2kt broker serve --workers (default 1)")
     parser.add_argument("--fetch", action="store_true", help="subscribers also download and verify each packet")
     parser.add_argument("--size-kib", type=int, default=0, help="pad each packet to about this many KiB")
     parser.add_argument("--wait", type=float, default=10.0, help="subscribers' long-poll seconds (10)")
@@ -300,6 +303,7 @@ def parse_args(argv: list[str] | None) -> tuple[LoadConfig, Path, Path | None]:
         wait=a.wait,
         limit=a.limit,
         max_retries=a.max_retries,
+        workers=a.workers,
     )
     return cfg, a.out, a.dir
 

@@ -4,6 +4,7 @@ m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu
                     [--budgets 0,8,32,2%,…] [--no-loss-ablations]
 m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
 m2kt bench speed [--sizes 1,16,128] [--small 200] [--threads 8] [--runs 3] [--workers N] [--out DIR]
+m2kt bench scale [--rows 1000000] [--topics 100] [--samples 100] [--out DIR]
 """
 
 from __future__ import annotations
@@ -136,6 +137,28 @@ def bench_speed(
         fail(EXIT_USAGE, f"the speed benchmark needs the broker and bench extras: {exc}")
     argv = ["--sizes", sizes, "--small", str(small), "--threads", str(threads), "--runs", str(runs)]
     argv += ["--workers", str(workers)]
+    if out is not None:
+        argv += ["--out", str(out)]
+    raise typer.Exit(main(argv))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    rows: Annotated[
+        int, typer.Option("--rows", help="Packets (and their events) seeded into the database.")
+    ] = 1_000_000,
+    topics: Annotated[int, typer.Option("--topics", help="Topics the seeded packets are spread over.")] = 100,
+    samples: Annotated[int, typer.Option("--samples", help="Requests timed per kind and database.")] = 100,
+    out: Annotated[Path | None, typer.Option("--out", help="Write broker_scale.md and broker_scale.json here.")] = None,
+) -> None:
+    """The broker on a fresh database and on one seeded with a million packets: publish, event page, lineage.
+
+    Seeds PostgreSQL directly (M2KT_TEST_DATABASE_URL or the local one) and starts nanio and the broker."""
+    try:
+        from m2kt.benchmarks.broker_scale import main
+    except ImportError as exc:
+        fail(EXIT_USAGE, f"the scale benchmark needs the broker and bench extras: {exc}")
+    argv = ["--rows", str(rows), "--topics", str(topics), "--samples", str(samples)]
     if out is not None:
         argv += ["--out", str(out)]
     raise typer.Exit(main(argv))
