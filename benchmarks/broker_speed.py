@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -40,7 +40,7 @@ from typing import Any
 
 from m2kt import BrokerClient
 from m2kt.benchmarks.broker_memory import MiB, RSSSampler, prefault, write_big_packet
-from m2kt.benchmarks.harness.brokers import Node, register_node
+from m2kt.benchmarks.harness.brokers import register_node
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
 from m2kt.benchmarks.harness.stack import BrokerStack, broker_stack
@@ -113,88 +113,85 @@ def _in_threads(jobs: Sequence[Callable[[], None]], threads: int) -> None:
             future.result()
 
 
-def measure_small(
-    stack: BrokerStack,
-    publishers: Sequence[Node],
-    tmp: Path,
-    n: int,
-    threads: int,
-    runs: int,
-    log: Callable[[str], None],
-) -> list[Series]:
-    seq = Series("small", "publish ~2 KB, sequential (SDK) vs raw put_object", "packets/s", target=0.5)
-    par = Series(
-        "small", f"publish ~2 KB, {threads} at once (SDK) vs raw put_object ×{threads}", "packets/s", target=0.5
-    )
-    # one node per publisher, as eight teachers would be (one node's uploads in progress are capped)
-    clients = [BrokerClient(stack.broker.url, node.token, quiet=True) for node in publishers]
-    keys = [node.key for node in publishers]
-    topic = f"bench.small-{uuid.uuid4().hex[:6]}"
-    try:
-        for t, client in enumerate(clients):  # connections, caches, the topic row
-            for warm in small_packets(tmp / "warm", keys[t], topic, 5, f"warm{t}"):
-                client.publish(warm, topic)
-        for run in range(runs):
-            # packet i is signed by the key of the publisher that sends it (sequential: publisher 0)
-            signer = [0] * n + [(i - n) % threads for i in range(n, 2 * n)]
-            paths = [
-                small_packets(tmp / f"small-{run}", keys[signer[i]], topic, 1, f"r{run}-{i}")[0] for i in range(2 * n)
-            ]
-            bodies = [(f"raw-small/{run}-{i}", p.read_bytes()) for i, p in enumerate(paths)]
-            put = _raw_put(stack)
-            first, second = range(n), range(n, 2 * n)
-            with stopwatch() as took:
-                for i in first:
-                    put(*bodies[i])
-            seq.raw.append(n / took[0])
-            with stopwatch() as took:
-                for i in first:
-                    clients[0].publish(paths[i], topic)
-            seq.values.append(n / took[0])
-            shares = [[i for i in second if signer[i] == t] for t in range(threads)]
-            with stopwatch() as took:
-                _in_threads([partial(_each, put, [bodies[i] for i in share]) for share in shares], threads)
-            par.raw.append(n / took[0])
-            with stopwatch() as took:
-                jobs = [
-                    partial(_each, partial(client.publish, topic=topic), [(paths[i],) for i in share])
-                    for share, client in zip(shares, clients, strict=True)
-                ]
-                _in_threads(jobs, threads)
-            par.values.append(n / took[0])
-            log(
-                f"  small run {run + 1}: sequential {seq.values[-1]:.0f}/s (raw {seq.raw[-1]:.0f}/s), "
-                f"{threads}-way {par.values[-1]:.0f}/s (raw {par.raw[-1]:.0f}/s)"
-            )
-            for p in paths:
-                p.unlink()
-    finally:
-        for c in clients:
+class Bench:
+    """One broker stack (this code, or a baseline checkout's) and the series measured on it."""
+
+    def __init__(self, label: str, stack: BrokerStack, tmp: Path, threads: int, log: Callable[[str], None]) -> None:
+        self.label, self.stack, self.tmp, self.threads, self.log = label, stack, tmp, threads, log
+        url, admin = stack.broker.url, stack.admin_token
+        # one node per small-packet publisher, as eight teachers would be (one node's uploads in flight are capped)
+        self.teachers = [register_node(url, admin, "teacher") for _ in range(max(1, threads))]
+        student = register_node(url, admin, "student", with_key=False)
+        self.clients = [BrokerClient(url, node.token, quiet=True) for node in self.teachers]
+        self.redirected = BrokerClient(url, student.token, quiet=True, prefer_redirect=True)
+        self.streamed = BrokerClient(url, student.token, quiet=True, prefer_redirect=False)
+        self.series: dict[str, Series] = {}
+        self.topic = f"bench.speed-{uuid.uuid4().hex[:6]}"
+        for t, client in enumerate(self.clients):  # connections, caches, the topic row
+            for warm in small_packets(tmp / "warm", self._key(t), self.topic, 3, f"warm{label}{t}"):
+                client.publish(warm, self.topic)
+
+    def _key(self, t: int) -> SigningKey:
+        key = self.teachers[t].key
+        assert key is not None
+        return key
+
+    def _series(self, section: str, operation: str, unit: str, target: float) -> Series:
+        return self.series.setdefault(f"{section}|{operation}", Series(section, operation, unit, target=target))
+
+    def close(self) -> None:
+        for c in [*self.clients, self.redirected, self.streamed]:
             c.close()
-    return [seq, par]
 
+    def small_run(self, run: int, n: int) -> None:
+        """``n`` distinct ~2 KB packets sequentially and ``n`` more from ``threads`` publishers at once, each
+        next to raw put_object of the same bytes (the same way)."""
+        threads = self.threads
+        seq = self._series("small", "publish ~2 KB, sequential (SDK) vs raw put_object", "packets/s", 0.5)
+        par = self._series(
+            "small", f"publish ~2 KB, {threads} at once (SDK) vs raw put_object ×{threads}", "packets/s", 0.5
+        )
+        signer = [0] * n + [(i - n) % threads for i in range(n, 2 * n)]  # who signs and sends packet i
+        folder = self.tmp / f"small-{self.label}-{run}"
+        paths = [small_packets(folder, self._key(signer[i]), self.topic, 1, f"r{run}-{i}")[0] for i in range(2 * n)]
+        bodies = [(f"raw-small/{self.label}-{run}-{i}", p.read_bytes()) for i, p in enumerate(paths)]
+        put = _raw_put(self.stack)
+        first, second = range(n), range(n, 2 * n)
+        with stopwatch() as took:
+            for i in first:
+                put(*bodies[i])
+        seq.raw.append(n / took[0])
+        with stopwatch() as took:
+            for i in first:
+                self.clients[0].publish(paths[i], self.topic)
+        seq.values.append(n / took[0])
+        shares = [[i for i in second if signer[i] == t] for t in range(threads)]
+        with stopwatch() as took:
+            _in_threads([partial(_each, put, [bodies[i] for i in share]) for share in shares], threads)
+        par.raw.append(n / took[0])
+        with stopwatch() as took:
+            jobs = [
+                partial(_each, partial(client.publish, topic=self.topic), [(paths[i],) for i in share])
+                for share, client in zip(shares, self.clients, strict=True)
+            ]
+            _in_threads(jobs, threads)
+        par.values.append(n / took[0])
+        self.log(
+            f"  [{self.label}] small run {run + 1}: sequential {seq.values[-1]:.0f}/s (raw {seq.raw[-1]:.0f}/s), "
+            f"{threads}-way {par.values[-1]:.0f}/s (raw {par.raw[-1]:.0f}/s)"
+        )
+        for p in paths:
+            p.unlink()
 
-def measure_large(
-    stack: BrokerStack,
-    key: SigningKey,
-    publisher: BrokerClient,
-    redirected: BrokerClient,
-    streamed: BrokerClient,
-    tmp: Path,
-    size_mib: int,
-    runs: int,
-    log: Callable[[str], None],
-) -> list[Series]:
-    section = f"{size_mib} MiB"
-    up = Series(section, "publish (SDK) vs raw upload_file", "MB/s", target=0.9)
-    redirect = Series(section, "fetch, presigned redirect (SDK, verified) vs raw download_file", "MB/s", target=0.9)
-    through = Series(section, "fetch through the broker (SDK, verified) vs raw download_file", "MB/s", target=0.8)
-    topic = f"bench.large-{uuid.uuid4().hex[:6]}"
-    s3c, bucket = stack.s3c, stack.bucket
-    pid = stack.broker_pid  # with --workers, the sampler adds up the worker processes
-    for run in range(runs):
-        path = tmp / f"large-{size_mib}-{run}.m2kt"
-        write_big_packet(path, tmp / "scratch", size_mib * MiB, topic, key, seed=run + 1)  # distinct per run
+    def large_run(self, run: int, size_mib: int) -> None:
+        """One distinct packet of ``size_mib``: publish vs upload_file, both fetches vs download_file."""
+        section = f"{size_mib} MiB"
+        up = self._series(section, "publish (SDK) vs raw upload_file", "MB/s", 0.9)
+        redirect = self._series(section, "fetch, presigned redirect (SDK, verified) vs raw download_file", "MB/s", 0.9)
+        through = self._series(section, "fetch through the broker (SDK, verified) vs raw download_file", "MB/s", 0.8)
+        s3c, bucket, pid = self.stack.s3c, self.stack.bucket, self.stack.broker_pid
+        path = self.tmp / f"large-{self.label}-{size_mib}-{run}.m2kt"
+        write_big_packet(path, self.tmp / "scratch", size_mib * MiB, self.topic, self._key(0), seed=run + 1)
         mb = path.stat().st_size / 1e6
         raw_key = f"raw-large/{uuid.uuid4().hex}"
         prefault(2 * path.stat().st_size)
@@ -202,17 +199,17 @@ def measure_large(
             s3c.upload_file(str(path), bucket, raw_key)
         up.raw.append(mb / took[0])
         with RSSSampler(pid) as rss, stopwatch() as took:
-            packet_id = publisher.publish(path, topic).id
+            packet_id = self.clients[0].publish(path, self.topic).id
         up.values.append(mb / took[0])
         up.rss_growth.append(rss.growth)
-        down = tmp / "raw.down"
+        down = self.tmp / "raw.down"
         with stopwatch() as took:
             s3c.download_file(bucket, raw_key, str(down))
         raw_down = mb / took[0]
         down.unlink()
-        for series, client, into in ((redirect, redirected, "in-redirect"), (through, streamed, "in-stream")):
+        for series, client, into in ((redirect, self.redirected, "in-redirect"), (through, self.streamed, "in-stream")):
             series.raw.append(raw_down)
-            target = tmp / into
+            target = self.tmp / into
             with RSSSampler(pid) as rss, stopwatch() as took:
                 client.fetch(packet_id, f"{target}/")
             series.values.append(mb / took[0])
@@ -221,11 +218,10 @@ def measure_large(
                 f.unlink()
         s3c.delete_object(Bucket=bucket, Key=raw_key)
         path.unlink()
-        log(
-            f"  {section} run {run + 1}: publish {up.values[-1]:.0f} MB/s (raw {up.raw[-1]:.0f}), redirect "
-            f"{redirect.values[-1]:.0f} MB/s, through {through.values[-1]:.0f} MB/s (raw {raw_down:.0f})"
+        self.log(
+            f"  [{self.label}] {section} run {run + 1}: publish {up.values[-1]:.0f} MB/s (raw {up.raw[-1]:.0f}), "
+            f"redirect {redirect.values[-1]:.0f} MB/s, through {through.values[-1]:.0f} MB/s (raw {raw_down:.0f})"
         )
-    return [up, redirect, through]
 
 
 @contextmanager
@@ -245,41 +241,54 @@ def run(
     runs: int,
     workers: int,
     database_url: str,
+    baseline: Path | None = None,
     command: str = "m2kt bench speed",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Start the stack, measure everything, return the JSON document."""
+    """Start the stack (and a baseline's, when given), measure everything, return the JSON document.
+
+    With a baseline the two brokers run side by side, each with its own nanio and database, and every
+    measurement alternates between them run by run, so a slow moment of the machine hits both."""
     started = time.perf_counter()
-    series: list[Series] = []
-    with tempfile.TemporaryDirectory(prefix="m2kt-speed-") as tmp_name:
+    env = {"M2KT_UPLOAD_RATE_PER_MINUTE": "0"}  # the benchmark measures speed, not the rate limit
+    with tempfile.TemporaryDirectory(prefix="m2kt-speed-") as tmp_name, ExitStack() as stacks:
         tmp = Path(tmp_name)
-        env = {"M2KT_UPLOAD_RATE_PER_MINUTE": "0"}  # the benchmark measures speed, not the rate limit
-        with broker_stack(tmp, database_url, tmp / "broker.log", extra_env=env, workers=workers) as stack:
-            teachers = [register_node(stack.broker.url, stack.admin_token, "teacher") for _ in range(max(1, threads))]
-            teacher = teachers[0]
-            student = register_node(stack.broker.url, stack.admin_token, "student", with_key=False)
-            assert teacher.key is not None
-            if small:
-                series += measure_small(stack, teachers, tmp, small, threads, runs, log)
-            publisher = BrokerClient(stack.broker.url, teacher.token, quiet=True)
-            redirected = BrokerClient(stack.broker.url, student.token, quiet=True, prefer_redirect=True)
-            streamed = BrokerClient(stack.broker.url, student.token, quiet=True, prefer_redirect=False)
-            try:
-                for size in sizes:
-                    series += measure_large(stack, teacher.key, publisher, redirected, streamed, tmp, size, runs, log)
-            finally:
-                for c in (publisher, redirected, streamed):
-                    c.close()
+        benches: list[Bench] = []
+        for label, code in (("baseline", baseline), ("current", None)):
+            if label == "baseline" and code is None:
+                continue
+            where = tmp / label
+            where.mkdir()
+            stack = stacks.enter_context(
+                broker_stack(where, database_url, where / "broker.log", extra_env=env, workers=workers, code=code)
+            )
+            bench = Bench(label, stack, where, threads, log)
+            stacks.callback(bench.close)
+            benches.append(bench)
+        for run in range(runs if small else 0):
+            for bench in benches:
+                bench.small_run(run, small)
+        for size in sizes:
+            for run in range(runs):
+                for bench in benches:
+                    bench.large_run(run, size)
     return {
         "command": command,
-        "settings": {"sizes_mib": list(sizes), "small": small, "threads": threads, "runs": runs, "workers": workers},
+        "settings": {
+            "sizes_mib": list(sizes),
+            "small": small,
+            "threads": threads,
+            "runs": runs,
+            "workers": workers,
+            "baseline": str(baseline) if baseline else None,
+        },
         "environment": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "machine": platform.machine(),
             "seconds": time.perf_counter() - started,
         },
-        "series": [s.summary() for s in series],
+        "series": {bench.label: [s.summary() for s in bench.series.values()] for bench in benches},
     }
 
 
@@ -298,16 +307,34 @@ def markdown(document: dict[str, Any]) -> str:
         "| section | operation | broker | raw | ratio | target | broker RSS growth |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in document["series"]:
+    for row in document["series"]["current"]:
         ratio = row["ratio_median"]
-        verdict = "" if row["target"] is None else (" ✓" if ratio >= row["target"] else " ✗")
+        verdict = " ✓" if ratio >= row["target"] else " ✗"
         rss = f"{row['rss_growth_max_mib']:.0f} MiB" if row["rss_growth_max_mib"] is not None else "—"
         lines.append(
             f"| {row['section']} | {row['operation']} | {row['median']:,.0f} {row['unit']} "
             f"[{row['min']:,.0f}–{row['max']:,.0f}] | {row['raw_median']:,.0f} {row['unit']} | "
-            f"{ratio:.2f}× [{row['ratio_min']:.2f}–{row['ratio_max']:.2f}] | "
-            f"≥ {row['target']:.1f}×{verdict} | {rss} |"
+            f"{ratio:.2f}× [{row['ratio_min']:.2f}–{row['ratio_max']:.2f}] | ≥ {row['target']:.1f}×{verdict} | {rss} |"
         )
+    if "baseline" in document["series"]:
+        before = {(r["section"], r["operation"]): r for r in document["series"]["baseline"]}
+        lines += [
+            "",
+            f"Before / after in the same run: the baseline is `{s['baseline']}` (an older checkout), its broker "
+            "on a stack of its own; the two alternate run by run.",
+            "",
+            "| section | operation | before | after | after / before | before × raw | after × raw |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in document["series"]["current"]:
+            old = before.get((row["section"], row["operation"]))
+            if old is None:
+                continue
+            lines.append(
+                f"| {row['section']} | {row['operation']} | {old['median']:,.0f} {row['unit']} | "
+                f"{row['median']:,.0f} {row['unit']} | {row['median'] / old['median']:.2f}× | "
+                f"{old['ratio_median']:.2f}× | {row['ratio_median']:.2f}× |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median and spread)")
     parser.add_argument("--workers", type=int, default=1, help="m2kt broker serve --workers")
     parser.add_argument("--out", type=Path, default=None, help="write broker_speed.md and .json here")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a directory holding an older m2kt package (e.g. a git worktree's) to run side by side",
+    )
     parser.add_argument("--database-url", default=os.environ.get("M2KT_TEST_DATABASE_URL", DEFAULT_DATABASE_URL))
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
@@ -331,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs=args.runs,
         workers=args.workers,
         database_url=args.database_url,
+        baseline=args.baseline,
         command=" ".join(["m2kt bench speed", *(sys.argv[1:] if argv is None else argv)]),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )

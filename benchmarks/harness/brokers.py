@@ -105,6 +105,7 @@ class BrokerProcess:
     log_level: str = "warning"
     max_open_files: int | None = None  # the process's RLIMIT_NOFILE (ulimit -n), when given
     workers: int = 1  # m2kt broker serve --workers
+    extra_args: list[str] = field(default_factory=list)  # more m2kt broker serve options
 
     @property
     def url(self) -> str:
@@ -116,6 +117,7 @@ class BrokerProcess:
         argv = [exe, "broker", "serve", "--port", str(self.port), "--log-level", self.log_level]
         if self.workers != 1:
             argv += ["--workers", str(self.workers)]
+        argv += self.extra_args
         if self.max_open_files:  # the shell sets the limit, then becomes the broker (same pid)
             argv = ["/bin/sh", "-c", f'ulimit -S -n {int(self.max_open_files)} && exec "$0" "$@"', *argv]
         self.proc = subprocess.Popen(

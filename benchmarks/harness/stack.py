@@ -52,12 +52,20 @@ class BrokerStack:
 
 @contextmanager
 def broker_stack(
-    tmp: Path, database_url: str, broker_log: Path, extra_env: dict[str, str] | None = None, *, workers: int = 1
+    tmp: Path,
+    database_url: str,
+    broker_log: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    code: Path | None = None,
 ) -> Iterator[BrokerStack]:
     """Start everything under ``tmp``; stop it and drop the database on the way out.
 
     ``extra_env``: more ``M2KT_*`` settings for the broker process (they override the stack's own);
-    ``workers``: ``m2kt broker serve --workers``."""
+    ``workers``: ``m2kt broker serve --workers``; ``code``: a directory holding another ``m2kt`` package
+    (an older checkout, for before/after comparisons in one run) that the broker process imports instead
+    of this one — it then migrates its database itself (``--migrate``), to its own schema."""
     nanio = broker = database = None
     try:
         (tmp / "s3").mkdir()
@@ -66,7 +74,8 @@ def broker_stack(
         bucket = f"m2kt-bench-{uuid.uuid4().hex[:10]}"
         s3c.create_bucket(Bucket=bucket)
         database = create_database(database_url)
-        upgrade(database)
+        if code is None:
+            upgrade(database)
         admin_token = "m2kt_bench_" + secrets.token_urlsafe(24)
         (tmp / "broker-data").mkdir()
         broker = BrokerProcess(
@@ -77,9 +86,11 @@ def broker_stack(
                 "M2KT_DATA_DIR": str(tmp / "broker-data"),
                 **s3_env(s3),
                 **(extra_env or {}),
+                **({"PYTHONPATH": str(code)} if code is not None else {}),
             },
             log_path=broker_log,
             workers=workers,
+            extra_args=["--migrate"] if code is not None else [],
         ).start()
         ready = httpx.get(broker.url + "/readyz", timeout=30)
         if ready.status_code != 200:

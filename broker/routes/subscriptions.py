@@ -48,6 +48,8 @@ def get_subscription(name: str, session: SessionDep, caller: CurrentCaller) -> S
 @router.get(
     "/{name}/packets",
     summary="Events after the kept cursor (long-polls with ?wait=); does not move it",
+    response_model=EventPage,
+    response_class=Response,
     responses=error_responses(401, 403, 404, 429),
 )
 async def next_events(
@@ -57,14 +59,15 @@ async def next_events(
     _slot: LongPollSlot,
     wait: Annotated[float, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventPage:
+) -> Response:
     def cursor() -> tuple[str, int]:
         with state.sessions() as session:
             sub = service.get_subscription(session, caller, name)
             return sub.topic.name, sub.cursor
 
     topic, after = await run_in_threadpool(cursor)
-    return await service.wait_for_events(state, caller, topic, after, wait, limit)
+    page = await service.wait_for_events(state, caller, topic, after, wait, limit)
+    return Response(page.json(), media_type="application/json")  # an EventPage, written without decoding
 
 
 @router.post(

@@ -15,7 +15,8 @@ from m2kt.broker.errors import Unauthorized, error_responses
 from m2kt.broker.routes.slots import LongPollSlot, StreamSlot, UploadSlot
 from m2kt.broker.schemas import MAX_BIGINT, EventPage, PacketOut, TopicOut, TopicUpdate
 from m2kt.broker.services import audit, topics
-from m2kt.broker.services.subscriptions import event_page, wait_for_events
+from m2kt.broker.services.pages import raw_event_page
+from m2kt.broker.services.subscriptions import wait_for_events
 from m2kt.broker.services.topics import get_topic, topic_out
 from m2kt.broker.services.upload import receive_packet, upload_incomplete
 
@@ -106,6 +107,8 @@ async def upload_packet(
 @router.get(
     "/{topic}/packets",
     summary="The topic's events after a cursor; long-polls with ?wait=",
+    response_model=EventPage,
+    response_class=Response,
     responses=error_responses(401, 403, 404, 429),
 )
 async def list_packets(
@@ -116,10 +119,12 @@ async def list_packets(
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="Return events with seq > after")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait when there is nothing yet")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventPage:
+) -> Response:
     if wait <= 0:
-        return await run_in_threadpool(event_page, state.sessions, topic, after, limit)
-    return await wait_for_events(state, caller, topic, after, wait, limit)
+        page = await run_in_threadpool(raw_event_page, state.sessions, topic, after, limit)
+    else:
+        page = await wait_for_events(state, caller, topic, after, wait, limit)
+    return Response(page.json(), media_type="application/json")  # an EventPage, written without decoding
 
 
 @router.get(
@@ -138,7 +143,7 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     cursor = after if after is not None else _resume_from(last_event_id)
-    await run_in_threadpool(event_page, state.sessions, topic, cursor, 1)  # 404 now, not mid-stream
+    await run_in_threadpool(raw_event_page, state.sessions, topic, cursor, 1)  # 404 now, not mid-stream
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor
@@ -151,8 +156,7 @@ async def stream_events(
                 yield f"event: error\ndata: {data}\n\n".encode()
                 return
             for item in page.items:
-                data = json.dumps(item.model_dump(mode="json"), separators=(",", ":"))
-                yield f"id: {item.seq}\nevent: {item.kind.value}\ndata: {data}\n\n".encode()
+                yield f"id: {item.seq}\nevent: {item.kind}\ndata: ".encode() + item.json + b"\n\n"
             if not page.items:
                 yield b": keepalive\n\n"
             cursor = page.cursor

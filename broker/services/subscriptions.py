@@ -14,6 +14,7 @@ from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import Subscription
 from m2kt.broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
 from m2kt.broker.services.auth import still_valid
+from m2kt.broker.services.pages import RawPage, raw_event_page
 from m2kt.broker.services.records import events_out
 from m2kt.broker.services.topics import (
     check_topic_name,
@@ -29,6 +30,8 @@ from m2kt.broker.threads import in_thread
 
 
 def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: int) -> EventPage:
+    """The page as response models (the routes send :func:`~m2kt.broker.services.pages.raw_event_page`'s
+    bytes instead, the same document without decoding the manifests)."""
     with sessions() as session:
         row = get_topic(session, topic)
         events = events_after(session, row, after, limit)
@@ -38,7 +41,7 @@ def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: i
 
 async def wait_for_events(
     state: BrokerState, caller: Caller, topic: str, after: int, wait: float, limit: int
-) -> EventPage:
+) -> RawPage:
     """Events after ``after``; when none, wait up to ``wait`` seconds for one (long-poll).
 
     ``caller``'s token and node are checked again before the page is returned (401 when revoked,
@@ -46,7 +49,7 @@ async def wait_for_events(
     deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
     while True:
         wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
-        page = await in_thread(event_page, state.sessions, topic, after, limit)
+        page = await in_thread(raw_event_page, state.sessions, topic, after, limit)
         remaining = deadline - time.monotonic()
         if page.items or remaining <= 0:
             await in_thread(still_valid, state.sessions, caller)

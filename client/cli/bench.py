@@ -3,7 +3,7 @@
 m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu|cuda] [--scenario NAME=KNOWN:EXPR …]
                     [--budgets 0,8,32,2%,…] [--no-loss-ablations]
 m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
-m2kt bench speed [--sizes 1,16,128] [--small 200] [--threads 8] [--runs 3] [--workers N] [--out DIR]
+m2kt bench speed [--sizes 1,16,128] [--small 200] [--threads 8] [--runs 3] [--workers N] [--out DIR] [--baseline DIR]
 m2kt bench scale [--rows 1000000] [--topics 100] [--samples 100] [--out DIR]
 """
 
@@ -126,6 +126,14 @@ def bench_speed(
     runs: Annotated[int, typer.Option("--runs", help="Runs per figure (median and min–max are reported).")] = 3,
     workers: Annotated[int, typer.Option("--workers", help="m2kt broker serve --workers for the broker.")] = 1,
     out: Annotated[Path | None, typer.Option("--out", help="Write broker_speed.md and broker_speed.json here.")] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="A directory holding an older m2kt package (e.g. from a git worktree) whose broker runs side by "
+            "side: a before/after table from the same run.",
+        ),
+    ] = None,
 ) -> None:
     """Broker speed next to raw S3 in one run: small-packet publish rates, large publish/fetch throughput.
 
@@ -139,6 +147,8 @@ def bench_speed(
     argv += ["--workers", str(workers)]
     if out is not None:
         argv += ["--out", str(out)]
+    if baseline is not None:
+        argv += ["--baseline", str(baseline)]
     raise typer.Exit(main(argv))
 
 
