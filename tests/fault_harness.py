@@ -112,7 +112,7 @@ class CutDownload(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self.inner.handle_request(request)
-        if not request.url.path.endswith("/blob") or response.status_code != 200:
+        if not request.url.path.endswith("/blob") or response.status_code not in (200, 206):
             return response
         return httpx.Response(
             response.status_code,

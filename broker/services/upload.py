@@ -355,6 +355,29 @@ def _store_and_commit(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _finish_and_store(
+    state: BrokerState, receiver: _Receiver, stream: StreamingPacket
+) -> tuple[Received, PacketOut, bool]:
+    """The body has arrived: finish its checks (digests, finiteness), apply the safety policy, store and
+    commit. Returns (what was received, the record, whether it was created)."""
+    received = stream.finish()
+    assert receiver.checked is not None, "finish() returns only after the header"
+    report = _safety(received, receiver.checked)
+    status = PacketStatus.accepted
+    if not report.passed:
+        if state.settings.safety_action == "reject":
+            what = (
+                f"declared safety scores at or over {report.threshold}: {report.over_threshold[:5]}"
+                if report.over_threshold
+                else f"concepts near flagged directions: {[(f['concept'], f['label']) for f in report.flagged[:5]]}"
+            )
+            code = "safety_declared" if report.over_threshold else "safety_flagged"
+            raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
+        status = PacketStatus.quarantined
+    record, created = _store_and_commit(state, receiver, received, report, status)
+    return received, record, created
+
+
 def _recheck_publisher(session: Session, caller: Caller, fingerprint: str) -> None:
     """Where the row is committed, again: the key is still live, the token and node still valid.
 
@@ -439,21 +462,9 @@ async def receive_packet(
     receiver = _Receiver(state, caller, topic, stream)
     try:
         await _receive(receiver, body)
-        received = await in_thread(stream.finish)
-        assert receiver.checked is not None, "finish() returns only after the header"
-        report = await in_thread(_safety, received, receiver.checked)
-        status = PacketStatus.accepted
-        if not report.passed:
-            if settings.safety_action == "reject":
-                what = (
-                    f"declared safety scores at or over {report.threshold}: {report.over_threshold[:5]}"
-                    if report.over_threshold
-                    else f"concepts near flagged directions: {[(f['concept'], f['label']) for f in report.flagged[:5]]}"
-                )
-                code = "safety_declared" if report.over_threshold else "safety_flagged"
-                raise ValidationFailed(f"refused by the safety policy: {what}", code=code)
-            status = PacketStatus.quarantined
-        record, created = await in_thread(_store_and_commit, state, receiver, received, report, status)
+        # The rest runs in one worker thread: each hop between the event loop and a worker costs more than a
+        # small packet's checks do.
+        received, record, created = await in_thread(_finish_and_store, state, receiver, stream)
     except BrokerError as exc:
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
