@@ -78,7 +78,7 @@ class BrokerClient(ClientBase):
         download_workers: int = WORKERS,
     ) -> None:
         """``download_workers``: ranged requests in flight while fetching a packet larger than one part
-        (8 MiB); 1 downloads in a single stream."""
+        (8 MiB); 1 (the default) downloads in a single stream — see :mod:`m2kt.sdk.ranged` for when more help."""
         super().__init__(
             base_url,
             token,
