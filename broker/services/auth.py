@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Row, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Unauthorized
-from m2kt.broker.models import ApiToken
+from m2kt.broker.models import ApiToken, Node
 from m2kt.broker.security import hash_token
 
-__all__ = ["authenticate", "missing_token", "refuse_unusable", "still_valid"]
+__all__ = ["authenticate", "missing_token", "refuse_unusable", "still_valid", "token_state"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -22,18 +23,38 @@ def missing_token() -> Unauthorized:
     return Unauthorized("send an API token: Authorization: Bearer m2kt_…", code="missing_token", headers=_CHALLENGE)
 
 
+def token_state(session: Session, where: ColumnElement[bool]) -> Row[Any] | None:
+    """The token (and its node's) columns a refusal and a :class:`Caller` need, in one Core query — no ORM
+    objects on the path every request takes."""
+    return session.execute(
+        select(
+            ApiToken.id,
+            ApiToken.node_id,
+            ApiToken.scopes,
+            ApiToken.expires_at,
+            ApiToken.revoked_at,
+            ApiToken.last_used_at,
+            Node.name,
+            Node.role,
+            Node.disabled_at,
+        )
+        .join(Node, Node.id == ApiToken.node_id)
+        .where(where)
+    ).first()
+
+
 def authenticate(sessions: sessionmaker[Session], token: str | None) -> Caller:
     """Resolve a bearer token to its node; refuses unknown, expired, revoked or disabled."""
     if not token:
         raise missing_token()
     now = datetime.now(UTC)
     with sessions.begin() as session:
-        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+        row = token_state(session, ApiToken.token_hash == hash_token(token))
         refuse_unusable(row, now)
         assert row is not None
         if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
-            row.last_used_at = now
-        return Caller(row.node_id, row.node.name, row.node.role, tuple(row.scopes), row.id, row.expires_at)
+            session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        return Caller(row.node_id, row.name, row.role, tuple(row.scopes), row.id, row.expires_at)
 
 
 def still_valid(sessions: sessionmaker[Session], caller: Caller) -> None:
@@ -41,11 +62,12 @@ def still_valid(sessions: sessionmaker[Session], caller: Caller) -> None:
     authenticated: long-lived responses (event streams, long-polls) call this before each delivery,
     so a revocation takes effect on what they send next, not when they reconnect."""
     with sessions() as session:
-        refuse_unusable(session.get(ApiToken, caller.token_id), datetime.now(UTC))
+        refuse_unusable(token_state(session, ApiToken.id == caller.token_id), datetime.now(UTC))
 
 
-def refuse_unusable(row: ApiToken | None, now: datetime) -> None:
-    """401 for a token that is unknown, revoked or expired at ``now``, or whose node is disabled."""
+def refuse_unusable(row: Row[Any] | None, now: datetime) -> None:
+    """401 for a token that is unknown, revoked or expired at ``now``, or whose node is disabled
+    (``row`` from :func:`token_state`)."""
     if row is None:
         raise Unauthorized("unknown API token", code="invalid_token", headers=_CHALLENGE)
     if row.revoked_at is not None:
@@ -54,5 +76,5 @@ def refuse_unusable(row: ApiToken | None, now: datetime) -> None:
         raise Unauthorized(
             "this API token has expired; ask an admin to rotate it", code="token_expired", headers=_CHALLENGE
         )
-    if row.node.disabled_at is not None:
+    if row.disabled_at is not None:
         raise Unauthorized("this node is disabled", code="node_disabled", headers=_CHALLENGE)

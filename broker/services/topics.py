@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Malformed, NotFound
-from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent
+from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent, utcnow
 from m2kt.broker.pubsub import notify_in_transaction
 from m2kt.broker.schemas import TopicOut
 from m2kt.broker.services.upsert import insert_or_find
@@ -70,7 +70,8 @@ def append_event(session: Session, topic_id: int, topic_name: str, kind: EventKi
     seq = session.execute(
         update(Topic).where(Topic.id == topic_id).values(last_seq=Topic.last_seq + 1).returning(Topic.last_seq)
     ).scalar_one()
-    session.add(TopicEvent(topic_id=topic_id, seq=seq, kind=kind, packet_id=packet_id))
+    row = {"topic_id": topic_id, "seq": seq, "kind": kind, "packet_id": packet_id, "created_at": utcnow()}
+    session.execute(insert(TopicEvent), [row])
     notify_in_transaction(session, topic_name)
     return seq
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,6 +42,7 @@ from m2kt.broker.models import (
     EventKind,
     FlaggedConceptSet,
     LineageEdge,
+    Node,
     Packet,
     PacketStatus,
     PublicKey,
@@ -50,7 +51,7 @@ from m2kt.broker.models import (
 )
 from m2kt.broker.schemas import PacketOut, SafetyVerdict
 from m2kt.broker.services import audit
-from m2kt.broker.services.auth import refuse_unusable
+from m2kt.broker.services.auth import refuse_unusable, token_state
 from m2kt.broker.services.records import packet_out
 from m2kt.broker.services.topics import append_event, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
@@ -106,23 +107,29 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             "uploaded it; publish it as that node, or pack it with that node's name",
             code="teacher_node_mismatch",
         )
-    with state.sessions() as session:
-        key = session.get(PublicKey, manifest.key_fingerprint)
+    fingerprint = manifest.key_fingerprint
+    with state.sessions() as session:  # Core queries: this runs for every upload
+        key = session.execute(
+            select(PublicKey.revoked_at, PublicKey.owner_id, PublicKey.public_key).where(
+                PublicKey.fingerprint == fingerprint
+            )
+        ).first()
         if key is None:
             raise ValidationFailed(
-                f"key {manifest.key_fingerprint[:16]}… is not registered here; register it with POST /v1/keys",
+                f"key {fingerprint[:16]}… is not registered here; register it with POST /v1/keys",
                 code="unknown_key",
             )
         if key.revoked_at is not None:
-            raise ValidationFailed(f"key {key.fingerprint[:16]}… was revoked", code="key_revoked")
+            raise ValidationFailed(f"key {fingerprint[:16]}… was revoked", code="key_revoked")
         if key.owner_id != caller.node_id:  # admins too: an admin publishes with its own keys
+            owner = session.scalar(select(Node.name).where(Node.id == key.owner_id))
             raise ValidationFailed(
-                f"key {key.fingerprint[:16]}… belongs to node {key.owner.name!r}, not to {caller.node!r}",
+                f"key {fingerprint[:16]}… belongs to node {owner!r}, not to {caller.node!r}",
                 code="key_not_owned",
             )
         raw = key.public_key
         _check_parents(session, manifest.parents)
-        row = session.scalar(select(Topic).where(Topic.name == topic))
+        row = session.execute(select(Topic.id, Topic.safety_threshold).where(Topic.name == topic)).first()
         if row is None:  # this upload would create the topic
             check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
         _check_quota(state, session, caller, header.file_size, blob)
@@ -295,31 +302,32 @@ def _store_and_commit(
     for attempt in range(2):
         try:
             with locked_transaction(state.sessions, key) as session:
-                existing = session.get(Packet, received.packet_id)
-                if existing is not None:
+                if session.scalar(select(Packet.id).where(Packet.id == received.packet_id)) is not None:
+                    existing = session.get(Packet, received.packet_id)  # stored before: return it as it is
+                    assert existing is not None
                     return packet_out(session, existing), False
                 _recheck_publisher(session, caller, checked.key_fingerprint)
                 topic_id = checked.topic_id
                 if topic_id is None:  # the header check found no topic: create it (or find a concurrent one)
                     topic_id = get_or_create_topic(session, topic_name, caller.node_id).id
-                packet = Packet(
-                    id=received.packet_id,
-                    topic_id=topic_id,
-                    publisher_id=caller.node_id,
-                    key_fingerprint=checked.key_fingerprint,
-                    size=received.size,
-                    data_sha256=manifest.data_sha256,
-                    manifest=manifest.model_dump(mode="json"),
-                    safety=verdict,
-                    status=status,
-                    storage_key=key,
-                    created_at=utcnow(),
-                )
-                try:
-                    session.add(packet)
-                    session.flush()  # the packet row before the edges that reference it
-                    session.add_all(LineageEdge(parent_id=p, child_id=packet.id) for p in manifest.parents)
-                    session.flush()
+                row = {
+                    "id": received.packet_id,
+                    "topic_id": topic_id,
+                    "publisher_id": caller.node_id,
+                    "key_fingerprint": checked.key_fingerprint,
+                    "size": received.size,
+                    "data_sha256": manifest.data_sha256,
+                    "manifest": manifest.model_dump(mode="json"),
+                    "safety": verdict,
+                    "status": status,
+                    "storage_key": key,
+                    "created_at": utcnow(),
+                }
+                try:  # Core inserts: the ORM's unit of work costs more than the statement here
+                    session.execute(insert(Packet), [row])  # the packet row before the edges that reference it
+                    if manifest.parents:
+                        edges = [{"parent_id": p, "child_id": row["id"]} for p in manifest.parents]
+                        session.execute(insert(LineageEdge), edges)
                 except DataError as exc:  # a value this database cannot store: refused, nothing staged stays
                     reason = str(exc.orig or exc).splitlines()[0][:200]
                     raise ValidationFailed(f"the packet cannot be stored: {reason}", code="invalid_value") from None
@@ -331,23 +339,23 @@ def _store_and_commit(
                         state.storage.promote(staged.staging_key, key)
                     receiver.promoted = True
                 record = PacketOut(  # from what this transaction wrote: no read back
-                    id=packet.id,
+                    id=row["id"],
                     topic=topic_name,
                     publisher=caller.node,
-                    key_fingerprint=packet.key_fingerprint,
-                    size=packet.size,
-                    data_sha256=packet.data_sha256,
+                    key_fingerprint=checked.key_fingerprint,
+                    size=received.size,
+                    data_sha256=manifest.data_sha256,
                     status=status,
                     safety=SafetyVerdict.model_validate(verdict),
                     parents=sorted(manifest.parents),
-                    created_at=packet.created_at,
-                    manifest=packet.manifest,
+                    created_at=row["created_at"],
+                    manifest=row["manifest"],
                 )
                 # Last: appending the event locks the topic row until commit; keep that short.
                 if status is PacketStatus.accepted:
-                    append_event(session, topic_id, topic_name, EventKind.published, packet.id)
+                    append_event(session, topic_id, topic_name, EventKind.published, row["id"])
                 else:
-                    audit.record(session, caller.node_id, "packet.quarantined_on_upload", packet.id, safety=verdict)
+                    audit.record(session, caller.node_id, "packet.quarantined_on_upload", row["id"], safety=verdict)
                 return record, True
         except IntegrityError:
             if attempt:  # the same packet committed concurrently: the second try returns it
@@ -393,7 +401,7 @@ def _recheck_publisher(session: Session, caller: Caller, fingerprint: str) -> No
     ).rowcount
     if live != 1:
         raise ValidationFailed(f"key {fingerprint[:16]}… was revoked during the upload", code="key_revoked")
-    refuse_unusable(session.get(ApiToken, caller.token_id, populate_existing=True), datetime.now(UTC))
+    refuse_unusable(token_state(session, ApiToken.id == caller.token_id), datetime.now(UTC))
 
 
 def upload_incomplete() -> Malformed:
