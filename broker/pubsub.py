@@ -81,6 +81,11 @@ def notify_in_transaction(session: Session, topic: str) -> None:
     """Queue a cross-replica NOTIFY (Postgres) and a local wake-up after this session commits."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic})
+    wake_after_commit(session, topic)
+
+
+def wake_after_commit(session: Session, topic: str) -> None:
+    """Wake this process's waiters on ``topic`` once the session commits (its NOTIFY is the caller's)."""
     pending: set[str] = session.info.setdefault(_PENDING, set())
     pending.add(topic)
 

@@ -258,7 +258,13 @@ class _Receiver:
 
 def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
     out = []
-    for row in session.scalars(select(FlaggedConceptSet)):
+    columns = (
+        FlaggedConceptSet.name,
+        FlaggedConceptSet.labels,
+        FlaggedConceptSet.directions,
+        FlaggedConceptSet.threshold,
+    )
+    for row in session.execute(select(*columns)):
         directions = unit_rows(np.asarray(row.directions, dtype=np.float64))
         out.append(
             FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default)
