@@ -250,7 +250,9 @@ def test_publish_on_one_broker_wakes_long_poll_and_sse_on_another(
             f"publish took {acknowledged - sent:.3f}s; wake-up on the other broker: long-poll "
             f"{long_poll_latency:.3f}s, SSE {sse_latency:.3f}s after the publish returned"
         )
-        assert long_poll_latency < 1.0 and sse_latency < 1.0
+        # The wake-up must come from NOTIFY, not from the 30 s polling fallback: far below 30 s however busy
+        # the machine is (no tighter wall-clock bound; the latencies are printed).
+        assert long_poll_latency < 15.0 and sse_latency < 15.0
     finally:
         a.stop()
         b.stop()
