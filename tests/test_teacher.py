@@ -49,9 +49,11 @@ WHEN = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def teacher() -> tuple[ModularTask, TinyTransformer, list, list]:
-    """A TinyTransformer trained from scratch on a OP b = over Z_23 (add, sub)."""
+    """A TinyTransformer trained from scratch on a OP b = over Z_23 (add, sub), the whole schedule: stopped the
+    moment held-out accuracy first reached 99%, its states at '=' were less settled, and on one machine the
+    result concepts classified 0.92 of held-out inputs instead of >= 0.95 (the final decay settles them)."""
     task = ModularTask(p=23, operators=OPS)
-    model, metrics = train_tiny(task, TinyConfig.for_task(task), TrainConfig(seed=0, target_test_accuracy=0.99))
+    model, metrics = train_tiny(task, TinyConfig.for_task(task), TrainConfig(seed=0))
     assert metrics["test_accuracy"] >= 0.97, metrics
     train, test = task.split(task.examples(), test_fraction=0.2, seed=0)
     return task, model, train, test
