@@ -13,7 +13,6 @@ import contextlib
 import logging
 
 from sqlalchemy import event as orm_event
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("m2kt.broker.pubsub")
@@ -77,15 +76,10 @@ def wire_notifications(sessions: sessionmaker[Session], hub: Hub) -> None:
         session.info.pop(_PENDING, None)
 
 
-def notify_in_transaction(session: Session, topic: str) -> None:
-    """Queue a cross-replica NOTIFY (Postgres) and a local wake-up after this session commits."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic})
-    wake_after_commit(session, topic)
-
-
 def wake_after_commit(session: Session, topic: str) -> None:
-    """Wake this process's waiters on ``topic`` once the session commits (its NOTIFY is the caller's)."""
+    """Wake this process's waiters on ``topic`` once the session commits. Other replicas hear of it from
+    the ``pg_notify(CHANNEL, topic)`` the event's own statement sends on Postgres
+    (:func:`m2kt.broker.services.topics.append_event`)."""
     pending: set[str] = session.info.setdefault(_PENDING, set())
     pending.add(topic)
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent, utcnow
-from m2kt.broker.pubsub import CHANNEL, notify_in_transaction, wake_after_commit
+from m2kt.broker.pubsub import CHANNEL, wake_after_commit
 from m2kt.broker.schemas import TopicOut
 from m2kt.broker.services.upsert import insert_or_find
 from m2kt.format.manifest import TOPIC_PATTERN
@@ -82,17 +82,17 @@ _APPEND_POSTGRES = text(
 
 def append_event(session: Session, topic_id: int, topic_name: str, kind: EventKind, packet_id: str) -> int:
     """Append to the topic's log. The topic row stays locked until commit, so seq order is commit order."""
-    if session.get_bind().dialect.name == "postgresql":  # one round trip instead of three
+    if session.get_bind().dialect.name == "postgresql":  # one round trip, the NOTIFY for other replicas in it
         params = {"topic_id": topic_id, "kind": kind.value, "packet_id": packet_id, "created_at": utcnow()}
-        seq = session.execute(_APPEND_POSTGRES, {**params, "channel": CHANNEL, "topic_name": topic_name}).scalar_one()
-        wake_after_commit(session, topic_name)
-        return int(seq)
-    seq = session.execute(
-        update(Topic).where(Topic.id == topic_id).values(last_seq=Topic.last_seq + 1).returning(Topic.last_seq)
-    ).scalar_one()
-    row = {"topic_id": topic_id, "seq": seq, "kind": kind, "packet_id": packet_id, "created_at": utcnow()}
-    session.execute(insert(TopicEvent), [row])
-    notify_in_transaction(session, topic_name)
+        params |= {"channel": CHANNEL, "topic_name": topic_name}
+        seq = int(session.execute(_APPEND_POSTGRES, params).scalar_one())
+    else:  # SQLite: one process, no NOTIFY
+        seq = session.execute(
+            update(Topic).where(Topic.id == topic_id).values(last_seq=Topic.last_seq + 1).returning(Topic.last_seq)
+        ).scalar_one()
+        row = {"topic_id": topic_id, "seq": seq, "kind": kind, "packet_id": packet_id, "created_at": utcnow()}
+        session.execute(insert(TopicEvent), [row])
+    wake_after_commit(session, topic_name)
     return seq
 
 
