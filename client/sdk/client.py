@@ -290,65 +290,34 @@ class BrokerClient(ClientBase):
                     yield part[at : at + CHUNK]
 
     def _open_blob(self, packet_id: str) -> Any:
-        """A context manager giving (the response to the first ranged GET, a function fetching any other
-        range of the same object). The first request asks for the first PART bytes only when the client
-        downloads in parallel; a server that ignores ranges answers the whole object (200)."""
+        """A context manager giving (the response to the first GET, a :class:`_RangeSource` for any other range
+        of the same object). The first request asks for the first PART bytes only when the client downloads
+        in parallel; a server that ignores ranges answers the whole object (200)."""
 
         @contextmanager
-        def opened() -> Iterator[tuple[httpx.Response, Callable[[int, int], bytes]]]:
-            path = f"/v1/packets/{calls._q(packet_id)}/blob"
-            params = {"redirect": 1} if self.prefer_redirect else None
-            timeout = httpx.Timeout(300, connect=10)
+        def opened() -> Iterator[tuple[httpx.Response, _RangeSource]]:
+            source = _RangeSource(self, packet_id)
             first = {"Range": f"bytes=0-{PART - 1}"} if self.download_workers > 1 else {}
             response = self._http.send(
-                self._http.build_request("GET", path, params=params, headers=first, timeout=timeout), stream=True
+                self._http.build_request(
+                    "GET", source.path, params=source.params, headers=first, timeout=source.timeout
+                ),
+                stream=True,
             )
-            source = {"url": path, "redirected": False}  # where the other ranges come from
-            lock = threading.Lock()
-
-            def presigned() -> str:
-                """A fresh presigned URL (they live a minute by default; a long download outlives one)."""
-                again = self._http.get(path, params=params, timeout=timeout)
-                if again.status_code != 307:
-                    raise error_of(again)
-                return str(again.headers["location"])
-
             try:
                 if response.status_code == 307:
-                    source.update(url=response.headers["location"], redirected=True)
+                    source.url, source.redirected = response.headers["location"], True
                     size = int(response.headers.get("x-m2kt-size", "0") or 0)
                     response.close()
                     # Storage servers differ on a range past the end (AWS clamps, others answer 400): ask for
                     # a first part only when the broker said the object is larger than one.
                     ranged = first if size > PART else {}
-                    request = self._plain.build_request("GET", source["url"], headers=ranged, timeout=timeout)
+                    request = self._plain.build_request("GET", source.url, headers=ranged, timeout=source.timeout)
                     response = self._plain.send(request, stream=True)
                 if response.status_code >= 400:
                     response.read()
                     raise error_of(response)
-
-                def fetch_range(start: int, end: int) -> bytes:
-                    headers = {"Range": f"bytes={start}-{end - 1}"}
-                    if not source["redirected"]:
-                        part = self._http.get(path, params=params, headers=headers, timeout=timeout)
-                    else:
-                        url = str(source["url"])
-                        part = self._plain.get(url, headers=headers, timeout=timeout)
-                        if part.status_code in (400, 403):  # the presigned URL expired: ask the broker again
-                            with lock:
-                                if source["url"] == url:
-                                    source["url"] = presigned()
-                            part = self._plain.get(str(source["url"]), headers=headers, timeout=timeout)
-                    if part.status_code >= 400:
-                        raise error_of(part)
-                    if part.status_code != 206 or len(part.content) != end - start:
-                        raise TransportError(
-                            f"download {packet_id[:16]}…: asked for bytes {start}-{end - 1}, got status "
-                            f"{part.status_code} with {len(part.content)} bytes"
-                        )
-                    return part.content
-
-                yield response, fetch_range
+                yield response, source
             finally:
                 response.close()
 
@@ -396,3 +365,46 @@ class BrokerClient(ClientBase):
                             raise
                 yield Delivery(event.seq, event.kind, event.packet, path)
                 self._send(calls.ack(name, event.seq))
+
+
+class _RangeSource:
+    """Where the ranges of one packet's bytes come from: the broker's blob route, or the presigned URL it
+    redirected to — renewed from the broker when it expires mid-download (they live a minute by default).
+    Called from several threads at once (:func:`m2kt.sdk.ranged.parts_in_order`)."""
+
+    def __init__(self, client: BrokerClient, packet_id: str) -> None:
+        self.client, self.packet_id = client, packet_id
+        self.path = f"/v1/packets/{calls._q(packet_id)}/blob"
+        self.params = {"redirect": 1} if client.prefer_redirect else None
+        self.timeout = httpx.Timeout(300, connect=10)
+        self.url, self.redirected = self.path, False
+        self._renewing = threading.Lock()
+
+    def _renew(self, expired: str) -> None:
+        with self._renewing:
+            if self.url != expired:  # another thread renewed it already
+                return
+            again = self.client._http.get(self.path, params=self.params, timeout=self.timeout)
+            if again.status_code != 307:
+                raise error_of(again)
+            self.url = str(again.headers["location"])
+
+    def __call__(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the packet, exactly, or an error."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if not self.redirected:
+            part = self.client._http.get(self.path, params=self.params, headers=headers, timeout=self.timeout)
+        else:
+            url = self.url
+            part = self.client._plain.get(url, headers=headers, timeout=self.timeout)
+            if part.status_code in (400, 403):  # the presigned URL expired: ask the broker again
+                self._renew(url)
+                part = self.client._plain.get(self.url, headers=headers, timeout=self.timeout)
+        if part.status_code >= 400:
+            raise error_of(part)
+        if part.status_code != 206 or len(part.content) != end - start:
+            raise TransportError(
+                f"download {self.packet_id[:16]}…: asked for bytes {start}-{end - 1}, got status "
+                f"{part.status_code} with {len(part.content)} bytes"
+            )
+        return part.content
