@@ -39,6 +39,7 @@ import psycopg
 from m2kt import BrokerClient
 from m2kt.benchmarks.harness.brokers import Node, register_node
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.benchmarks.harness.results import write_results
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL, libpq_url
 from m2kt.benchmarks.harness.stack import BrokerStack, broker_stack
 from m2kt.format import write_packet
@@ -279,9 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(document, command)
     print(table)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "broker_scale.md").write_text(table)
-        (args.out / "broker_scale.json").write_text(json.dumps(document, indent=2) + "\n")
+        write_results(args.out, "broker_scale", table, document)
     return 0
 
 

@@ -21,7 +21,6 @@ broker's side, so no timed publish repeats one. MLflow is not installed here; th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from m2kt import BrokerClient
 from m2kt.benchmarks.broker_memory import MiB, RSSSampler, prefault, write_big_packet
 from m2kt.benchmarks.harness.brokers import register_node
 from m2kt.benchmarks.harness.packets import make_body, make_tensors
+from m2kt.benchmarks.harness.results import write_results
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
 from m2kt.benchmarks.harness.stack import BrokerStack, broker_stack
 from m2kt.format import write_packet
@@ -385,9 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(document)
     print(table)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "broker_speed.md").write_text(table)
-        (args.out / "broker_speed.json").write_text(json.dumps(document, indent=2) + "\n")
+        write_results(args.out, "broker_speed", table, document)
     return 0
 
 
