@@ -30,7 +30,13 @@ from typing import Any
 from sqlalchemy import event
 
 import m2kt
-from m2kt.benchmarks.harness.brokers import create_database, drop_database, register_node, uvicorn_thread
+from m2kt.benchmarks.harness.brokers import (
+    create_database,
+    drop_database,
+    register_node,
+    s3_broker_app,
+    uvicorn_thread,
+)
 from m2kt.benchmarks.harness.packets import packet_bytes
 from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL, start_nanio
 
@@ -102,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     args = parser.parse_args(argv)
 
-    from m2kt.broker.app import create_app
     from m2kt.broker.db import upgrade
-    from m2kt.broker.settings import Settings
-    from m2kt.broker.storage import S3Store
 
     times: dict[str, list[float]] = defaultdict(list)
     instrument(times)
@@ -119,14 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             bucket = f"stages-{uuid.uuid4().hex[:8]}"
             s3.client().create_bucket(Bucket=bucket)
             token = "m2kt_admin_" + uuid.uuid4().hex
-            settings = Settings(
-                database_url=database,
-                storage_url=f"s3://{bucket}",
-                data_dir=tmp,
-                bootstrap_admin_token=token,
-                upload_rate_per_minute=0,
-            )
-            app = create_app(settings, storage=S3Store(s3.client(), bucket))
+            app = s3_broker_app(database, s3, bucket, tmp, token, upload_rate_per_minute=0)
             with uvicorn_thread(app) as url:
                 node = register_node(url, token, "teacher")
                 assert node.key is not None

@@ -137,21 +137,11 @@ def start_live_broker(
     """A broker app on Postgres + S3, served by uvicorn on a loopback socket in this process.
 
     ``token`` bootstraps the first admin; pass the existing admin's token when the database has one."""
-    from m2kt.benchmarks.harness.brokers import uvicorn_thread
-    from m2kt.broker.app import create_app
-    from m2kt.broker.settings import Settings
-    from m2kt.broker.storage import S3Store
+    from m2kt.benchmarks.harness.brokers import s3_broker_app, uvicorn_thread
 
     token = token or "m2kt_admin_" + uuid.uuid4().hex
-    config = Settings(
-        database_url=database_url,
-        storage_url=f"s3://{bucket}",
-        data_dir=tmp,
-        bootstrap_admin_token=token,
-        poll_fallback_seconds=2.0,
-        **settings,
-    )
-    app = create_app(config, storage=S3Store(s3_server.client(), bucket, part_size=5 << 20))
+    settings = {"poll_fallback_seconds": 2.0, **settings}
+    app = s3_broker_app(database_url, s3_server, bucket, tmp, token, part_size=5 << 20, **settings)
     return token, app, uvicorn_thread(app)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -64,6 +65,32 @@ def uvicorn_thread(app, *, http: str = "auto") -> Iterator[str]:  # type: ignore
 
             frame = sys._current_frames().get(thread.ident)  # type: ignore[arg-type]
             print("".join(traceback.format_stack(frame)) if frame else "no frame", file=sys.stderr)
+
+
+def s3_broker_app(
+    database_url: str,
+    s3: S3Server,
+    bucket: str,
+    data_dir: Path,
+    token: str,
+    *,
+    part_size: int = 8 << 20,
+    **settings: Any,
+) -> Any:
+    """A broker app (not yet served) on ``database_url`` and the S3 bucket ``bucket`` of ``s3``, its first
+    admin bootstrapped with ``token``; ``settings`` override the broker's defaults."""
+    from m2kt.broker.app import create_app
+    from m2kt.broker.settings import Settings
+    from m2kt.broker.storage import S3Store
+
+    config = Settings(
+        database_url=database_url,
+        storage_url=f"s3://{bucket}",
+        data_dir=data_dir,
+        bootstrap_admin_token=token,
+        **settings,
+    )
+    return create_app(config, storage=S3Store(s3.client(), bucket, part_size=part_size))
 
 
 def create_database(server_url: str) -> str:
