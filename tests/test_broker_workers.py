@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -58,6 +59,12 @@ def workers(
         **s3_env(s3_server),
     }
     broker = BrokerProcess(env, log_path=tmp_path / "broker.log", workers=2).start()
+    assert broker.proc is not None
+    # The parent listens before it forks, so the port answers before both workers exist: wait for them
+    # (a hang guard only, not a time limit).
+    deadline = time.monotonic() + 600
+    while len(children(broker.proc.pid)) < 2 and broker.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     yield broker
     broker.stop()
 
