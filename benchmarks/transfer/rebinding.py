@@ -8,6 +8,9 @@ and signs the packet; the student verifies it and ingests it with ``rebind`` on:
 rolled back, when nothing it has explains the teacher. Conditions:
 
 * ``m2kt-rebind`` — probe selection, slot binding (one pass), search;
+* ``m2kt-rebind-vote`` — as a trace, with the ``VOTE - 1`` next programs that explain the probes and compute
+  the same operation on the student's own tables answering too: the majority wins, so an error of the core
+  on one program's path is outvoted (self-consistency; ``VOTE`` traces per answer);
 * ``m2kt-rebind-trace`` — the same program applied as a trace (one pass per operation);
 * ``m2kt-rebind-no-slots`` — slot binding off: the new operator can only be renamed to a known one;
 * ``m2kt-rebind-no-selection`` — KD's random sample of the pool instead of the teacher's selection;
@@ -44,10 +47,14 @@ class RebindRun:
     slots: bool = True
     apply: str = "inject"
     declared: bool = False
+    vote: int = 1
 
+
+VOTE = 9  # programs answering together in ``m2kt-rebind-vote`` (each costs its own passes per answer)
 
 REBIND_CONDITIONS: dict[str, RebindRun] = {
     "m2kt-rebind": RebindRun(),
+    "m2kt-rebind-vote": RebindRun(apply="trace", vote=VOTE),
     "m2kt-rebind-trace": RebindRun(apply="trace"),
     "m2kt-rebind-no-slots": RebindRun(slots=False),
     "m2kt-rebind-no-selection": RebindRun(select=False),
@@ -110,6 +117,7 @@ def run_rebind(
             slots=condition.slots,
             apply=condition.apply,  # type: ignore[arg-type]
             search=not condition.declared,
+            vote=condition.vote,
         ),
         inject=InjectConfig(layer="embed.tok"),
         device=device,
@@ -138,6 +146,7 @@ def run_rebind(
             "explained": info.get("explained"),
             "observations": info.get("observations"),
             "candidates": info.get("candidates"),
+            "voters": info.get("voters", []),
             "refused": refused,
         },
     }

@@ -16,6 +16,7 @@ ORDER = [
     "teacher",
     "oracle",
     "m2kt-rebind",
+    "m2kt-rebind-vote",
     "m2kt-rebind-trace",
     "m2kt-rebind-no-slots",
     "m2kt-rebind-no-selection",
@@ -37,7 +38,8 @@ ORDER = [
 LABEL_PAID = {"labelled", "scratch", "oracle", "teacher"}  # conditions paying in labels, not teacher queries
 THRESHOLD = 85.0
 TARGET = 90.0  # the new-operation target: % of teacher at <= 8 teacher queries, 0 labels
-METHODS = ("m2kt", "m2kt-rebind")  # M2KT as a method (the rest are its ablations and zero-shot starts)
+# M2KT as a method (the rest are its ablations and zero-shot starts)
+METHODS = ("m2kt", "m2kt-rebind", "m2kt-rebind-vote")
 
 
 def _mean_sd(values: Iterable[float | None]) -> tuple[float, float]:

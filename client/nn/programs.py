@@ -198,6 +198,9 @@ class SearchResult:
     total: int
     considered: int  # candidate programs scored
     tied: list[Expr] = field(default_factory=list)  # other best programs computing different functions
+    # with ``alternatives``: every other program explaining at least ``min_explained`` of the observations,
+    # most explained first, then simplest
+    alternatives: list[Expr] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -228,13 +231,15 @@ def search(
     constants: bool = True,
     min_explained: float = 1.0,
     keep: int = 32,
+    alternatives: bool = False,
 ) -> SearchResult:
     """The program ``op(U(a), V(b))`` (or ``op(V(b), U(a))``) over ``operators`` that explains the most
     observations; ``slots=False`` allows only ``op(a, b)`` (a renaming: no operand is re-bound).
 
     Candidates failing more than ``(1 - min_explained)`` of the observations are dropped as soon as they
-    do. Among the best, the fewest operations win; best programs computing another function over the
-    domain are returned in ``tied``.
+    do (without ``alternatives``, also as soon as they cannot reach the best so far). Among the best, the
+    fewest operations win; best programs computing another function over the domain are returned in
+    ``tied``, and with ``alternatives`` every other program that explains enough in ``alternatives``.
     """
     n = len(observations)
     if n == 0:
@@ -243,6 +248,7 @@ def search(
     unary = list(_unary(tables, operators, constants)) if slots else [(Expr.var("x"), {d: d for d in tables.domain})]
     unary.sort(key=lambda item: item[0].size)  # simple transforms first: the best count rises early
     best_count, best = 0, []
+    enough: list[tuple[int, Expr]] = []  # (explained, program) of every program within the allowance
     considered = 0
     a_values = [o.a for o in observations]
     b_values = [o.b for o in observations]
@@ -260,7 +266,7 @@ def search(
                     for i in range(n):
                         if left[i] is None or table.get((left[i], v_map.get(second_vals[i]))) != answers[i]:
                             misses += 1
-                            if n - misses < best_count:
+                            if n - misses < best_count and (not alternatives or misses > allowed):
                                 break
                     else:
                         hits = n - misses
@@ -268,6 +274,10 @@ def search(
                         program = Expr.apply(
                             op, u_expr.substitute("x", Expr.var(first)), v_expr.substitute("x", Expr.var(second))
                         )
+                        if alternatives and misses <= allowed:
+                            enough.append((hits, program))
+                        if hits < best_count:
+                            continue
                         if hits > best_count:
                             best_count, best = hits, [program]
                         elif len(best) < keep:
@@ -287,4 +297,6 @@ def search(
         if f not in seen:
             seen.add(f)
             tied.append(other)
-    return SearchResult(chosen, best_count, n, considered, tied)
+    enough.sort(key=lambda item: (-item[0], item[1].size, str(item[1])))
+    others = [program for _, program in enough if program != chosen]
+    return SearchResult(chosen, best_count, n, considered, tied, others)

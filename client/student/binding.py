@@ -5,7 +5,8 @@ token at the operator slot) and then writes, at a target position, the vector it
 token at a source position: ``a twice b`` can then run the student's own ``add`` on ``a`` and ``b + b``
 in one pass — the operator slot gets ``add``'s vector, the second operand slot the vector of the token
 ``b + b`` (the table, filled from the student's own answers). A :class:`ProgramBinding` does the same as
-a short trace: several passes of the frozen core, one per operation of the program.
+a short trace: several passes of the frozen core, one per operation of the program — or of several
+programs that vote.
 
 Both are what ingestion trained (saved with the trainable state, rolled back with it); the core is never
 written to.
@@ -103,15 +104,33 @@ class SlotInjector(nn.Module):
 
 @dataclass(frozen=True)
 class ProgramBinding:
-    """An operator token the student answers by running ``program`` on its own core (a multi-pass trace)."""
+    """An operator token the student answers by running ``program`` on its own core (a multi-pass trace).
+
+    With ``voters``, every one of ``program`` and the voters runs and the answer most of them give wins
+    (self-consistency): the voters are other compositions of the student's own operations that explain the
+    teacher's probes, so where one runs into an error of the core, the others outvote it."""
 
     operator: str
     template: Template
     program: Expr
+    voters: tuple[Expr, ...] = ()
+
+    @property
+    def programs(self) -> tuple[Expr, ...]:
+        """The programs that answer: the chosen one first, then its voters."""
+        return (self.program, *self.voters)
 
     def meta(self) -> dict[str, Any]:
-        return {"operator": self.operator, "template": self.template.text, "program": str(self.program)}
+        meta: dict[str, Any] = {"operator": self.operator, "template": self.template.text, "program": str(self.program)}
+        if self.voters:
+            meta["voters"] = [str(v) for v in self.voters]
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ProgramBinding:
-        return cls(str(meta["operator"]), Template(str(meta["template"])), Expr.parse(str(meta["program"])))
+        return cls(
+            str(meta["operator"]),
+            Template(str(meta["template"])),
+            Expr.parse(str(meta["program"])),
+            tuple(Expr.parse(str(v)) for v in meta.get("voters", ())),
+        )

@@ -53,7 +53,8 @@ class RebindConfig:
     passes, no teacher queries), scores the compositions ``op(U(a), V(b))`` against the teacher's answers
     to the packet's probes, and binds the new operator to the one that explains them — by slot injection
     (``apply="inject"``: one pass) or as a trace of the core's own passes (``apply="trace"``). When none
-    explains at least ``min_explained`` of the probes, ingestion refuses and rolls back.
+    explains at least ``min_explained`` of the probes, ingestion refuses and rolls back. With ``vote`` > 1
+    (trace only), several such compositions answer together and the majority wins.
     """
 
     enabled: bool = False
@@ -66,12 +67,23 @@ class RebindConfig:
     search: bool = True  # False: only a decomposition the packet declares is considered
     apply: Literal["inject", "trace"] = "inject"
     min_explained: float = 0.9  # share of the packet's probes the binding must answer as the teacher did
+    # programs that answer together (trace only): the chosen one and up to vote - 1 others that explain the
+    # probes and compute the same operation on the student's own tables; the answer most give wins, so an
+    # error of the core on one program's path is outvoted (each costs its own passes per answer)
+    vote: int = 1
 
     def __post_init__(self) -> None:
         if self.apply not in ("inject", "trace"):
             raise ValueError(f"rebind.apply must be 'inject' or 'trace', not {self.apply!r}")
         if not 0 < self.min_explained <= 1:
             raise ValueError(f"rebind.min_explained must be in (0, 1], not {self.min_explained}")
+        if self.vote < 1:
+            raise ValueError(f"rebind.vote must be at least 1 (one program answers), not {self.vote}")
+        if self.vote > 1 and self.apply != "trace":
+            raise ValueError(
+                "rebind.vote > 1 runs several programs per answer, which needs rebind.apply='trace' "
+                "(a slot binding is one program in one pass)"
+            )
         if self.enabled and not self.operators:
             raise ValueError("rebind.operators must name the student's own operations (e.g. ['add', 'sub'])")
 

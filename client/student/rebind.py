@@ -11,7 +11,8 @@ Steps, each a function:
    domain: no teacher queries) and the search (:func:`m2kt.nn.programs.search`), or the decomposition the
    packet declares, checked the same way;
 3. :func:`apply_rebinding` — slot bindings at the injection layer (one pass) or a program binding (a
-   short trace of the core's own passes);
+   short trace of the core's own passes; with ``vote``, several programs of the same operation, found by
+   :func:`voters`, answer together and the majority wins);
 4. the verifier: the owner's suite before and after, and the student's answers to the packet's probes
    after the binding, which must agree with the teacher's on ``min_explained`` of them. Otherwise — or
    when no composition explains the probes — everything is rolled back, bit for bit.
@@ -38,7 +39,7 @@ from m2kt.student.report import IngestReport, outcome_fields
 from m2kt.student.student import Student
 from m2kt.student.verifier import Check, ProbeSuite, audit, decide, snapshot
 
-__all__ = ["Rebinding", "apply_rebinding", "find_rebinding", "ingest_by_rebinding", "observations"]
+__all__ = ["Rebinding", "apply_rebinding", "find_rebinding", "ingest_by_rebinding", "observations", "voters"]
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Rebinding:
     student_passes: int  # forward passes of the student's core for its operation tables
     declared: str | None = None
     tied: list[str] = field(default_factory=list)  # other programs that explain as much but compute differently
+    voters: list[Expr] = field(default_factory=list)  # other programs that answer with it (``vote``)
 
     def as_dict(self, apply: str) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class Rebinding:
             "student_passes": self.student_passes,
             "declared": self.declared,
             "tied": self.tied,
+            "voters": [str(v) for v in self.voters],
             "apply": apply,
         }
 
@@ -144,6 +147,7 @@ def find_rebinding(
             slots=config.slots,
             constants=config.constants,
             min_explained=config.min_explained,
+            alternatives=config.vote > 1,
         )
         if config.search
         else SearchResult(None, 0, len(found), 0)
@@ -158,8 +162,26 @@ def find_rebinding(
         tables.passes,
         declared,
         [str(t) for t in result.tied],
+        voters(result, tables, config) if result.program is not None else [],
     )
     return rebinding, tables, found
+
+
+def voters(result: SearchResult, tables: OperationTables, config: RebindConfig) -> list[Expr]:
+    """Up to ``vote - 1`` of the search's alternatives that compute the chosen program's operation: over the
+    whole operand domain, by the student's own tables, they give its answer on at least ``min_explained``
+    of the pairs (they differ only where the core errs on one of the paths)."""
+    assert result.program is not None
+    chosen = tables.function(result.program)
+    need = config.min_explained * len(chosen)
+    found: list[Expr] = []
+    for program in result.alternatives:
+        if len(found) >= config.vote - 1:
+            break
+        same = sum(x == y and x is not None for x, y in zip(tables.function(program), chosen, strict=True))
+        if same >= need:
+            found.append(program)
+    return found
 
 
 def _vectors_at(student: Student, texts: Sequence[str], position: int) -> torch.Tensor:
@@ -183,7 +205,8 @@ def apply_rebinding(student: Student, rebinding: Rebinding, tables: OperationTab
     program, template = rebinding.program, Template(config.rebind.template)
     assert program is not None and program.op is not None
     if config.rebind.apply == "trace":
-        student.programs = {**student.programs, rebinding.target: ProgramBinding(rebinding.target, template, program)}
+        binding = ProgramBinding(rebinding.target, template, program, tuple(rebinding.voters))
+        student.programs = {**student.programs, rebinding.target: binding}
         return
     d0, known = tables.domain[0], config.rebind.operators[0]
     probe = template.format(d0, rebinding.target, d0)
@@ -294,6 +317,8 @@ def ingest_by_rebinding(
                     agree / len(found),
                 )
             )
+            if rebinding.voters:
+                notes.append(f"{len(rebinding.voters) + 1} programs answer together, the majority wins")
             if rebinding.tied:
                 notes.append(f"{len(rebinding.tied)} other program(s) explain the probes as well: {rebinding.tied[:3]}")
         accepted = decide(checks)

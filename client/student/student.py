@@ -167,8 +167,13 @@ class Student:
         return self.reader.forward(input_ids, mask, attention=attention, grad=grad)
 
     def answer_distribution(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-        """(N, V) output probabilities at each input's last token (a program-bound input: at its last pass)."""
-        return self._distribution(self._run_programs(texts), batch_size)
+        """(N, V) output probabilities at each input's last token (a program-bound input: at its last pass;
+        one whose binding has voters: the share of its programs giving each answer)."""
+        finals, owner = self._run_programs(texts)
+        distribution = self._distribution(finals, batch_size)
+        if len(finals) == len(texts):
+            return distribution
+        return _vote(distribution, torch.tensor(owner), len(texts))
 
     def _distribution(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
         batch = self.reader.tokenize(texts)
@@ -186,20 +191,39 @@ class Student:
         """The argmax output token for each input."""
         return [self.reader.output_token(int(i)) for i in self.answer_distribution(texts).argmax(-1)]
 
-    def _run_programs(self, texts: Sequence[str]) -> list[str]:
-        """Inputs whose operator is bound to a program become its last pass; the inner passes run here,
-        batched level by level on the core (with whatever else is injected)."""
-        out = list(texts)
+    def _run_programs(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
+        """(the last pass of each input, the input each belongs to): an input whose operator is bound to a
+        program becomes its last pass (one per program when the binding has voters); the inner passes run
+        here, batched level by level on the core (with whatever else is injected)."""
         if not self.programs:
-            return out
+            return list(texts), list(range(len(texts)))
+        finals: list[str] = []
+        owner: list[int] = []
         todo: dict[int, tuple[ProgramBinding, Expr]] = {}
-        for i, text in enumerate(out):
-            for binding in self.programs.values():
-                slots = binding.template.parse(text)
-                if slots is not None and slots[1] == binding.operator and binding.program.op is not None:
-                    env = {"a": Expr.const(slots[0]), "b": Expr.const(slots[2])}
-                    todo[i] = (binding, binding.program.substitute("a", env["a"]).substitute("b", env["b"]))
-                    break
+        for i, text in enumerate(texts):
+            binding = next(
+                (
+                    b
+                    for b in self.programs.values()
+                    if (slots := b.template.parse(text)) is not None
+                    and slots[1] == b.operator
+                    and b.program.op is not None
+                ),
+                None,
+            )
+            if binding is None:
+                finals.append(text)
+                owner.append(i)
+                continue
+            slots = binding.template.parse(text)
+            assert slots is not None
+            for program in binding.programs:
+                todo[len(finals)] = (
+                    binding,
+                    program.substitute("a", Expr.const(slots[0])).substitute("b", Expr.const(slots[2])),
+                )
+                finals.append(text)
+                owner.append(i)
         while True:
             inner = {(b.template, *leaves) for b, e in todo.values() for leaves in _inner_applies(e)}
             if not inner:
@@ -210,8 +234,8 @@ class Student:
             todo = {i: (b, _reduce(e, b.template, value)) for i, (b, e) in todo.items()}
         for i, (binding, expr) in todo.items():
             x, y = (str(a.leaf) for a in expr.args)
-            out[i] = binding.template.format(x, str(expr.op), y)
-        return out
+            finals[i] = binding.template.format(x, str(expr.op), y)
+        return finals, owner
 
     def predict_raw(self, texts: Sequence[str]) -> list[str]:
         """The argmax output of one pass per input, programs not applied."""
@@ -344,6 +368,16 @@ class Student:
             self.cal.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("cal.")})
         self.adapters.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("adapters.")})
         self.injector.set(injected[0], injected[1], state["inject.vectors"].to(self.device))
+
+
+def _vote(distribution: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, V): for each input, the share of its rows of ``distribution`` (M, V) whose argmax is each answer;
+    a tie goes to the answer with the higher mean probability (a small term that never outweighs a vote)."""
+    votes = torch.zeros(n, distribution.shape[1])
+    votes.index_add_(0, owner, torch.nn.functional.one_hot(distribution.argmax(-1), distribution.shape[1]).float())
+    mean = torch.zeros_like(votes).index_add_(0, owner, distribution)
+    scores = votes + 1e-3 * mean
+    return scores / scores.sum(1, keepdim=True).clamp(min=1e-12)
 
 
 def _inner_applies(expr: Expr) -> list[tuple[str, str, str]]:
