@@ -194,17 +194,54 @@ def test_a_shared_packet_is_the_student_training_on_those_labels(
     path = build_packet(model, _spec(TOPICS, private=False), signing_key, tmp_path / "shared.m2kt", tokenizer=tokenizer)
     raw = path.read_bytes()
     assert all(t.encode() in raw for v in TOPICS.values() for t in v[:LABELLED])
-    # with no suite nothing is verified (the concepts are the student's own embeddings of the shared texts, and
-    # no alignment was fitted), so the ingestion is rolled back, saying what to give (issue 19)
-    unverified = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
-    assert not unverified.accepted and [c["name"] for c in unverified.checks] == ["verified"]
+    # the concepts are the student's own embeddings of the shared texts (no alignment is fitted); what the
+    # verifier checks is that the student's space tells them apart: each text, left out, nearest its own concept
+    alone = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
+    assert alone.accepted and [c["name"] for c in alone.checks] == ["shared"], alone.reasons
+    assert alone.checks[0]["value"] >= 0.5
     suite = ProbeSuite(flagged={"break-ins": ["how to pick a door lock", "disable a burglar alarm", "force a window"]})
     report = ingest(student, path, IngestConfig(), keys=signing_key.verify_key, suite=suite)
-    assert report.accepted and [c["name"] for c in report.checks] == ["flagged_concepts"]
+    assert report.accepted and [c["name"] for c in report.checks] == ["flagged_concepts", "shared"]
     assert report.alignment["method"] is None
     assert report.alignment["from_shared_texts"] == list(TOPICS)
     own = torch.stack([student.embed(v[:LABELLED]).mean(0) for v in TOPICS.values()])
     assert torch.allclose(student.concepts.vectors, own, atol=1e-5)
+
+
+def test_shared_concepts_the_student_cannot_tell_apart_are_rolled_back(
+    minilm, student: Student, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    """Two concepts whose shared texts are the same mix of topics: no space separates them, nothing is kept."""
+    model, tokenizer = minilm
+    mixed = [t for v in TOPICS.values() for t in v[:2]]
+    topics = {"first": mixed[0::2], "second": mixed[1::2]}
+    spec = replace(
+        _spec(topics, private=False),
+        concepts=ConceptsSpec(named=tuple(NamedProbe(k, tuple(v)) for k, v in topics.items())),
+    )
+    path = build_packet(model, spec, signing_key, tmp_path / "mixed.m2kt", tokenizer=tokenizer)
+    before = student.concepts
+    report = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
+    assert not report.accepted and [c["name"] for c in report.checks] == ["shared"]
+    assert "left out of it" in report.reasons[0]
+    after = student.concepts
+    assert (before is None and after is None) or (
+        after.labels == before.labels and torch.equal(after.vectors, before.vectors)
+    )  # rolled back: the concepts it held before
+
+
+def test_a_shared_packet_without_two_concepts_of_two_texts_has_nothing_to_verify(
+    minilm, student: Student, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    model, tokenizer = minilm
+    topics = {k: v[:1] for k, v in TOPICS.items()}
+    spec = replace(
+        _spec(topics, private=False),
+        concepts=ConceptsSpec(named=tuple(NamedProbe(k, tuple(v)) for k, v in topics.items())),
+    )
+    path = build_packet(model, spec, signing_key, tmp_path / "singles.m2kt", tokenizer=tokenizer)
+    report = ingest(student, path, IngestConfig(), keys=signing_key.verify_key)
+    assert not report.accepted and [c["name"] for c in report.checks] == ["verified"]  # says what to give (issue 19)
 
 
 def test_alignment_is_kept_and_a_later_packet_costs_no_new_queries(

@@ -86,6 +86,48 @@ def test_what_no_composition_explains_is_not_explained() -> None:
     assert renaming_only.program is None
 
 
+def test_voters_compute_the_same_operation_and_outvote_a_wrong_cell_of_the_core() -> None:
+    """A sub core wrong on one cell: the simplest a+b program runs into it for a = 3, b = 3; the voters are
+    other programs that explain the probes and compute a+b elsewhere, and their majority is right on every
+    pair of the domain."""
+    from m2kt.student import RebindConfig
+    from m2kt.student.rebind import voters
+
+    def predict(texts: list[str]) -> list[str]:
+        out = _truth({"sub": "sub"})(texts)
+        return [str((int(y) + 1) % P) if t == "3 sub 20 =" else y for t, y in zip(texts, out, strict=True)]
+
+    domain = [str(v) for v in range(P)]
+    tables = OperationTables.probe(predict, TEMPLATE, ["sub"], domain)
+    result = search(_observations("a+b", 8), tables, ["sub"], min_explained=0.9, alternatives=True)
+    assert str(result.program) == 'sub(a, sub("0", b))' and result.explained == 8
+    config = RebindConfig(enabled=True, operators=["sub"], apply="trace", vote=9)
+    found = voters(result, tables, config)
+    assert len(found) == 8 and result.program not in found
+    truth = [str((int(a) + int(b)) % P) for a in domain for b in domain]
+    assert tables.function(result.program).count(None) == 0
+    single = [x == y for x, y in zip(tables.function(result.program), truth, strict=True)]
+    assert single.count(False) == 1  # the one wrong cell of the core, on the chosen program's path
+    functions = [tables.function(p) for p in (result.program, *found)]
+    for f in functions[1:]:  # each voter computes a+b, but for the cells of the core it runs into
+        assert sum(x == y for x, y in zip(f, truth, strict=True)) >= 0.9 * len(truth)
+    majority = [max(set(column), key=column.count) for column in zip(*functions, strict=True)]
+    assert majority == truth
+    # a program that computes another operation is never a voter, however many probes it explains
+    other = search(_observations("a+b", 8), tables, ["sub"], min_explained=0.9, alternatives=True)
+    other.alternatives.insert(0, Expr.parse("sub(a, b)"))
+    assert Expr.parse("sub(a, b)") not in voters(other, tables, config)
+
+
+def test_vote_needs_a_trace() -> None:
+    from m2kt.student import RebindConfig
+
+    with pytest.raises(ValueError, match="apply='trace'"):
+        RebindConfig(enabled=True, operators=["sub"], vote=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        RebindConfig(enabled=True, operators=["sub"], apply="trace", vote=0)
+
+
 def test_spread_probes_use_every_operand_value_before_any_twice() -> None:
     pool = [TEMPLATE.format(str(a), "x", str(b)) for a in range(P) for b in range(P)]
     chosen = spread_probes(pool, P, TEMPLATE, seed=5)
@@ -191,6 +233,47 @@ def test_a_composition_is_acquired_from_eight_probes(core, tmp_path: Path, apply
     again.load_trainable(saved)
     assert again.predict(texts) == student.predict(texts)
     assert report.to_json()["rebinding"]["apply"] == apply
+
+
+def test_voting_programs_answer_together_and_the_majority_wins(core, tmp_path: Path) -> None:
+    """A trace with voters: ingestion finds programs computing a+2b on the student's own tables and binds them
+    all; answers are the majority's (a wrong program bound first is outvoted), and the voters are saved."""
+    import torch
+
+    from m2kt.student import Student, ingest
+    from m2kt.student.binding import ProgramBinding
+
+    model, task = core
+    key = SigningKey.from_seed(bytes(32))
+    student = Student(copy.deepcopy(model))
+    texts, answers = _cases("twice", "a+2*b")
+    report = ingest(
+        student,
+        _packet(tmp_path, key, "twice", "a+2*b", 8),
+        _config("trace", vote=5),
+        keys=key.verify_key,
+        suite=_suite(task),
+    )
+    assert report.decision == "accepted", report.reasons
+    assert report.rebinding is not None and report.rebinding["program"] == "add(a, add(b, b))"
+    assert len(report.rebinding["voters"]) == 4 and report.rebinding["apply"] == "trace"
+    assert len(student.programs["twice"].programs) == 5
+    voted = student.accuracy(texts, answers)
+    assert voted >= 0.95
+    saved = student.save_trainable(tmp_path / "voted.safetensors")
+    again = Student(copy.deepcopy(model))
+    again.load_trainable(saved)
+    assert again.programs["twice"] == student.programs["twice"] and again.predict(texts) == student.predict(texts)
+
+    # majority, not the first program: a wrong program bound first is outvoted by two right ones
+    right = [Expr.parse("add(a, add(b, b))"), Expr.parse("add(add(b, b), a)")]
+    outvoted = Student(copy.deepcopy(model))
+    outvoted.programs = {"twice": ProgramBinding("twice", TEMPLATE, Expr.parse("sub(a, b)"), tuple(right))}
+    alone = Student(copy.deepcopy(model))
+    alone.programs = {"twice": ProgramBinding("twice", TEMPLATE, Expr.parse("sub(a, b)"))}
+    assert alone.accuracy(texts, answers) < 0.2 and outvoted.accuracy(texts, answers) >= 0.95
+    shares = outvoted.answer_distribution(texts[:5])  # each row: the share of the three programs per answer
+    assert torch.allclose(shares.sum(-1), torch.ones(5)) and float(shares.max(-1).values.min()) >= 1 / 3
 
 
 def test_a_declared_decomposition_is_checked_not_searched(core, tmp_path: Path) -> None:

@@ -127,7 +127,13 @@ def test_a_partial_document_says_so(mini_run: tuple[dict, Path], tmp_path: Path)
 def test_every_condition_is_counted_in_its_own_currency(mini_run: tuple[dict, Path]) -> None:
     records = [r for r in mini_run[0]["records"] if r["scenario"] in ("concept", "skill", "composition")]
     conditions = {r["condition"] for r in records}
-    rebind = {"m2kt-rebind", "m2kt-rebind-trace", "m2kt-rebind-no-slots", "m2kt-rebind-no-selection"}
+    rebind = {
+        "m2kt-rebind",
+        "m2kt-rebind-vote",
+        "m2kt-rebind-trace",
+        "m2kt-rebind-no-slots",
+        "m2kt-rebind-no-selection",
+    }
     assert rebind | {"m2kt-rebind-declared"} <= conditions
     assert {"m2kt", "m2kt-no-verifier", "m2kt-no-geo", "m2kt-no-struct", "m2kt-no-reason"} <= conditions
     assert {"m2kt-zero-shot-anchor", "kd"} <= conditions

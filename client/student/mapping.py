@@ -42,7 +42,7 @@ from m2kt.student.store import AlignmentStore, AnchorPairs
 from m2kt.student.student import Student
 from m2kt.student.verifier import Check, ProbeSuite, Snapshot, audit, decide
 
-__all__ = ["Mapping", "anchor_pairs", "ingest_by_alignment", "map_concepts"]
+__all__ = ["Mapping", "anchor_pairs", "ingest_by_alignment", "map_concepts", "shared_agreement"]
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)  # the mapped concept, in anchors' worth
 
@@ -134,6 +134,32 @@ def shared_centroids(student: Student, contents: PacketContents, layer: str, poo
         if rows:
             out[c] = student.embed([contents.texts[i] for i in rows], layer=layer, pooling=pooling).mean(0)
     return out
+
+
+def shared_agreement(student: Student, contents: PacketContents, layer: str, pooling: str) -> tuple[float, int] | None:
+    """(share, count) of the packet's shared member texts that the student's own vectors place in their own
+    concept, each judged against concepts formed without it (leave one out); None without two concepts
+    that each share at least two texts."""
+    if not contents.texts or contents.members is None:
+        return None
+    members = contents.members.long()
+    rows = torch.nonzero(members >= 0).flatten()
+    labels = members[rows]
+    counts = torch.bincount(labels, minlength=len(contents.labels))
+    if int((counts >= 2).sum()) < 2:
+        return None
+    keep = counts[labels] >= 2  # a concept of one text has nothing left to judge it against
+    rows, labels = rows[keep], labels[keep]
+    vectors = torch.nn.functional.normalize(
+        student.embed([contents.texts[i] for i in rows.tolist()], layer=layer, pooling=pooling).float(), dim=-1
+    )  # (N, d)
+    sums = torch.zeros(len(contents.labels), vectors.shape[1]).index_add_(0, labels, vectors)  # (K, d)
+    scores = torch.nn.functional.normalize(sums, dim=-1) @ vectors.T  # (K, N)
+    present = torch.bincount(labels, minlength=len(contents.labels)) > 0
+    scores[~present] = -math.inf
+    own = torch.nn.functional.normalize(sums[labels] - vectors, dim=-1)  # (N, d) its concept without it
+    scores[labels, torch.arange(len(labels))] = (own * vectors).sum(-1)
+    return float((scores.argmax(0) == labels).float().mean()), len(labels)
 
 
 def _flagged(student: Student, suite: ProbeSuite, layer: str, pooling: str) -> tuple[list[str], torch.Tensor]:
@@ -245,6 +271,22 @@ def ingest_by_alignment(
             flagged=flagged,
             origin=own.float().mean(0),
         )
+        if mapping.alignment is None and mapping.shared:
+            found = shared_agreement(student, contents, layer, config.alignment.pooling)
+            if found is not None:
+                share, count = found
+                k = len(mapping.concepts.labels)
+                kappa = (share - 1.0 / k) / (1.0 - 1.0 / k)
+                need = config.alignment.min_agreement
+                checks.append(
+                    Check(
+                        "shared",
+                        kappa >= need,
+                        f"the student places {share:.3f} of the {count} texts the packet shares in their own "
+                        f"concept, each left out of it: {kappa:.3f} of the way from chance to all (needs {need})",
+                        kappa,
+                    )
+                )
         if mapping.kappa is not None and mapping.alignment is not None and mapping.pairs is not None:
             need = config.alignment.min_agreement
             which = "domain" if mapping.judged < len(mapping.pairs.texts) else "all"
