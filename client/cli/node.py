@@ -236,7 +236,8 @@ def ingest(
         typer.Option(
             "--suite",
             help="Verifier probe suite (JSON: task, answers, safety, flagged, flagged_position; an example: "
-            "examples/synonyms/suite.json). Without one nothing is verified and the ingestion is rolled back.",
+            "examples/synonyms/suite.json). Without one only what the packet lets the student check itself (anchors, "
+            "shared texts, re-binding probes) is verified; with nothing checked the ingestion is rolled back.",
         ),
     ] = None,
     load: Annotated[Path | None, typer.Option("--load", help="A previous ingestion's weights to start from.")] = None,
