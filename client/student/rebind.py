@@ -170,16 +170,22 @@ def find_rebinding(
 def voters(result: SearchResult, tables: OperationTables, config: RebindConfig) -> list[Expr]:
     """Up to ``vote - 1`` of the search's alternatives that compute the chosen program's operation: over the
     whole operand domain, by the student's own tables, they give its answer on at least ``min_explained``
-    of the pairs (they differ only where the core errs on one of the paths)."""
+    of the pairs (they differ only where the core errs on one of the paths). Each computes a function of its
+    own on those tables — a program that runs through exactly the same answers of the core as one already
+    voting (``add(a, "0")`` for ``a`` where the core gets that right) would only repeat its vote."""
     assert result.program is not None
     chosen = tables.function(result.program)
     need = config.min_explained * len(chosen)
+    seen = {chosen}
     found: list[Expr] = []
     for program in result.alternatives:
         if len(found) >= config.vote - 1:
             break
-        same = sum(x == y and x is not None for x, y in zip(tables.function(program), chosen, strict=True))
-        if same >= need:
+        function = tables.function(program)
+        if function in seen:
+            continue
+        if sum(x == y and x is not None for x, y in zip(function, chosen, strict=True)) >= need:
+            seen.add(function)
             found.append(program)
     return found
 
