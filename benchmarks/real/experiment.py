@@ -290,6 +290,7 @@ class Direction:
                 seconds=built.seconds,
             )
             reuse_packets.append((other, built, other_teacher))
+            self._later_set_references(other, seed, other_teacher, words, words_source)
 
         for n in [0, *budgets]:
             pool = split.pool[:n]
@@ -408,6 +409,51 @@ class Direction:
                         reused=info.get("reused"),
                         method=info.get("method"),
                     )
+
+    def _later_set_references(
+        self, other: SetSplit, seed: int, other_teacher: float, words: list[str], words_source: str
+    ) -> None:
+        """What a later concept set gets without reuse, to read the reuse rows against: its own word-list
+        packet aligned afresh (the word-list queries paid again), and the student with the set's k labels."""
+        other_test = [t for t, _ in other.test]
+        fresh = self.build(
+            other, f"{other.name}-fresh-{seed}", anchors=[], source="none", words=words, words_source=words_source
+        )
+        report, secs = self.ingest(fresh, method="auto")
+        acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
+        self.record(
+            other,
+            seed,
+            "m2kt-words-fresh",
+            "0",
+            acc,
+            other_teacher,
+            labelled=0,
+            teacher_labelled=fresh.labelled,
+            teacher_queries=fresh.queries,
+            anchors=len(words),
+            seconds=secs,
+            packet_bytes=fresh.bytes,
+            decision=report.decision,
+        )
+        texts = [t for s in other.sections for t in other.labelled[s]]
+        y = torch.tensor([i for i, s in enumerate(other.sections) for _ in other.labelled[s]])
+        t0 = time.perf_counter()
+        own = centroids(self.student_vectors(texts), y, len(other.sections))
+        acc = self.accuracy_of(nearest(self.student_vectors(other_test), own), other)
+        self.record(
+            other,
+            seed,
+            "student-k-centroid",
+            "k",
+            acc,
+            other_teacher,
+            labelled=len(texts),
+            teacher_labelled=0,
+            teacher_queries=0,
+            anchors=0,
+            seconds=time.perf_counter() - t0,
+        )
 
     # ------------------------------------------------------------------ timings on a cold cache
 

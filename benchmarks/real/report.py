@@ -22,6 +22,7 @@ ORDER = [
     "m2kt-relative",
     "m2kt-anchor-labels",
     "m2kt-words-reuse",
+    "m2kt-words-fresh",
     "m2kt-reuse",
     "kd-logistic",
     "kd-centroid",
@@ -232,6 +233,15 @@ def claims(document: dict[str, Any]) -> list[str]:
                         f"points: **{verdict}** — {reuse['pct']:.1f} ± {reuse['pct_sd']:.1f}% vs the first set's "
                         f"{first['pct']:.1f}%"
                     )
+            reuse, fresh = agg.get((sub, "m2kt-words-reuse", "0")), agg.get((sub, "m2kt-words-fresh", "0"))
+            own = agg.get((sub, "student-k-centroid", "k"))
+            if reuse and fresh:
+                out.append(
+                    f"- {sub}: what reuse keeps — the stored word-list alignment {reuse['pct']:.1f}% (0 new queries) "
+                    f"vs this set's own word-list packet aligned afresh {fresh['pct']:.1f}% "
+                    f"({fresh['teacher_queries']:.0f} teacher queries): {reuse['pct'] - fresh['pct']:+.1f} points"
+                    + (f"; the student with this set's k labels {own['pct']:.1f}%" if own else "")
+                )
     return out
 
 
