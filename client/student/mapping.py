@@ -63,10 +63,7 @@ class Mapping:
     @property
     def kappa(self) -> float | None:
         """Agreement beyond chance: 0 for a map no better than a random concept, 1 for full agreement."""
-        if self.agreement is None:
-            return None
-        chance = 1.0 / len(self.concepts.labels)
-        return 1.0 if chance >= 1.0 else (self.agreement - chance) / (1.0 - chance)
+        return None if self.agreement is None else beyond_chance(self.agreement, len(self.concepts.labels))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -82,6 +79,26 @@ class Mapping:
             "layer": self.concepts.layer,
             "pooling": self.concepts.pooling,
         }
+
+
+def beyond_chance(share: float, k: int) -> float:
+    """A share of right placements among ``k`` concepts, rescaled: 0 is chance (1/k), 1 is all right."""
+    chance = 1.0 / k
+    return 1.0 if chance >= 1.0 else (share - chance) / (1.0 - chance)
+
+
+def _leave_one_out(
+    base: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor, *, summed: bool, skip_empty: bool = False
+) -> float:
+    """The share of ``vectors`` (N, d, unit length) whose nearest row of ``base`` (K, d; cosine) is their own
+    concept ``labels`` (N,) — judged against that row without the vector itself when it was ``summed`` into
+    it. With ``skip_empty``, a zero row (a concept with nothing in it) is never nearest."""
+    scores = torch.nn.functional.normalize(base, dim=-1) @ vectors.T  # (K, N)
+    if skip_empty:
+        scores[base.abs().sum(-1) == 0] = -math.inf
+    own = base[labels] - vectors if summed else base[labels]  # (N, d) each vector's own concept
+    scores[labels, torch.arange(len(labels))] = (torch.nn.functional.normalize(own, dim=-1) * vectors).sum(-1)
+    return float((scores.argmax(0) == labels).float().mean())
 
 
 def _teacher_read(contents: PacketContents) -> str:
@@ -154,12 +171,7 @@ def shared_agreement(student: Student, contents: PacketContents, layer: str, poo
         student.embed([contents.texts[i] for i in rows.tolist()], layer=layer, pooling=pooling).float(), dim=-1
     )  # (N, d)
     sums = torch.zeros(len(contents.labels), vectors.shape[1]).index_add_(0, labels, vectors)  # (K, d)
-    scores = torch.nn.functional.normalize(sums, dim=-1) @ vectors.T  # (K, N)
-    present = torch.bincount(labels, minlength=len(contents.labels)) > 0
-    scores[~present] = -math.inf
-    own = torch.nn.functional.normalize(sums[labels] - vectors, dim=-1)  # (N, d) its concept without it
-    scores[labels, torch.arange(len(labels))] = (own * vectors).sum(-1)
-    return float((scores.argmax(0) == labels).float().mean()), len(labels)
+    return _leave_one_out(sums, vectors, labels, summed=True, skip_empty=True), len(labels)
 
 
 def _flagged(student: Student, suite: ProbeSuite, layer: str, pooling: str) -> tuple[list[str], torch.Tensor]:
@@ -182,11 +194,7 @@ def _refine(mapped: torch.Tensor, pairs: AnchorPairs, teacher_concepts: torch.Te
     for w in weights:
         base = m * (w if math.isfinite(w) else 1.0) + (sums if math.isfinite(w) else 0.0)  # (K, d_S)
         # leave-one-out: each anchor is classified by concepts built without it
-        own = base[labels] - (s if math.isfinite(w) else 0.0)  # (N, d_S) its own concept, minus itself
-        scores = torch.nn.functional.normalize(base, dim=-1) @ s.T  # (K, N)
-        own_score = (torch.nn.functional.normalize(own, dim=-1) * s).sum(-1)  # (N,)
-        scores[labels, torch.arange(len(labels))] = own_score
-        agree = float((scores.argmax(0) == labels).float().mean())
+        agree = _leave_one_out(base, s, labels, summed=math.isfinite(w))
         if agree > best[0] + 1e-12 or (abs(agree - best[0]) <= 1e-12 and w > best[1]):
             best = (agree, w)
     w = best[1]
@@ -275,8 +283,7 @@ def ingest_by_alignment(
             found = shared_agreement(student, contents, layer, config.alignment.pooling)
             if found is not None:
                 share, count = found
-                k = len(mapping.concepts.labels)
-                kappa = (share - 1.0 / k) / (1.0 - 1.0 / k)
+                kappa = beyond_chance(share, len(mapping.concepts.labels))
                 need = config.alignment.min_agreement
                 checks.append(
                     Check(
