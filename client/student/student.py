@@ -201,22 +201,12 @@ class Student:
         owner: list[int] = []
         todo: dict[int, tuple[ProgramBinding, Expr]] = {}
         for i, text in enumerate(texts):
-            binding = next(
-                (
-                    b
-                    for b in self.programs.values()
-                    if (slots := b.template.parse(text)) is not None
-                    and slots[1] == b.operator
-                    and b.program.op is not None
-                ),
-                None,
-            )
-            if binding is None:
+            found = self._bound(text)
+            if found is None:
                 finals.append(text)
                 owner.append(i)
                 continue
-            slots = binding.template.parse(text)
-            assert slots is not None
+            binding, slots = found
             for program in binding.programs:
                 todo[len(finals)] = (
                     binding,
@@ -236,6 +226,14 @@ class Student:
             x, y = (str(a.leaf) for a in expr.args)
             finals[i] = binding.template.format(x, str(expr.op), y)
         return finals, owner
+
+    def _bound(self, text: str) -> tuple[ProgramBinding, tuple[str, str, str]] | None:
+        """The program binding whose operator ``text`` uses, with the text's slots; None if there is none."""
+        for binding in self.programs.values():
+            slots = binding.template.parse(text)
+            if slots is not None and slots[1] == binding.operator and binding.program.op is not None:
+                return binding, slots
+        return None
 
     def predict_raw(self, texts: Sequence[str]) -> list[str]:
         """The argmax output of one pass per input, programs not applied."""
