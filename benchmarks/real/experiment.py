@@ -195,21 +195,7 @@ class Direction:
 
         # the student on its own: k labels, and every non-test label (the oracle)
         own = self.student_vectors(labelled_texts)
-        t0 = time.perf_counter()
-        acc = self.accuracy_of(nearest(self.student_vectors(test), centroids(own, labelled_y, k)), split)
-        self.record(
-            split,
-            seed,
-            "student-k-centroid",
-            "k",
-            acc,
-            teacher_acc,
-            labelled=n_labelled,
-            teacher_labelled=0,
-            teacher_queries=0,
-            anchors=0,
-            seconds=time.perf_counter() - t0,
-        )
+        self.student_k_centroid(split, seed, teacher_acc)
         t0 = time.perf_counter()
         w, c = fit_logistic(own, labelled_y, k, seed=seed)
         acc = self.accuracy_of(predict_logistic(w, self.student_vectors(test)), split)
@@ -436,18 +422,22 @@ class Direction:
             packet_bytes=fresh.bytes,
             decision=report.decision,
         )
-        texts = [t for s in other.sections for t in other.labelled[s]]
-        y = torch.tensor([i for i, s in enumerate(other.sections) for _ in other.labelled[s]])
+        self.student_k_centroid(other, seed, other_teacher)
+
+    def student_k_centroid(self, split: SetSplit, seed: int, teacher_accuracy: float) -> None:
+        """The student with the set's k labelled examples per section: its own nearest-centroid classifier."""
+        texts = [t for s in split.sections for t in split.labelled[s]]
+        y = torch.tensor([i for i, s in enumerate(split.sections) for _ in split.labelled[s]])
         t0 = time.perf_counter()
-        own = centroids(self.student_vectors(texts), y, len(other.sections))
-        acc = self.accuracy_of(nearest(self.student_vectors(other_test), own), other)
+        own = centroids(self.student_vectors(texts), y, len(split.sections))
+        acc = self.accuracy_of(nearest(self.student_vectors([t for t, _ in split.test]), own), split)
         self.record(
-            other,
+            split,
             seed,
             "student-k-centroid",
             "k",
             acc,
-            other_teacher,
+            teacher_accuracy,
             labelled=len(texts),
             teacher_labelled=0,
             teacher_queries=0,
