@@ -11,12 +11,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from m2kt import __version__
 from m2kt.broker.concurrency import install_node_concurrency
-from m2kt.broker.db import check_schema, current_revision, make_engine, make_sessionmaker, upgrade
+from m2kt.broker.db import (
+    check_schema,
+    current_revision,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    upgrade,
+)
 from m2kt.broker.docs import install_docs
 from m2kt.broker.gc import collect_garbage
 from m2kt.broker.guard import RequestGuard
@@ -153,10 +161,12 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
+        reads=make_read_sessionmaker(engine),
         storage=storage or make_storage(settings),
         hub=Hub(),
         metrics=Metrics(),
         uploads=UploadRateLimiter(settings.upload_rate_per_minute, settings.upload_burst),
+        upload_threads=anyio.CapacityLimiter(settings.upload_threads),
     )
     wire_notifications(state.sessions, state.hub)
 

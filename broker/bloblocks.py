@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 _STRIPES = [threading.Lock() for _ in range(256)]
 
 
-def _key_id(key: str) -> int:
+def blob_lock_id(key: str) -> int:
     """A signed 64-bit id for the key (what advisory locks take)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
@@ -38,10 +38,10 @@ def locked_transaction(sessions: sessionmaker[Session], key: str) -> Iterator[Se
     """A transaction (committed on success) holding ``key``'s lock from before its first statement to its end."""
     if _is_postgres(sessions):
         with sessions.begin() as session:
-            session.execute(select(func.pg_advisory_xact_lock(_key_id(key))))
+            session.execute(select(func.pg_advisory_xact_lock(blob_lock_id(key))))
             yield session
         return
-    stripe = _STRIPES[_key_id(key) % len(_STRIPES)]
+    stripe = _STRIPES[blob_lock_id(key) % len(_STRIPES)]
     with stripe, sessions.begin() as session:
         yield session
 
@@ -51,10 +51,10 @@ def try_locked_transaction(sessions: sessionmaker[Session], key: str) -> Iterato
     """Like :func:`locked_transaction`, but yields None at once when someone else holds the lock."""
     if _is_postgres(sessions):
         with sessions.begin() as session:
-            got = session.scalar(select(func.pg_try_advisory_xact_lock(_key_id(key))))
+            got = session.scalar(select(func.pg_try_advisory_xact_lock(blob_lock_id(key))))
             yield session if got else None
         return
-    stripe = _STRIPES[_key_id(key) % len(_STRIPES)]
+    stripe = _STRIPES[blob_lock_id(key) % len(_STRIPES)]
     if not stripe.acquire(blocking=False):
         yield None
         return

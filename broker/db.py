@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import select
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -41,11 +43,62 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+    engine = create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    _ping_after_idle(engine, IDLE_PING_SECONDS)
+    return engine
+
+
+IDLE_PING_SECONDS = 30.0
+
+
+def _has_pending_input(dbapi_conn: Any) -> bool:
+    """Whether the server sent something to a connection that is idle in the pool: an idle connection is sent
+    nothing, so that is a terminated backend's farewell (or end of file). One ``poll``, no round trip."""
+    try:
+        fd = dbapi_conn.fileno()
+    except Exception:  # noqa: BLE001 - closed or broken: certainly worth a ping
+        return True
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
+def _ping_after_idle(engine: Engine, idle: float) -> None:
+    """Check a pooled connection before use only when it may be dead: the server has written to it while it
+    was idle (a terminated backend says so before it closes), or it sat unused for over ``idle`` seconds (a
+    peer that vanished without a word).
+
+    ``pool_pre_ping`` costs a round trip on every checkout, three per upload, although a connection used a
+    moment ago is almost always alive. A dead one that slips through fails its statement, which SQLAlchemy
+    recognises as a disconnect and answers by discarding the pool (that request gets 503, the next a fresh
+    connection)."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        record.info["m2kt_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _borrowed(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("m2kt_idle_since")
+        if since is None or (time.monotonic() - since <= idle and not _has_pending_input(dbapi_conn)):
+            return
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as error:  # noqa: BLE001 - any failure: the pool replaces this connection
+            raise exc.DisconnectionError(str(error)) from error
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads that need no transaction of their own (authentication, header checks, event pages):
+    each statement commits by itself, so a read costs its round trip and no BEGIN or ROLLBACK. On Postgres's
+    READ COMMITTED each statement saw its own snapshot anyway. Never write through one of these."""
+    return sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:

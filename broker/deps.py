@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 
-def get_state(request: Request) -> BrokerState:
+# The dependencies that only read what is at hand are ``async``: FastAPI runs a plain ``def`` dependency in a
+# worker thread, and under load a hop to the thread pool and back costs more than what they do.
+async def get_state(request: Request) -> BrokerState:
     return request.app.state.broker  # type: ignore[no-any-return]
 
 
@@ -69,7 +71,7 @@ bearer = HTTPBearer(
 def current_caller(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ) -> Caller:
-    return authenticate(state.sessions, credentials.credentials if credentials else None)
+    return authenticate(state.reads, credentials.credentials if credentials else None)
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]
@@ -78,7 +80,7 @@ CurrentCaller = Annotated[Caller, Depends(current_caller)]
 def _scoped(needed: str) -> Callable[[Caller], Caller]:
     """A dependency that refuses callers without ``needed`` — before the request body is validated."""
 
-    def dependency(caller: CurrentCaller) -> Caller:
+    async def dependency(caller: CurrentCaller) -> Caller:
         caller.require(needed)
         return caller
 
@@ -86,14 +88,14 @@ def _scoped(needed: str) -> Callable[[Caller], Caller]:
     return dependency
 
 
-def registry_caller(caller: CurrentCaller) -> Caller:
+async def registry_caller(caller: CurrentCaller) -> Caller:
     """The key registry is for nodes that verify packets or manage keys: 'read' or 'keys' (not 'receipt' alone)."""
     if not (allows(caller.scopes, "read") or allows(caller.scopes, "keys")):
         caller.require("read")
     return caller
 
 
-def publish_caller(topic: str, caller: CurrentCaller) -> Caller:
+async def publish_caller(topic: str, caller: CurrentCaller) -> Caller:
     """The ``{topic}`` path parameter is a valid topic name the token may publish to."""
     check_topic_name(topic)
     caller.require("publish", topic)

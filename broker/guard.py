@@ -71,7 +71,7 @@ async def token_refusal(scope: dict[str, Any]) -> BrokerError | None:
     state = scope["app"].state.broker
     scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
     try:
-        await in_thread(authenticate, state.sessions, token.strip() if scheme.lower() == "bearer" else None)
+        await in_thread(authenticate, state.reads, token.strip() if scheme.lower() == "bearer" else None)
     except BrokerError as exc:
         return exc
     except (StorageError, *DATABASE_FAILURES) as exc:

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="Broker processes sharing the port (m2kt broker serve --workers). More than 1 needs PostgreSQL; "
         "connection caps, upload/stream slots and the per-node upload rate are per process.",
     )
+    upload_threads: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Worker threads uploads use at once for their checks, storage and commit (per process). "
+        "Reads, authentication and acknowledgements use the other worker threads, so they never queue "
+        "behind a burst of uploads.",
+    )
     max_connections: int = Field(
         default=0,
         ge=0,

@@ -5,8 +5,9 @@ Plain data, no FastAPI: services take what they use from it; :mod:`m2kt.broker.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,7 +25,9 @@ class BrokerState:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    reads: sessionmaker[Session]  # autocommit: for reads only (m2kt.broker.db.make_read_sessionmaker)
     storage: BlobStore
     hub: Hub
     metrics: Metrics
     uploads: UploadRateLimiter
+    upload_threads: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(8))

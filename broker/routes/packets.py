@@ -51,7 +51,7 @@ async def get_blob(
 ) -> StreamingResponse | RedirectResponse:
 
     def lookup() -> tuple[str, int]:
-        with state.sessions() as session:
+        with state.reads() as session:
             packet = service.get_packet(session, packet_id)
             service.check_servable(packet, caller)
             return packet.storage_key, packet.size

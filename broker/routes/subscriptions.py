@@ -61,7 +61,7 @@ async def next_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     def cursor() -> tuple[str, int]:
-        with state.sessions() as session:
+        with state.reads() as session:
             sub = service.get_subscription(session, caller, name)
             return sub.topic.name, sub.cursor
 

@@ -121,7 +121,7 @@ async def list_packets(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     if wait <= 0:
-        page = await run_in_threadpool(raw_event_page, state.sessions, topic, after, limit)
+        page = await run_in_threadpool(raw_event_page, state.reads, topic, after, limit)
     else:
         page = await wait_for_events(state, caller, topic, after, wait, limit)
     return Response(page.json(), media_type="application/json")  # an EventPage, written without decoding
@@ -143,7 +143,7 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     cursor = after if after is not None else _resume_from(last_event_id)
-    await run_in_threadpool(raw_event_page, state.sessions, topic, cursor, 1)  # 404 now, not mid-stream
+    await run_in_threadpool(raw_event_page, state.reads, topic, cursor, 1)  # 404 now, not mid-stream
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor

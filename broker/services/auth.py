@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, select, update
+from sqlalchemy import ColumnElement, Row, Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
@@ -13,7 +13,7 @@ from m2kt.broker.errors import Unauthorized
 from m2kt.broker.models import ApiToken, Node
 from m2kt.broker.security import hash_token
 
-__all__ = ["authenticate", "missing_token", "refuse_unusable", "still_valid", "token_state"]
+__all__ = ["authenticate", "missing_token", "refuse_unusable", "still_valid", "token_state", "token_state_query"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -23,10 +23,9 @@ def missing_token() -> Unauthorized:
     return Unauthorized("send an API token: Authorization: Bearer m2kt_…", code="missing_token", headers=_CHALLENGE)
 
 
-def token_state(session: Session, where: ColumnElement[bool]) -> Row[Any] | None:
-    """The token (and its node's) columns a refusal and a :class:`Caller` need, in one Core query — no ORM
-    objects on the path every request takes."""
-    return session.execute(
+def token_state_query(where: ColumnElement[bool]) -> Select[Any]:
+    """The token (and its node's) columns a refusal and a :class:`Caller` need, as one Core query."""
+    return (
         select(
             ApiToken.id,
             ApiToken.node_id,
@@ -40,7 +39,12 @@ def token_state(session: Session, where: ColumnElement[bool]) -> Row[Any] | None
         )
         .join(Node, Node.id == ApiToken.node_id)
         .where(where)
-    ).first()
+    )
+
+
+def token_state(session: Session, where: ColumnElement[bool]) -> Row[Any] | None:
+    """:func:`token_state_query`'s row — no ORM objects on the path every request takes."""
+    return session.execute(token_state_query(where)).first()
 
 
 def authenticate(sessions: sessionmaker[Session], token: str | None) -> Caller:

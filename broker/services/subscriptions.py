@@ -39,6 +39,18 @@ def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: i
     return EventPage(items=items, cursor=items[-1].seq if items else after)
 
 
+def _read_page(
+    reads: sessionmaker[Session], caller: Caller, topic: str, after: int, limit: int, deadline: float
+) -> tuple[RawPage, bool]:
+    """The page, and whether it is the answer (it has events, or the wait is over) — in which case the
+    caller's credentials were checked again, in the same worker-thread call."""
+    page = raw_event_page(reads, topic, after, limit)
+    if page.items or deadline - time.monotonic() <= 0:
+        still_valid(reads, caller)
+        return page, True
+    return page, False
+
+
 async def wait_for_events(
     state: BrokerState, caller: Caller, topic: str, after: int, wait: float, limit: int
 ) -> RawPage:
@@ -49,11 +61,10 @@ async def wait_for_events(
     deadline = time.monotonic() + min(wait, state.settings.max_wait_seconds)
     while True:
         wake = state.hub.listen(topic)  # before querying: a commit in between still wakes us
-        page = await in_thread(raw_event_page, state.sessions, topic, after, limit)
-        remaining = deadline - time.monotonic()
-        if page.items or remaining <= 0:
-            await in_thread(still_valid, state.sessions, caller)
+        page, final = await in_thread(_read_page, state.reads, caller, topic, after, limit, deadline)
+        if final:
             return page
+        remaining = deadline - time.monotonic()
         try:
             await asyncio.wait_for(wake.wait(), min(remaining, state.settings.poll_fallback_seconds))
         except TimeoutError:

@@ -12,6 +12,7 @@ from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent, utcnow
 from m2kt.broker.pubsub import CHANNEL, wake_after_commit
 from m2kt.broker.schemas import TopicOut
+from m2kt.broker.services.pipelined import driver_connection, driver_errors
 from m2kt.broker.services.upsert import insert_or_find
 from m2kt.format.manifest import TOPIC_PATTERN
 
@@ -78,6 +79,33 @@ _APPEND_POSTGRES = text(
     SELECT seq, pg_notify(:channel, :topic_name) FROM appended
     """
 )
+
+
+_APPEND_PSYCOPG = re.sub(r":(\w+)", r"%(\1)s", _APPEND_POSTGRES.text)  # the same statement, as psycopg spells it
+
+
+def append_event_and_commit(session: Session, topic_id: int, topic_name: str, kind: EventKind, packet_id: str) -> int:
+    """:func:`append_event` as the transaction's last statement, and the COMMIT sent with it.
+
+    On Postgres the two go in one round trip (a psycopg pipeline): the topic row the append locks is released
+    by a COMMIT the server already holds. Sent one after the other, the COMMIT waited for this thread to be
+    scheduled again — under load, with the GIL shared by every upload, milliseconds — and all uploads to the
+    topic queued behind that wait. The session's own commit afterwards finds the transaction closed and sends
+    nothing (its after-commit hooks, the local wake-up among them, still run)."""
+    if session.get_bind().dialect.name != "postgresql":
+        seq = append_event(session, topic_id, topic_name, kind, packet_id)
+        session.flush()
+        return seq
+    params = {"topic_id": topic_id, "kind": kind.value, "packet_id": packet_id, "created_at": utcnow()}
+    params |= {"channel": CHANNEL, "topic_name": topic_name}
+    connection, raw = driver_connection(session)
+    with driver_errors(connection, raw, _APPEND_PSYCOPG), raw.pipeline(), raw.cursor() as cursor:
+        cursor.execute(_APPEND_PSYCOPG, params)
+        raw.commit()
+        row = cursor.fetchone()
+    assert row is not None
+    wake_after_commit(session, topic_name)
+    return int(row[0])
 
 
 def append_event(session: Session, topic_id: int, topic_name: str, kind: EventKind, packet_id: str) -> int:

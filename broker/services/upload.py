@@ -28,13 +28,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from psycopg.rows import namedtuple_row
+from psycopg.types.json import Jsonb
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from m2kt.broker.bloblocks import locked_transaction
+from m2kt.broker.bloblocks import blob_lock_id, locked_transaction
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import BrokerError, Malformed, TooLarge, TooManyRequests, ValidationFailed
 from m2kt.broker.models import (
@@ -51,12 +55,13 @@ from m2kt.broker.models import (
 )
 from m2kt.broker.schemas import PacketOut, SafetyVerdict
 from m2kt.broker.services import audit
-from m2kt.broker.services.auth import refuse_unusable, token_state
+from m2kt.broker.services.auth import refuse_unusable, token_state, token_state_query
+from m2kt.broker.services.pipelined import compiled, driver_connection, driver_errors
 from m2kt.broker.services.records import packet_out
-from m2kt.broker.services.topics import append_event, check_topic_quota, get_or_create_topic
+from m2kt.broker.services.topics import append_event_and_commit, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
 from m2kt.broker.storage import StagedUpload, StorageError
-from m2kt.broker.threads import in_thread
+from m2kt.broker.threads import in_limited_thread, in_thread
 from m2kt.broker.validation import (
     FlaggedSet,
     Received,
@@ -108,7 +113,7 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             code="teacher_node_mismatch",
         )
     fingerprint = manifest.key_fingerprint
-    with state.sessions() as session:  # Core queries: this runs for every upload
+    with state.reads() as session:  # Core queries in autocommit (no BEGIN / ROLLBACK): this runs for every upload
         key = session.execute(
             select(PublicKey.revoked_at, PublicKey.owner_id, PublicKey.public_key).where(
                 PublicKey.fingerprint == fingerprint
@@ -223,6 +228,7 @@ class _Receiver:
         self.key: str | None = None
         self.staged: StagedUpload | None = None
         self.promoted = False
+        self.closed = False
         self._early: list[bytes] = []
         self._lock = threading.Lock()
 
@@ -245,8 +251,11 @@ class _Receiver:
                 self.staged.write(piece)
 
     def close(self) -> None:
-        """Stop the hashing helper and, unless the blob was promoted, abort the staged upload."""
+        """Stop the hashing helper and, unless the blob was promoted, abort the staged upload (once)."""
         with self._lock:
+            if self.closed:
+                return
+            self.closed = True
             self._early = []
             self.stream.close()
             if self.staged is not None and not self.promoted:
@@ -278,6 +287,163 @@ def _safety(received: Received, checked: _Checked) -> SafetyReport:
     return report
 
 
+@dataclass
+class _Commit:
+    """What the commit transaction writes for one upload, and the record it answers with."""
+
+    row: dict[str, Any]
+    parents: list[str]
+    record: PacketOut
+
+
+def _commit_plan(receiver: _Receiver, received: Received, report: SafetyReport, status: PacketStatus) -> _Commit:
+    caller, checked, key = receiver.caller, receiver.checked, receiver.key
+    assert checked is not None and key is not None
+    verdict = {
+        "verdict": "pass" if report.passed else "flagged",
+        "action": "accepted" if status is PacketStatus.accepted else "quarantined",
+        "threshold": report.threshold,
+        "declared_max": report.declared_max,
+        "over_threshold": report.over_threshold,
+        "flagged": report.flagged,
+    }
+    manifest = received.header.manifest
+    row = {
+        "id": received.packet_id,
+        "topic_id": checked.topic_id,  # None: created in the commit transaction
+        "publisher_id": caller.node_id,
+        "key_fingerprint": checked.key_fingerprint,
+        "size": received.size,
+        "data_sha256": manifest.data_sha256,
+        "manifest": manifest.model_dump(mode="json"),
+        "safety": verdict,
+        "status": status,
+        "storage_key": key,
+        "created_at": utcnow(),
+    }
+    record = PacketOut(  # from what the transaction writes: no read back
+        id=row["id"],
+        topic=receiver.topic,
+        publisher=caller.node,
+        key_fingerprint=checked.key_fingerprint,
+        size=received.size,
+        data_sha256=manifest.data_sha256,
+        status=status,
+        safety=SafetyVerdict.model_validate(verdict),
+        parents=sorted(manifest.parents),
+        created_at=row["created_at"],
+        manifest=row["manifest"],
+    )
+    return _Commit(row, list(manifest.parents), record)
+
+
+def _promote(state: BrokerState, receiver: _Receiver) -> None:
+    """Make the staged blob visible under its final key (S3: complete the upload; local: rename it)."""
+    staged, key = receiver.staged, receiver.key
+    assert staged is not None and key is not None
+    if not receiver.promoted:
+        staged.complete()  # S3: the object appears under its final key, nothing is copied
+        if staged.staging_key != key:  # local: a rename out of incoming/
+            state.storage.promote(staged.staging_key, key)
+        receiver.promoted = True
+
+
+def _finish_commit(state: BrokerState, session: Session, receiver: _Receiver, plan: _Commit) -> tuple[PacketOut, bool]:
+    """The row is written, not committed: only now does the blob appear (a refusal before leaves no blob; a
+    failure after rolls the row back, and a blob without a row is garbage collection's). Then the event,
+    which locks the topic row until commit, goes with the COMMIT."""
+    _promote(state, receiver)
+    row, caller = plan.row, receiver.caller
+    if row["status"] is PacketStatus.accepted:
+        append_event_and_commit(session, row["topic_id"], receiver.topic, EventKind.published, row["id"])
+    else:
+        audit.record(session, caller.node_id, "packet.quarantined_on_upload", row["id"], safety=row["safety"])
+    return plan.record, True
+
+
+def _commit_portable(state: BrokerState, receiver: _Receiver, plan: _Commit) -> tuple[PacketOut, bool]:
+    """The commit transaction statement by statement (SQLite, the embedded default)."""
+    row = plan.row
+    with locked_transaction(state.sessions, row["storage_key"]) as session:
+        if session.scalar(select(Packet.id).where(Packet.id == row["id"])) is not None:
+            existing = session.get(Packet, row["id"])  # stored before: return it as it is
+            assert existing is not None
+            return packet_out(session, existing), False
+        _recheck_publisher(session, receiver.caller, row["key_fingerprint"])
+        if row["topic_id"] is None:  # the header check found no topic: create it (or find a concurrent one)
+            row["topic_id"] = get_or_create_topic(session, receiver.topic, receiver.caller.node_id).id
+        try:  # Core inserts: the ORM's unit of work costs more than the statement here
+            session.execute(insert(Packet), [row])  # the packet row before the edges that reference it
+            if plan.parents:
+                session.execute(insert(LineageEdge), [{"parent_id": p, "child_id": row["id"]} for p in plan.parents])
+        except DataError as exc:
+            raise _unstorable(exc) from None
+        return _finish_commit(state, session, receiver, plan)
+
+
+_PACKET_COLUMNS = [column.name for column in Packet.__table__.columns]
+_PG_LOCK = compiled(select(func.pg_advisory_xact_lock(bindparam("lock"))))
+_PG_STORED = compiled(select(Packet.id).where(Packet.id == bindparam("id")))
+_PG_KEY_LIVE = compiled(
+    update(PublicKey)
+    .where(PublicKey.fingerprint == bindparam("fingerprint"), PublicKey.revoked_at.is_(None))
+    .values(owner_id=PublicKey.owner_id)
+)
+_PG_TOKEN = compiled(token_state_query(ApiToken.id == bindparam("token_id")))
+_PG_INSERT_PACKET = compiled(
+    pg_insert(Packet).values({name: bindparam(name) for name in _PACKET_COLUMNS}).on_conflict_do_nothing()
+)
+_PG_INSERT_EDGE = compiled(
+    pg_insert(LineageEdge)
+    .values(parent_id=bindparam("parent_id"), child_id=bindparam("child_id"))
+    .on_conflict_do_nothing()
+)
+
+
+class _StoredBefore(Exception):
+    """The packet's row exists: this upload's transaction is rolled back, and the stored record returned."""
+
+
+def _stored_record(state: BrokerState, packet_id: str) -> PacketOut:
+    with state.reads() as session:
+        existing = session.get(Packet, packet_id)
+        assert existing is not None
+        return packet_out(session, existing)
+
+
+def _commit_postgres(state: BrokerState, receiver: _Receiver, plan: _Commit) -> tuple[PacketOut, bool]:
+    """The commit transaction in two round trips: one pipeline takes the blob's lock, asks whether the packet
+    is stored, re-checks the publisher's key and token and writes the row and its edges; after the blob is
+    promoted, the event goes with the COMMIT (:func:`append_event_and_commit`). A packet stored before (its
+    insert did nothing) or a refusal rolls the whole transaction back."""
+    row, caller = plan.row, receiver.caller
+    with state.sessions.begin() as session:
+        if row["topic_id"] is None:  # rare: this upload creates the topic
+            row["topic_id"] = get_or_create_topic(session, receiver.topic, caller.node_id).id
+        values = {name: row[name] for name in _PACKET_COLUMNS}
+        values |= {"manifest": Jsonb(row["manifest"]), "safety": Jsonb(row["safety"]), "status": row["status"].name}
+        connection, raw = driver_connection(session)
+        try:
+            with driver_errors(connection, raw, _PG_INSERT_PACKET), raw.pipeline():
+                raw.execute(_PG_LOCK, {"lock": blob_lock_id(row["storage_key"])})
+                stored = raw.execute(_PG_STORED, {"id": row["id"]})
+                live = raw.execute(_PG_KEY_LIVE, {"fingerprint": row["key_fingerprint"]})
+                token = raw.cursor(row_factory=namedtuple_row)
+                token.execute(_PG_TOKEN, {"token_id": caller.token_id})
+                raw.execute(_PG_INSERT_PACKET, values)
+                if plan.parents:
+                    edges = [{"parent_id": p, "child_id": row["id"]} for p in plan.parents]
+                    raw.cursor().executemany(_PG_INSERT_EDGE, edges)
+        except DataError as exc:
+            raise _unstorable(exc) from None
+        if stored.fetchone() is not None:  # stored before: nothing was written; roll back, return it as it is
+            raise _StoredBefore
+        if live.rowcount != 1:
+            raise _revoked_meanwhile(row["key_fingerprint"])
+        refuse_unusable(token.fetchone(), datetime.now(UTC))
+        return _finish_commit(state, session, receiver, plan)
+
+
 def _store_and_commit(
     state: BrokerState,
     receiver: _Receiver,
@@ -288,85 +454,29 @@ def _store_and_commit(
     """Make the staged blob visible and commit its row, holding the blob's lock throughout (so garbage
     collection cannot delete it in between); returns (record, created). A packet stored before is
     returned as it is, and this upload's staged copy is left for close() to abort."""
-    caller, topic_name, checked, key, staged = (
-        receiver.caller,
-        receiver.topic,
-        receiver.checked,
-        receiver.key,
-        receiver.staged,
-    )
-    assert checked is not None and key is not None and staged is not None
-    verdict = {
-        "verdict": "pass" if report.passed else "flagged",
-        "action": "accepted" if status is PacketStatus.accepted else "quarantined",
-        "threshold": report.threshold,
-        "declared_max": report.declared_max,
-        "over_threshold": report.over_threshold,
-        "flagged": report.flagged,
-    }
-    manifest = received.header.manifest
+    plan = _commit_plan(receiver, received, report, status)
+    commit = _commit_postgres if state.settings.is_postgres else _commit_portable
     for attempt in range(2):
+        assert receiver.checked is not None
+        plan.row["topic_id"] = receiver.checked.topic_id  # a topic created by a rolled-back try is gone again
         try:
-            with locked_transaction(state.sessions, key) as session:
-                if session.scalar(select(Packet.id).where(Packet.id == received.packet_id)) is not None:
-                    existing = session.get(Packet, received.packet_id)  # stored before: return it as it is
-                    assert existing is not None
-                    return packet_out(session, existing), False
-                _recheck_publisher(session, caller, checked.key_fingerprint)
-                topic_id = checked.topic_id
-                if topic_id is None:  # the header check found no topic: create it (or find a concurrent one)
-                    topic_id = get_or_create_topic(session, topic_name, caller.node_id).id
-                row = {
-                    "id": received.packet_id,
-                    "topic_id": topic_id,
-                    "publisher_id": caller.node_id,
-                    "key_fingerprint": checked.key_fingerprint,
-                    "size": received.size,
-                    "data_sha256": manifest.data_sha256,
-                    "manifest": manifest.model_dump(mode="json"),
-                    "safety": verdict,
-                    "status": status,
-                    "storage_key": key,
-                    "created_at": utcnow(),
-                }
-                try:  # Core inserts: the ORM's unit of work costs more than the statement here
-                    session.execute(insert(Packet), [row])  # the packet row before the edges that reference it
-                    if manifest.parents:
-                        edges = [{"parent_id": p, "child_id": row["id"]} for p in manifest.parents]
-                        session.execute(insert(LineageEdge), edges)
-                except DataError as exc:  # a value this database cannot store: refused, nothing staged stays
-                    reason = str(exc.orig or exc).splitlines()[0][:200]
-                    raise ValidationFailed(f"the packet cannot be stored: {reason}", code="invalid_value") from None
-                # Only now, with the row written (but not committed), does the blob appear: a refusal above
-                # leaves no blob; a failure below rolls the row back (a blob without a row is GC's).
-                if not receiver.promoted:
-                    staged.complete()  # S3: the object appears under its final key, nothing is copied
-                    if staged.staging_key != key:  # local: a rename out of incoming/
-                        state.storage.promote(staged.staging_key, key)
-                    receiver.promoted = True
-                record = PacketOut(  # from what this transaction wrote: no read back
-                    id=row["id"],
-                    topic=topic_name,
-                    publisher=caller.node,
-                    key_fingerprint=checked.key_fingerprint,
-                    size=received.size,
-                    data_sha256=manifest.data_sha256,
-                    status=status,
-                    safety=SafetyVerdict.model_validate(verdict),
-                    parents=sorted(manifest.parents),
-                    created_at=row["created_at"],
-                    manifest=row["manifest"],
-                )
-                # Last: appending the event locks the topic row until commit; keep that short.
-                if status is PacketStatus.accepted:
-                    append_event(session, topic_id, topic_name, EventKind.published, row["id"])
-                else:
-                    audit.record(session, caller.node_id, "packet.quarantined_on_upload", row["id"], safety=verdict)
-                return record, True
+            return commit(state, receiver, plan)
+        except _StoredBefore:
+            return _stored_record(state, plan.row["id"]), False
         except IntegrityError:
             if attempt:  # the same packet committed concurrently: the second try returns it
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unstorable(exc: DataError) -> ValidationFailed:
+    """A value this database cannot store: refused, and nothing staged stays."""
+    reason = str(exc.orig or exc).splitlines()[0][:200]
+    return ValidationFailed(f"the packet cannot be stored: {reason}", code="invalid_value")
+
+
+def _revoked_meanwhile(fingerprint: str) -> ValidationFailed:
+    return ValidationFailed(f"key {fingerprint[:16]}… was revoked during the upload", code="key_revoked")
 
 
 def _finish_and_store(
@@ -406,7 +516,7 @@ def _recheck_publisher(session: Session, caller: Caller, fingerprint: str) -> No
         .execution_options(synchronize_session=False)
     ).rowcount
     if live != 1:
-        raise ValidationFailed(f"key {fingerprint[:16]}… was revoked during the upload", code="key_revoked")
+        raise _revoked_meanwhile(fingerprint)
     refuse_unusable(token_state(session, ApiToken.id == caller.token_id), datetime.now(UTC))
 
 
@@ -430,15 +540,27 @@ async def _chunks(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def _receive(receiver: _Receiver, body: AsyncIterator[bytes]) -> None:
+async def _receive(receiver: _Receiver, body: AsyncIterator[bytes], content_length: int | None) -> bytes:
     """Feed the body to ``receiver`` in a worker thread, one batch at a time and in order, while the
-    next batch is read from the request."""
+    next batch is read from the request. A body declared to fit one batch is not fed here but returned:
+    the caller feeds it in the worker-thread call that finishes the upload, so a small packet costs one hop
+    to a worker thread instead of three. A longer (or undeclared) body is fed as it arrives, so its header
+    is checked, and staging starts, as soon as the first batch is in. Returns ``b""`` when all was fed."""
+    limiter = receiver.state.upload_threads
     job: asyncio.Future[None] | None = None
+    held: bytes | None = None  # a one-batch body, until its end shows it is one
+    streaming = content_length is None or content_length > BATCH
     try:
         async for chunk in _chunks(body):
-            if job is not None:
-                await job
-            job = asyncio.ensure_future(in_thread(receiver.feed, chunk))
+            if not streaming and held is None:
+                held = chunk
+                continue
+            batches = [held, chunk] if held is not None else [chunk]
+            held, streaming = None, True
+            for batch in batches:
+                if job is not None:
+                    await job
+                job = asyncio.ensure_future(in_limited_thread(limiter, receiver.feed, batch))
         if job is not None:
             await job
     finally:
@@ -448,6 +570,21 @@ async def _receive(receiver: _Receiver, body: AsyncIterator[bytes]) -> None:
                 _ = job.cancelled() or job.exception()  # retrieved (it may be the error being raised)
             else:
                 job.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return held or b""
+
+
+def _feed_finish_and_store(
+    state: BrokerState, receiver: _Receiver, stream: StreamingPacket, last: bytes
+) -> tuple[Received, PacketOut, bool]:
+    """The last batch, the checks that need the whole body, storing and committing, and closing the receiver:
+    one worker-thread call (each hop between the event loop and a worker costs more than a small packet's
+    checks do)."""
+    try:
+        if last:
+            receiver.feed(last)
+        return _finish_and_store(state, receiver, stream)
+    finally:
+        receiver.close()
 
 
 async def receive_packet(
@@ -475,10 +612,10 @@ async def receive_packet(
     )
     receiver = _Receiver(state, caller, topic, stream)
     try:
-        await _receive(receiver, body)
-        # The rest runs in one worker thread: each hop between the event loop and a worker costs more than a
-        # small packet's checks do.
-        received, record, created = await in_thread(_finish_and_store, state, receiver, stream)
+        last = await _receive(receiver, body, content_length)
+        received, record, created = await in_limited_thread(
+            state.upload_threads, _feed_finish_and_store, state, receiver, stream, last
+        )
     except BrokerError as exc:
         if exc.status in (400, 413, 422):
             state.metrics.validation_failures.labels(exc.code).inc()
@@ -493,7 +630,8 @@ async def receive_packet(
             )
         raise
     finally:
-        await in_thread(receiver.close)
+        if not receiver.closed:  # the body failed before the last call: abort what was staged
+            await in_thread(receiver.close)
     state.metrics.bytes_in.inc(received.size)
     state.metrics.packets_accepted.labels(record.status.value).inc()
     state.metrics.upload_seconds.observe(time.perf_counter() - started)
