@@ -80,6 +80,14 @@ class SetSplit:
 @dataclass
 class Corpus:
     sections: dict[str, list[str]]  # section → texts, in a fixed order
+    general: list[str] = field(default_factory=list)  # texts of every other section: public, unlabelled
+
+    def general_sample(self, seed: int, count: int) -> list[str]:
+        """``count`` texts from the sections outside every concept set, drawn with ``seed``: a general anchor
+        set, public and unlabelled, that covers no concept set in particular."""
+        if count > len(self.general):
+            raise RuntimeError(f"only {len(self.general)} general texts, {count} asked for")
+        return random.Random(f"general:{seed}").sample(self.general, count)
 
     def split(self, name: str, seed: int, *, k: int, test: int, pool_cap: int) -> SetSplit:
         sections = CONCEPT_SETS[name]
@@ -107,4 +115,5 @@ def load_corpus(*, minimum: int) -> Corpus:
     short = {s: len(sections.get(s, [])) for s in wanted if len(sections.get(s, [])) < minimum}
     if short:
         raise RuntimeError(f"sections with fewer than {minimum} distinct descriptions: {short}")
-    return Corpus({s: sections[s] for s in wanted})
+    general = sorted(t for s, texts in sections.items() if s not in wanted for t in texts)
+    return Corpus({s: sections[s] for s in wanted}, general)

@@ -45,6 +45,9 @@ class Built:
     bytes: int
 
 
+GENERAL = "debian:descriptions-of-other-sections"  # the general anchor set's source, as the manifest names it
+
+
 class Direction:
     """A teacher and a student encoder, the student's vector cache, and the records of their runs."""
 
@@ -166,8 +169,10 @@ class Direction:
         words: list[str],
         words_source: str,
         log: Callable[[str], None],
+        general: list[str] | None = None,
     ) -> None:
-        """Every condition of one seed on the main set, and alignment reuse on ``others``."""
+        """Every condition of one seed on the main set, and alignment reuse on ``others``; with ``general``
+        (public texts of no concept set), also the general-anchor route and its reuse."""
         test = [t for t, _ in split.test]
         k = len(split.sections)
         labelled_texts = [t for s in split.sections for t in split.labelled[s]]
@@ -278,6 +283,9 @@ class Direction:
             reuse_packets.append((other, built, other_teacher))
             self._later_set_references(other, seed, other_teacher, words, words_source)
 
+        if general:
+            self._general_route(split, reuse_packets, seed, teacher_acc, general, log)
+
         for n in [0, *budgets]:
             pool = split.pool[:n]
             budget = str(n)
@@ -371,30 +379,80 @@ class Direction:
                     )
             # reuse: the other sets' packets (no anchors) through the alignments this budget stored
             for other, built, other_teacher in reuse_packets:
-                other_test = [t for t, _ in other.test]
                 for kind, store in stores.items():
                     if not store.exists():
                         continue
-                    report, secs = self.ingest(built, method="auto", store=str(store))
-                    acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
-                    info = report.alignment or {}
-                    self.record(
-                        other,
-                        seed,
-                        "m2kt-reuse" if kind == "pool" else "m2kt-words-reuse",
-                        budget,
-                        acc,
-                        other_teacher,
-                        labelled=0,
-                        teacher_labelled=built.labelled,
-                        teacher_queries=built.queries,
-                        anchors=0,
-                        new_anchor_queries=0,
-                        seconds=secs,
-                        decision=report.decision,
-                        reused=info.get("reused"),
-                        method=info.get("method"),
-                    )
+                    condition = "m2kt-reuse" if kind == "pool" else "m2kt-words-reuse"
+                    self._reuse(other, built, other_teacher, seed, store, condition, budget)
+
+    def _general_route(
+        self,
+        split: SetSplit,
+        reuse_packets: list[tuple[SetSplit, Built, float]],
+        seed: int,
+        teacher_acc: float,
+        general: list[str],
+        log: Callable[[str], None],
+    ) -> None:
+        """A packet whose only anchors are a general set (public texts of sections outside every concept set,
+        paid once in teacher queries), its alignment stored; then the later sets' packets through that
+        stored alignment at 0 new queries (``m2kt-general-reuse``)."""
+        store = self.work / f"store-{seed}-general"
+        built = self.build(split, f"general-{seed}", anchors=[], source="none", words=general, words_source=GENERAL)
+        report, secs = self.ingest(built, method="auto", store=str(store))
+        test = [t for t, _ in split.test]
+        acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+        info = report.alignment or {}
+        self.record(
+            split,
+            seed,
+            "m2kt-general",
+            "0",
+            acc,
+            teacher_acc,
+            labelled=0,
+            teacher_labelled=built.labelled,
+            teacher_queries=built.queries,
+            anchors=len(general),
+            domain_anchors=0,
+            seconds=secs,
+            build_seconds=built.seconds,
+            packet_bytes=built.bytes,
+            decision=report.decision,
+            method=info.get("method"),
+            param=info.get("param"),
+        )
+        log(f"    general anchors ({len(general)}): {None if acc is None else round(acc, 3)} ({info.get('method')})")
+        for other, other_built, other_teacher in reuse_packets:
+            acc = self._reuse(other, other_built, other_teacher, seed, store, "m2kt-general-reuse", "0")
+            log(f"    {other.name} through it, 0 new queries: {None if acc is None else round(acc, 3)}")
+
+    def _reuse(
+        self, other: SetSplit, built: Built, other_teacher: float, seed: int, store: Path, condition: str, budget: str
+    ) -> float | None:
+        """A later set's packet (no anchors) through the alignment stored in ``store``: 0 new queries."""
+        report, secs = self.ingest(built, method="auto", store=str(store))
+        other_test = [t for t, _ in other.test]
+        acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
+        info = report.alignment or {}
+        self.record(
+            other,
+            seed,
+            condition,
+            budget,
+            acc,
+            other_teacher,
+            labelled=0,
+            teacher_labelled=built.labelled,
+            teacher_queries=built.queries,
+            anchors=0,
+            new_anchor_queries=0,
+            seconds=secs,
+            decision=report.decision,
+            reused=info.get("reused"),
+            method=info.get("method"),
+        )
+        return acc
 
     def _later_set_references(
         self, other: SetSplit, seed: int, other_teacher: float, words: list[str], words_source: str

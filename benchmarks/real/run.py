@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="labelled examples per section for the teacher")
     p.add_argument("--test", type=int, default=100, help="test texts per section")
     p.add_argument("--words", type=int, default=5000, help="word-list anchors (a general set: the N=0 route)")
+    p.add_argument(
+        "--general",
+        type=int,
+        default=1000,
+        help="general anchors: public descriptions of sections in no concept set, for the route whose alignment "
+        "later sets reuse (0: skip it)",
+    )
     p.add_argument("--no-cli", action="store_true", help="skip the CLI-path check")
     return p
 
@@ -144,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in CONCEPT_SETS
                     if name != "topics"
                 ]
-                direction.run_seed(split, others, seed, BUDGETS, words, words_source, log)
+                general = corpus.general_sample(seed, args.general) if args.general else None
+                direction.run_seed(split, others, seed, BUDGETS, words, words_source, log, general)
                 log(f"  seed {seed} done in {time.perf_counter() - t0:.1f} s")
             split0 = corpus.split("topics", 0, k=args.k, test=args.test, pool_cap=max(BUDGETS))
             timings += direction.timings(split0, 64, words, words_source, log)
@@ -174,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "k": args.k,
             "test": args.test,
             "words": args.words,
+            "general": args.general,
             "words_source": words_source,
             "classes": len(CONCEPT_SETS["topics"]),
             "concept_sets": {k: list(v) for k, v in CONCEPT_SETS.items()},

@@ -87,20 +87,28 @@ def bench_real(
     directions: Annotated[
         str, typer.Option("--directions", help="teacher:student pairs of minilm and mpnet.")
     ] = "mpnet:minilm,minilm:mpnet",
+    general: Annotated[
+        int,
+        typer.Option(
+            "--general",
+            help="General anchors: public descriptions of sections in no concept set, for the route whose "
+            "alignment later concept sets reuse (0: skip it).",
+        ),
+    ] = 1000,
     no_cli: Annotated[
         bool, typer.Option("--no-cli", help="Skip the check that the CLI path gives the same numbers.")
     ] = False,
 ) -> None:
     """Real pretrained encoders on both sides (all-mpnet-base-v2, all-MiniLM-L6-v2) on Debian package
-    descriptions by section: private M2KT (each alignment), word-list anchors, alignment reuse, against
-    KD, the student's own labels and its oracle.
+    descriptions by section: private M2KT (each alignment), word-list and general anchors, alignment reuse,
+    against KD, the student's own labels and its oracle.
 
     Setup: apt-get update; apt-get install wamerican; then install this package with its 'real' extra."""
     try:
         from m2kt.benchmarks.real.run import main
     except ImportError as exc:
         fail(EXIT_USAGE, f"the real-model benchmark needs the real extra (pip install 'm2kt[real]'): {exc}")
-    argv = ["--out", str(out), "--device", device, "--directions", directions]
+    argv = ["--out", str(out), "--device", device, "--directions", directions, "--general", str(general)]
     if cache is not None:
         argv += ["--cache", str(cache)]
     if quick:
