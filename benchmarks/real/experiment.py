@@ -112,6 +112,13 @@ class Direction:
         usage = manifest.data_usage
         return Built(path, seconds, usage.probe_count, usage.labelled_examples, path.stat().st_size)
 
+    def ingest_and_classify(self, built: Built, split: SetSplit, **alignment: Any) -> tuple[float | None, Any, float]:
+        """Ingest ``built`` and classify ``split``'s test texts by the mapped concepts: (accuracy, or None when
+        the packet was rolled back; the report; ingestion seconds)."""
+        report, secs = self.ingest(built, **alignment)
+        test = [t for t, _ in split.test]
+        return (self.accuracy_of(self.student.classify(test), split) if report.accepted else None), report, secs
+
     def ingest(self, built: Built, **alignment: Any) -> tuple[Any, float]:
         """Ingest with the given alignment settings; (report, seconds). The student forgets earlier concepts."""
         self.student.concepts = None
@@ -242,8 +249,7 @@ class Direction:
         )
 
         # M2KT with the concepts' texts in the packet: the student re-embeds the teacher's labelled examples
-        report, secs = self.ingest(shared)
-        acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+        acc, report, secs = self.ingest_and_classify(shared, split)
         self.record(
             split,
             seed,
@@ -309,8 +315,7 @@ class Direction:
                     else [("m2kt-words", {"method": "auto", "store": store})]
                 )
                 for condition, alignment in names:
-                    report, secs = self.ingest(built, **alignment)
-                    acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+                    acc, report, secs = self.ingest_and_classify(built, split, **alignment)
                     info = report.alignment or {}
                     self.record(
                         split,
@@ -399,9 +404,7 @@ class Direction:
         stored alignment at 0 new queries (``m2kt-general-reuse``)."""
         store = self.work / f"store-{seed}-general"
         built = self.build(split, f"general-{seed}", anchors=[], source="none", words=general, words_source=GENERAL)
-        report, secs = self.ingest(built, method="auto", store=str(store))
-        test = [t for t, _ in split.test]
-        acc = self.accuracy_of(self.student.classify(test), split) if report.accepted else None
+        acc, report, secs = self.ingest_and_classify(built, split, method="auto", store=str(store))
         info = report.alignment or {}
         self.record(
             split,
@@ -431,9 +434,7 @@ class Direction:
         self, other: SetSplit, built: Built, other_teacher: float, seed: int, store: Path, condition: str, budget: str
     ) -> float | None:
         """A later set's packet (no anchors) through the alignment stored in ``store``: 0 new queries."""
-        report, secs = self.ingest(built, method="auto", store=str(store))
-        other_test = [t for t, _ in other.test]
-        acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
+        acc, report, secs = self.ingest_and_classify(built, other, method="auto", store=str(store))
         info = report.alignment or {}
         self.record(
             other,
@@ -459,12 +460,10 @@ class Direction:
     ) -> None:
         """What a later concept set gets without reuse, to read the reuse rows against: its own word-list
         packet aligned afresh (the word-list queries paid again), and the student with the set's k labels."""
-        other_test = [t for t, _ in other.test]
         fresh = self.build(
             other, f"{other.name}-fresh-{seed}", anchors=[], source="none", words=words, words_source=words_source
         )
-        report, secs = self.ingest(fresh, method="auto")
-        acc = self.accuracy_of(self.student.classify(other_test), other) if report.accepted else None
+        acc, report, secs = self.ingest_and_classify(fresh, other, method="auto")
         self.record(
             other,
             seed,

@@ -12,7 +12,7 @@ from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import EventKind, Packet, Topic, TopicEvent, utcnow
 from m2kt.broker.pubsub import CHANNEL, wake_after_commit
 from m2kt.broker.schemas import TopicOut
-from m2kt.broker.services.pipelined import driver_connection, driver_errors
+from m2kt.broker.services.pipelined import compiled, driver_connection, driver_errors
 from m2kt.broker.services.upsert import insert_or_find
 from m2kt.format.manifest import TOPIC_PATTERN
 
@@ -81,7 +81,7 @@ _APPEND_POSTGRES = text(
 )
 
 
-_APPEND_PSYCOPG = re.sub(r":(\w+)", r"%(\1)s", _APPEND_POSTGRES.text)  # the same statement, as psycopg spells it
+_APPEND_PSYCOPG = compiled(_APPEND_POSTGRES)  # the same statement, as psycopg spells it
 
 
 def append_event_and_commit(session: Session, topic_id: int, topic_name: str, kind: EventKind, packet_id: str) -> int:

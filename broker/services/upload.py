@@ -291,7 +291,7 @@ def _safety(received: Received, checked: _Checked) -> SafetyReport:
 class _Commit:
     """What the commit transaction writes for one upload, and the record it answers with."""
 
-    row: dict[str, Any]
+    row: dict[str, Any]  # the packet row but its topic_id, which each try of the transaction finds (or creates)
     parents: list[str]
     record: PacketOut
 
@@ -310,7 +310,6 @@ def _commit_plan(receiver: _Receiver, received: Received, report: SafetyReport, 
     manifest = received.header.manifest
     row = {
         "id": received.packet_id,
-        "topic_id": checked.topic_id,  # None: created in the commit transaction
         "publisher_id": caller.node_id,
         "key_fingerprint": checked.key_fingerprint,
         "size": received.size,
@@ -348,14 +347,24 @@ def _promote(state: BrokerState, receiver: _Receiver) -> None:
         receiver.promoted = True
 
 
-def _finish_commit(state: BrokerState, session: Session, receiver: _Receiver, plan: _Commit) -> tuple[PacketOut, bool]:
+def _topic_id(session: Session, receiver: _Receiver) -> int:
+    """The topic the header check found, or — rare — the one this transaction creates (or finds created)."""
+    assert receiver.checked is not None
+    if receiver.checked.topic_id is not None:
+        return receiver.checked.topic_id
+    return get_or_create_topic(session, receiver.topic, receiver.caller.node_id).id
+
+
+def _finish_commit(
+    state: BrokerState, session: Session, receiver: _Receiver, plan: _Commit, topic_id: int
+) -> tuple[PacketOut, bool]:
     """The row is written, not committed: only now does the blob appear (a refusal before leaves no blob; a
     failure after rolls the row back, and a blob without a row is garbage collection's). Then the event,
     which locks the topic row until commit, goes with the COMMIT."""
     _promote(state, receiver)
     row, caller = plan.row, receiver.caller
     if row["status"] is PacketStatus.accepted:
-        append_event_and_commit(session, row["topic_id"], receiver.topic, EventKind.published, row["id"])
+        append_event_and_commit(session, topic_id, receiver.topic, EventKind.published, row["id"])
     else:
         audit.record(session, caller.node_id, "packet.quarantined_on_upload", row["id"], safety=row["safety"])
     return plan.record, True
@@ -370,15 +379,14 @@ def _commit_portable(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
             assert existing is not None
             return packet_out(session, existing), False
         _recheck_publisher(session, receiver.caller, row["key_fingerprint"])
-        if row["topic_id"] is None:  # the header check found no topic: create it (or find a concurrent one)
-            row["topic_id"] = get_or_create_topic(session, receiver.topic, receiver.caller.node_id).id
+        topic_id = _topic_id(session, receiver)
         try:  # Core inserts: the ORM's unit of work costs more than the statement here
-            session.execute(insert(Packet), [row])  # the packet row before the edges that reference it
+            session.execute(insert(Packet), [{**row, "topic_id": topic_id}])  # the row before the edges to it
             if plan.parents:
                 session.execute(insert(LineageEdge), [{"parent_id": p, "child_id": row["id"]} for p in plan.parents])
         except DataError as exc:
             raise _unstorable(exc) from None
-        return _finish_commit(state, session, receiver, plan)
+        return _finish_commit(state, session, receiver, plan, topic_id)
 
 
 _PACKET_COLUMNS = [column.name for column in Packet.__table__.columns]
@@ -418,9 +426,8 @@ def _commit_postgres(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
     insert did nothing) or a refusal rolls the whole transaction back."""
     row, caller = plan.row, receiver.caller
     with state.sessions.begin() as session:
-        if row["topic_id"] is None:  # rare: this upload creates the topic
-            row["topic_id"] = get_or_create_topic(session, receiver.topic, caller.node_id).id
-        values = {name: row[name] for name in _PACKET_COLUMNS}
+        topic_id = _topic_id(session, receiver)
+        values = {name: row[name] for name in _PACKET_COLUMNS if name != "topic_id"} | {"topic_id": topic_id}
         values |= {"manifest": Jsonb(row["manifest"]), "safety": Jsonb(row["safety"]), "status": row["status"].name}
         connection, raw = driver_connection(session)
         try:
@@ -441,7 +448,7 @@ def _commit_postgres(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
         if live.rowcount != 1:
             raise _revoked_meanwhile(row["key_fingerprint"])
         refuse_unusable(token.fetchone(), datetime.now(UTC))
-        return _finish_commit(state, session, receiver, plan)
+        return _finish_commit(state, session, receiver, plan, topic_id)
 
 
 def _store_and_commit(
@@ -457,8 +464,6 @@ def _store_and_commit(
     plan = _commit_plan(receiver, received, report, status)
     commit = _commit_postgres if state.settings.is_postgres else _commit_portable
     for attempt in range(2):
-        assert receiver.checked is not None
-        plan.row["topic_id"] = receiver.checked.topic_id  # a topic created by a rolled-back try is gone again
         try:
             return commit(state, receiver, plan)
         except _StoredBefore:
