@@ -13,18 +13,30 @@ defined in :mod:`m2kt.broker.models` alone. A driver error is raised as SQLAlche
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 
-__all__ = ["compiled", "driver_connection", "driver_errors"]
+__all__ = [
+    "compiled",
+    "driver_connection",
+    "driver_errors",
+    "is_postgres",
+    "read_cursor",
+    "read_pipeline",
+    "stored_member",
+]
+
+E = TypeVar("E", bound=enum.Enum)
 
 _DIALECT = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
 
@@ -52,3 +64,44 @@ def driver_errors(connection: Connection, raw: psycopg.Connection[Any], statemen
         if raw.broken or raw.closed:
             connection.invalidate(error)
         raise DBAPIError.instance(statement, None, error, psycopg.Error) from None
+
+
+def is_postgres(sessions: sessionmaker[Session]) -> bool:
+    """Whether ``sessions`` talk to Postgres (through psycopg): where :func:`read_cursor` may be used."""
+    bind = sessions.kw.get("bind")
+    return bind is not None and bind.dialect.name == "postgresql"
+
+
+@contextmanager
+def read_cursor(reads: sessionmaker[Session]) -> Iterator[psycopg.Cursor[Any]]:
+    """A psycopg cursor (rows as named tuples) on a pooled connection of ``reads`` — the autocommit read
+    sessions' engine: each statement is its own transaction, with no BEGIN or ROLLBACK, and none of
+    SQLAlchemy's per-statement work (about 0.15 ms a read here against 0.9 ms through a session). For the
+    reads every request makes; the statements come from :func:`compiled`, and the rows are the driver's
+    (JSON decoded, enums as their stored names). Errors are raised as SQLAlchemy's."""
+    with reads.kw["bind"].connect() as connection:
+        raw = connection.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection), "a read cursor needs Postgres through psycopg"
+        with driver_errors(connection, raw, "read"), raw.cursor(row_factory=namedtuple_row) as cursor:
+            yield cursor
+
+
+def read_pipeline(reads: sessionmaker[Session], statements: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+    """Several reads (:func:`compiled` statements and their parameters) in one round trip, in autocommit on a
+    pooled connection of ``reads``; each statement's rows, as named tuples, in order."""
+    with reads.kw["bind"].connect() as connection:
+        raw = connection.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection), "a pipeline needs Postgres through psycopg"
+        with driver_errors(connection, raw, statements[0][0]):
+            cursors = []
+            with raw.pipeline():
+                for sql, params in statements:
+                    cursor = raw.cursor(row_factory=namedtuple_row)
+                    cursor.execute(sql, params)
+                    cursors.append(cursor)
+            return [cursor.fetchall() for cursor in cursors]
+
+
+def stored_member(cls: type[E], value: E | str) -> E:
+    """An enum member from a row: SQLAlchemy's rows hold the member, the driver's its stored name."""
+    return value if isinstance(value, cls) else cls[str(value)]

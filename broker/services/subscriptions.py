@@ -13,7 +13,6 @@ from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Malformed, NotFound
 from m2kt.broker.models import Subscription
 from m2kt.broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
-from m2kt.broker.services.auth import still_valid
 from m2kt.broker.services.pages import RawPage, raw_event_page
 from m2kt.broker.services.records import events_out
 from m2kt.broker.services.topics import (
@@ -42,13 +41,10 @@ def event_page(sessions: sessionmaker[Session], topic: str, after: int, limit: i
 def _read_page(
     reads: sessionmaker[Session], caller: Caller, topic: str, after: int, limit: int, deadline: float
 ) -> tuple[RawPage, bool]:
-    """The page, and whether it is the answer (it has events, or the wait is over) — in which case the
-    caller's credentials were checked again, in the same worker-thread call."""
-    page = raw_event_page(reads, topic, after, limit)
-    if page.items or deadline - time.monotonic() <= 0:
-        still_valid(reads, caller)
-        return page, True
-    return page, False
+    """The page, and whether it is the answer (it has events, or the wait is over); the caller's credentials
+    are checked again with it (one round trip on Postgres)."""
+    page = raw_event_page(reads, topic, after, limit, caller)
+    return page, bool(page.items) or deadline - time.monotonic() <= 0
 
 
 async def wait_for_events(

@@ -25,7 +25,7 @@ import asyncio
 import base64
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import ARRAY, String, any_, bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
@@ -56,7 +56,7 @@ from m2kt.broker.models import (
 from m2kt.broker.schemas import PacketOut, SafetyVerdict
 from m2kt.broker.services import audit
 from m2kt.broker.services.auth import refuse_unusable, token_state, token_state_query
-from m2kt.broker.services.pipelined import compiled, driver_connection, driver_errors
+from m2kt.broker.services.pipelined import compiled, driver_connection, driver_errors, read_pipeline, stored_member
 from m2kt.broker.services.records import packet_out
 from m2kt.broker.services.topics import append_event_and_commit, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
@@ -94,9 +94,76 @@ class _Checked:
     flagged: list[FlaggedSet]  # the flagged concept sets, read with the key (one session per header)
 
 
+@dataclass
+class _HeaderRows:
+    """What the header check reads from the database, in one round trip on Postgres."""
+
+    key: Any  # (revoked_at, owner_id, public_key) of the signing key, or None: not registered
+    withdrawn_parents: list[tuple[str, PacketStatus]]  # the manifest's parents held here, not accepted
+    topic: Any  # (id, safety_threshold), or None: this upload would create the topic
+    blob_stored: bool  # a row already points at this very file (read only when a node quota is set)
+    used: int  # the node's stored bytes (read only when a node quota is set)
+    flagged: list[FlaggedSet]
+
+
+_FLAGGED_COLUMNS = (
+    FlaggedConceptSet.name,
+    FlaggedConceptSet.labels,
+    FlaggedConceptSet.directions,
+    FlaggedConceptSet.threshold,
+)
+# The header check's reads, each with its bound parameters by name; "parents" differs by database (ANY on
+# Postgres, an expanding IN elsewhere).
+_HEADER_READS: dict[str, Any] = {
+    "key": select(PublicKey.revoked_at, PublicKey.owner_id, PublicKey.public_key).where(
+        PublicKey.fingerprint == bindparam("fingerprint")
+    ),
+    "topic": select(Topic.id, Topic.safety_threshold).where(Topic.name == bindparam("topic")),
+    "flagged": select(*_FLAGGED_COLUMNS),
+    "parents": select(Packet.id, Packet.status).where(Packet.id.in_(bindparam("parents", expanding=True))),
+    "blob_stored": select(exists().where(Packet.storage_key == bindparam("blob")).label("stored")),
+    "used": select(func.coalesce(func.sum(Packet.size), literal_column("0")).label("used")).where(
+        Packet.publisher_id == bindparam("node")
+    ),
+}
+_PG_HEADER_READS = {name: compiled(statement) for name, statement in _HEADER_READS.items() if name != "parents"}
+_PG_HEADER_READS["parents"] = compiled(
+    select(Packet.id, Packet.status).where(Packet.id == any_(bindparam("parents", type_=ARRAY(String))))
+)
+
+
+def _header_rows(state: BrokerState, caller: Caller, manifest: Any, topic: str, blob: str) -> _HeaderRows:
+    """The header check's reads: on Postgres one pipeline on the driver (every upload makes them), elsewhere
+    one autocommit read session."""
+    wanted: dict[str, dict[str, Any]] = {
+        "key": {"fingerprint": manifest.key_fingerprint},
+        "topic": {"topic": topic},
+        "flagged": {},
+    }
+    if manifest.parents:
+        wanted["parents"] = {"parents": list(manifest.parents)}
+    if state.settings.node_quota_bytes:
+        wanted |= {"blob_stored": {"blob": blob}, "used": {"node": caller.node_id}}
+    if state.settings.is_postgres:
+        statements = [(_PG_HEADER_READS[name], params) for name, params in wanted.items()]
+        rows = dict(zip(wanted, read_pipeline(state.reads, statements), strict=True))
+    else:
+        with state.reads() as session:
+            rows = {name: session.execute(_HEADER_READS[name], params).all() for name, params in wanted.items()}
+    parents = [(r.id, stored_member(PacketStatus, r.status)) for r in rows.get("parents", [])]
+    return _HeaderRows(
+        rows["key"][0] if rows["key"] else None,
+        [(pid, status) for pid, status in parents if status is not PacketStatus.accepted],
+        rows["topic"][0] if rows["topic"] else None,
+        bool(rows["blob_stored"][0].stored) if "blob_stored" in rows else False,
+        int(rows["used"][0].used) if "used" in rows else 0,
+        _flagged_sets(rows["flagged"], state.settings.flagged_similarity),
+    )
+
+
 def _check_header(state: BrokerState, caller: Caller, topic: str, stream: StreamingPacket, blob: str) -> _Checked:
     """Everything decidable from the header: topic, storable text, key (known, live, the caller's),
-    quota, signature; and, in the same session, the flagged concept sets the safety check uses once the
+    quota, signature; and, read with them, the flagged concept sets the safety check uses once the
     concepts have arrived. ``blob`` is the blob key, which names exactly this file."""
     header = stream.header
     assert header is not None
@@ -113,48 +180,39 @@ def _check_header(state: BrokerState, caller: Caller, topic: str, stream: Stream
             code="teacher_node_mismatch",
         )
     fingerprint = manifest.key_fingerprint
-    with state.reads() as session:  # Core queries in autocommit (no BEGIN / ROLLBACK): this runs for every upload
-        key = session.execute(
-            select(PublicKey.revoked_at, PublicKey.owner_id, PublicKey.public_key).where(
-                PublicKey.fingerprint == fingerprint
-            )
-        ).first()
-        if key is None:
-            raise ValidationFailed(
-                f"key {fingerprint[:16]}… is not registered here; register it with POST /v1/keys",
-                code="unknown_key",
-            )
-        if key.revoked_at is not None:
-            raise ValidationFailed(f"key {fingerprint[:16]}… was revoked", code="key_revoked")
-        if key.owner_id != caller.node_id:  # admins too: an admin publishes with its own keys
+    rows = _header_rows(state, caller, manifest, topic, blob)
+    key = rows.key
+    if key is None:
+        raise ValidationFailed(
+            f"key {fingerprint[:16]}… is not registered here; register it with POST /v1/keys",
+            code="unknown_key",
+        )
+    if key.revoked_at is not None:
+        raise ValidationFailed(f"key {fingerprint[:16]}… was revoked", code="key_revoked")
+    if key.owner_id != caller.node_id:  # admins too: an admin publishes with its own keys
+        with state.reads() as session:
             owner = session.scalar(select(Node.name).where(Node.id == key.owner_id))
-            raise ValidationFailed(
-                f"key {fingerprint[:16]}… belongs to node {owner!r}, not to {caller.node!r}",
-                code="key_not_owned",
-            )
-        raw = key.public_key
-        _check_parents(session, manifest.parents)
-        row = session.execute(select(Topic.id, Topic.safety_threshold).where(Topic.name == topic)).first()
-        if row is None:  # this upload would create the topic
+        raise ValidationFailed(
+            f"key {fingerprint[:16]}… belongs to node {owner!r}, not to {caller.node!r}",
+            code="key_not_owned",
+        )
+    _refuse_withdrawn_parents(rows.withdrawn_parents)
+    if rows.topic is None:  # this upload would create the topic
+        with state.reads() as session:
             check_topic_quota(session, caller, topic, state.settings.max_topics_per_node)
-        _check_quota(state, session, caller, header.file_size, blob)
-        threshold = row.safety_threshold if row is not None and row.safety_threshold is not None else None
-        topic_id = row.id if row is not None else None
-        flagged = _flagged_sets(session, state.settings.flagged_similarity)
-    check_signature(header, VerifyKey.from_raw(base64.b64decode(raw)))
+    _check_quota(state, caller, header.file_size, rows)
+    threshold = rows.topic.safety_threshold if rows.topic is not None else None
+    topic_id = rows.topic.id if rows.topic is not None else None
+    check_signature(header, VerifyKey.from_raw(base64.b64decode(key.public_key)))
     default = state.settings.safety_threshold
-    return _Checked(manifest.key_fingerprint, threshold if threshold is not None else default, topic_id, flagged)
+    return _Checked(fingerprint, threshold if threshold is not None else default, topic_id, rows.flagged)
 
 
-def _check_parents(session: Session, parents: list[str]) -> None:
+def _refuse_withdrawn_parents(withdrawn: list[tuple[str, PacketStatus]]) -> None:
     """422 when a parent on this broker is withdrawn (revoked or quarantined): a packet cannot claim to
     descend from knowledge its publisher or an admin took back. A parent this broker does not hold
     stays allowed (lineage across brokers) and is shown as ``known: false``; a parent withdrawn later
     keeps its edges, so its descendants can be found and rolled back."""
-    if not parents:
-        return
-    rows = session.execute(select(Packet.id, Packet.status).where(Packet.id.in_(parents))).all()
-    withdrawn = [(pid, status) for pid, status in rows if status is not PacketStatus.accepted]
     if withdrawn:
         pid, status = withdrawn[0]
         raise ValidationFailed(
@@ -163,21 +221,18 @@ def _check_parents(session: Session, parents: list[str]) -> None:
         )
 
 
-def _check_quota(state: BrokerState, session: Session, caller: Caller, size: int, blob: str) -> None:
+def _check_quota(state: BrokerState, caller: Caller, size: int, rows: _HeaderRows) -> None:
     """413 when this packet would take the node's stored bytes over its quota.
 
     Only re-uploading this very file (same blob key: same header and data bytes) is free: it stores
     nothing new. A new packet sharing another's data section, or another node's bytes, counts in full.
     Concurrent uploads by one node may each pass and together overshoot by at most their own sizes."""
     quota = state.settings.node_quota_bytes
-    if not quota:
+    if not quota or rows.blob_stored:
         return
-    if session.scalar(select(Packet.id).where(Packet.storage_key == blob).limit(1)) is not None:
-        return
-    used = session.scalar(select(func.coalesce(func.sum(Packet.size), 0)).where(Packet.publisher_id == caller.node_id))
-    if used + size > quota:
+    if rows.used + size > quota:
         raise TooLarge(
-            f"node {caller.node!r} stores {used} bytes of packets; this one ({size} bytes) would exceed its quota "
+            f"node {caller.node!r} stores {rows.used} bytes of packets; this one ({size} bytes) would exceed its quota "
             f"of {quota} bytes — ask an admin to raise M2KT_NODE_QUOTA_BYTES or remove old packets",
             code="quota_exceeded",
         )
@@ -265,15 +320,10 @@ class _Receiver:
                     pass  # an unfinished multipart upload or a file in incoming/: garbage collection removes it
 
 
-def _flagged_sets(session: Session, default: float) -> list[FlaggedSet]:
+def _flagged_sets(rows: Sequence[Any], default: float) -> list[FlaggedSet]:
+    """The flagged concept sets' rows (name, labels, directions, threshold), ready for the safety check."""
     out = []
-    columns = (
-        FlaggedConceptSet.name,
-        FlaggedConceptSet.labels,
-        FlaggedConceptSet.directions,
-        FlaggedConceptSet.threshold,
-    )
-    for row in session.execute(select(*columns)):
+    for row in rows:
         directions = unit_rows(np.asarray(row.directions, dtype=np.float64))
         out.append(
             FlaggedSet(row.name, row.labels, directions, row.threshold if row.threshold is not None else default)
