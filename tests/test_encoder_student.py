@@ -269,6 +269,23 @@ def test_alignment_is_kept_and_a_later_packet_costs_no_new_queries(
     assert _accuracy(student, _held_out(OTHER_TOPICS)) >= 0.5
 
 
+def test_refining_on_the_students_own_texts_keeps_labels_and_scale(
+    minilm, student: Student, private_packet: Path, signing_key: SigningKey
+) -> None:
+    with pytest.raises(ValueError, match="no concepts"):
+        Student(*minilm).refine_concepts(["a text"])
+    assert ingest(student, private_packet, IngestConfig(), keys=signing_key.verify_key).accepted
+    held = _held_out(TOPICS)
+    before_vectors, before = student.concepts.vectors.clone(), _accuracy(student, held)
+    members = student.refine_concepts([t for _, t in held])  # its own texts, their labels never read
+    assert sum(members) == len(held) and student.concepts.labels == list(TOPICS)
+    assert not torch.equal(student.concepts.vectors, before_vectors)
+    assert torch.allclose(student.concepts.vectors.norm(dim=-1), before_vectors.norm(dim=-1))
+    assert _accuracy(student, held) >= before - 1 / len(held)  # transductive here; the benchmark keeps them apart
+    with pytest.raises(ValueError, match="at least one"):
+        student.refine_concepts([])
+
+
 def test_a_flagged_concept_rolls_the_mapping_back(
     student: Student, private_packet: Path, signing_key: SigningKey
 ) -> None:

@@ -31,3 +31,15 @@ def test_the_general_set_comes_from_sections_in_no_concept_set_and_is_drawn_by_s
     assert first != corpus.general_sample(1, 6)
     with pytest.raises(RuntimeError, match="only 10 general texts"):
         corpus.general_sample(0, 11)
+
+
+def test_a_sets_unlabelled_texts_are_neither_its_test_texts_nor_the_teachers_labelled_examples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(data, "dumpavail", _dumpavail)
+    split = load_corpus(minimum=5).split("languages", 0, k=1, test=2, pool_cap=0)
+    unlabelled = split.unlabelled(100)
+    labelled = {t for texts in split.labelled.values() for t in texts}
+    assert len(unlabelled) == 9 * 2  # five texts per section: two tested, one labelled, two unlabelled
+    assert not set(unlabelled) & labelled and not set(unlabelled) & {t for t, _ in split.test}
+    assert split.unlabelled(3) == unlabelled[:3]

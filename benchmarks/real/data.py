@@ -76,6 +76,12 @@ class SetSplit:
     pool_labels: dict[str, str] = field(default_factory=dict)  # hidden; used only by the oracle
     train_all: list[tuple[str, str]] = field(default_factory=list)  # every non-test text: the oracle's labels
 
+    def unlabelled(self, count: int) -> list[str]:
+        """Up to ``count`` of the set's non-test texts that are not the teacher's labelled examples, in a seeded
+        order, without their labels: the student's own unlabelled texts of the domain."""
+        labelled = {t for texts in self.labelled.values() for t in texts}
+        return [t for t, _ in self.train_all if t not in labelled][:count]
+
 
 @dataclass
 class Corpus:

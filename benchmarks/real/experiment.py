@@ -177,9 +177,11 @@ class Direction:
         words_source: str,
         log: Callable[[str], None],
         general: list[str] | None = None,
+        unlabelled: int = 0,
     ) -> None:
         """Every condition of one seed on the main set, and alignment reuse on ``others``; with ``general``
-        (public texts of no concept set), also the general-anchor route and its reuse."""
+        (public texts of no concept set), also the general-anchor route and its reuse, and with ``unlabelled``
+        those refined on the student's own unlabelled texts."""
         test = [t for t, _ in split.test]
         k = len(split.sections)
         labelled_texts = [t for s in split.sections for t in split.labelled[s]]
@@ -290,7 +292,7 @@ class Direction:
             self._later_set_references(other, seed, other_teacher, words, words_source)
 
         if general:
-            self._general_route(split, reuse_packets, seed, teacher_acc, general, log)
+            self._general_route(split, reuse_packets, seed, teacher_acc, general, log, unlabelled)
 
         for n in [0, *budgets]:
             pool = split.pool[:n]
@@ -398,37 +400,55 @@ class Direction:
         teacher_acc: float,
         general: list[str],
         log: Callable[[str], None],
+        unlabelled: int = 0,
     ) -> None:
         """A packet whose only anchors are a general set (public texts of sections outside every concept set,
         paid once in teacher queries), its alignment stored; then the later sets' packets through that
-        stored alignment at 0 new queries (``m2kt-general-reuse``)."""
+        stored alignment at 0 new queries (``m2kt-general-reuse``). With ``unlabelled``, each set's mapped
+        concepts are also refined on that many of the student's own unlabelled texts of the set
+        (``m2kt-general-refined``, ``m2kt-general-refined-reuse``): still 0 labels, 0 new queries."""
         store = self.work / f"store-{seed}-general"
         built = self.build(split, f"general-{seed}", anchors=[], source="none", words=general, words_source=GENERAL)
         acc, report, secs = self.ingest_and_classify(built, split, method="auto", store=str(store))
         info = report.alignment or {}
-        self.record(
-            split,
-            seed,
-            "m2kt-general",
-            "0",
-            acc,
-            teacher_acc,
-            labelled=0,
-            teacher_labelled=built.labelled,
-            teacher_queries=built.queries,
-            anchors=len(general),
-            domain_anchors=0,
-            seconds=secs,
-            build_seconds=built.seconds,
-            packet_bytes=built.bytes,
-            decision=report.decision,
-            method=info.get("method"),
-            param=info.get("param"),
-        )
+        common = {
+            "labelled": 0,
+            "teacher_labelled": built.labelled,
+            "teacher_queries": built.queries,
+            "anchors": len(general),
+            "domain_anchors": 0,
+            "seconds": secs,
+            "build_seconds": built.seconds,
+            "packet_bytes": built.bytes,
+            "decision": report.decision,
+            "method": info.get("method"),
+            "param": info.get("param"),
+        }
+        self.record(split, seed, "m2kt-general", "0", acc, teacher_acc, **common)
         log(f"    general anchors ({len(general)}): {None if acc is None else round(acc, 3)} ({info.get('method')})")
+        if unlabelled and acc is not None:
+            acc, extra = self._refined(split, unlabelled)
+            self.record(split, seed, "m2kt-general-refined", "0", acc, teacher_acc, **common, **extra)
+            log(f"    ... refined on {extra['student_unlabelled']} of the student's own texts: {round(acc, 3)}")
         for other, other_built, other_teacher in reuse_packets:
             acc = self._reuse(other, other_built, other_teacher, seed, store, "m2kt-general-reuse", "0")
             log(f"    {other.name} through it, 0 new queries: {None if acc is None else round(acc, 3)}")
+            if unlabelled and acc is not None:
+                acc, extra = self._refined(other, unlabelled)
+                reused = {**self.records[-1], "condition": "m2kt-general-refined-reuse", **extra}
+                reused["accuracy"], reused["pct_of_teacher"] = acc, 100.0 * acc / other_teacher
+                self.records.append(reused)
+                log(f"    ... refined on {extra['student_unlabelled']} of the student's own texts: {round(acc, 3)}")
+
+    def _refined(self, split: SetSplit, unlabelled: int) -> tuple[float, dict[str, Any]]:
+        """The concepts the student holds, refined on its own unlabelled texts of ``split``; (test accuracy, the
+        record's extra fields)."""
+        texts = split.unlabelled(unlabelled)
+        t0 = time.perf_counter()
+        members = self.student.refine_concepts(texts)
+        test = [t for t, _ in split.test]
+        acc = self.accuracy_of(self.student.classify(test), split)
+        return acc, {"student_unlabelled": len(texts), "refine_seconds": time.perf_counter() - t0, "members": members}
 
     def _reuse(
         self, other: SetSplit, built: Built, other_teacher: float, seed: int, store: Path, condition: str, budget: str

@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         help="general anchors: public descriptions of sections in no concept set, for the route whose alignment "
         "later sets reuse (0: skip it)",
     )
+    p.add_argument(
+        "--unlabelled",
+        type=int,
+        default=900,
+        help="the student's own unlabelled texts per set that the general route's concepts are refined on "
+        "(m2kt-general-refined; 0: skip it)",
+    )
     p.add_argument("--no-cli", action="store_true", help="skip the CLI-path check")
     return p
 
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if name != "topics"
                 ]
                 general = corpus.general_sample(seed, args.general) if args.general else None
-                direction.run_seed(split, others, seed, BUDGETS, words, words_source, log, general)
+                direction.run_seed(split, others, seed, BUDGETS, words, words_source, log, general, args.unlabelled)
                 log(f"  seed {seed} done in {time.perf_counter() - t0:.1f} s")
             split0 = corpus.split("topics", 0, k=args.k, test=args.test, pool_cap=max(BUDGETS))
             timings += direction.timings(split0, 64, words, words_source, log)
@@ -183,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test": args.test,
             "words": args.words,
             "general": args.general,
+            "unlabelled": args.unlabelled,
             "words_source": words_source,
             "classes": len(CONCEPT_SETS["topics"]),
             "concept_sets": {k: list(v) for k, v in CONCEPT_SETS.items()},

@@ -95,13 +95,22 @@ def bench_real(
             "alignment later concept sets reuse (0: skip it).",
         ),
     ] = 1000,
+    unlabelled: Annotated[
+        int,
+        typer.Option(
+            "--unlabelled",
+            help="The student's own unlabelled texts per concept set that the general route's concepts are "
+            "refined on (m2kt-general-refined; 0: skip it).",
+        ),
+    ] = 900,
     no_cli: Annotated[
         bool, typer.Option("--no-cli", help="Skip the check that the CLI path gives the same numbers.")
     ] = False,
 ) -> None:
     """Real pretrained encoders on both sides (all-mpnet-base-v2, all-MiniLM-L6-v2) on Debian package
-    descriptions by section: private M2KT (each alignment), word-list and general anchors, alignment reuse,
-    against KD, the student's own labels and its oracle.
+    descriptions by section: private M2KT (each alignment), word-list and general anchors, alignment reuse
+    (also with concepts refined on the student's own unlabelled texts), against KD, the student's own labels
+    and its oracle.
 
     Setup: apt-get update; apt-get install wamerican; then install this package with its 'real' extra."""
     try:
@@ -109,6 +118,7 @@ def bench_real(
     except ImportError as exc:
         fail(EXIT_USAGE, f"the real-model benchmark needs the real extra (pip install 'm2kt[real]'): {exc}")
     argv = ["--out", str(out), "--device", device, "--directions", directions, "--general", str(general)]
+    argv += ["--unlabelled", str(unlabelled)]
     if cache is not None:
         argv += ["--cache", str(cache)]
     if quick:

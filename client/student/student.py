@@ -267,6 +267,18 @@ class Student:
             raise ValueError("the student holds no concepts: ingest a packet of concepts first")
         return self.concepts.classify(self.embed(texts, layer=self.concepts.layer, pooling=self.concepts.pooling))
 
+    def refine_concepts(self, texts: Sequence[str]) -> list[int]:
+        """Move the held concepts toward this student's own unlabelled ``texts`` of their domain, one step
+        (:func:`m2kt.student.concepts.refined`); returns how many texts joined each concept. No labels and no
+        teacher queries: the texts are the student's, and their labels are never asked for."""
+        if self.concepts is None:
+            raise ValueError("the student holds no concepts: ingest a packet of concepts first")
+        if not texts:
+            raise ValueError("refine_concepts needs at least one unlabelled text")
+        own = self.embed(texts, layer=self.concepts.layer, pooling=self.concepts.pooling)
+        self.concepts, members = self.concepts.refined(own)
+        return members
+
     # ------------------------------------------------------------------ trainable state
 
     def trainable_parameters(self) -> list[nn.Parameter]:
