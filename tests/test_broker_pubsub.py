@@ -132,14 +132,18 @@ def test_named_subscription_keeps_its_cursor(
 
     page = student.http.get("/v1/subscriptions/worker/packets", params={"limit": 2}).json()
     assert [e["seq"] for e in page["items"]] == [1, 2]
-    assert student.http.post("/v1/subscriptions/worker/ack", json={"cursor": 2}).json()["cursor"] == 2
-    assert student.http.post("/v1/subscriptions/worker/ack", json={"cursor": 1}).json()["cursor"] == 2  # never back
+    moved = student.http.post("/v1/subscriptions/worker/ack", json={"cursor": 2}).json()
+    assert moved["cursor"] == 2 and moved["topic"] == topic and moved["updated_at"].endswith("Z")
+    back = student.http.post("/v1/subscriptions/worker/ack", json={"cursor": 1}).json()
+    assert back["cursor"] == 2 and back["updated_at"] == moved["updated_at"]  # never back, and nothing changed
     ahead = student.http.post("/v1/subscriptions/worker/ack", json={"cursor": 99})
     assert (ahead.status_code, ahead.json()["code"]) == (409, "cursor_ahead")
     assert [e["seq"] for e in student.http.get("/v1/subscriptions/worker/packets").json()["items"]] == [3]
     # Another node's subscription of the same name is its own.
     other = register_node(live_broker.url, live_broker.admin_token, "student", with_key=False)
     assert other.http.get("/v1/subscriptions/worker").json()["code"] == "subscription_not_found"
+    missing = other.http.post("/v1/subscriptions/worker/ack", json={"cursor": 1})
+    assert (missing.status_code, missing.json()["code"]) == (404, "subscription_not_found")
 
 
 def test_20_publishers_x_10_packets_listed_once_and_seen_by_every_subscriber(

@@ -60,12 +60,7 @@ async def next_events(
     wait: Annotated[float, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    def cursor() -> tuple[str, int]:
-        with state.reads() as session:
-            sub = service.get_subscription(session, caller, name)
-            return sub.topic.name, sub.cursor
-
-    topic, after = await run_in_threadpool(cursor)
+    topic, after = await run_in_threadpool(service.subscription_cursor, state, caller, name)
     page = await service.wait_for_events(state, caller, topic, after, wait, limit)
     return Response(page.json(), media_type="application/json")  # an EventPage, written without decoding
 
@@ -75,5 +70,5 @@ async def next_events(
     summary="Acknowledge handled events up to a seq (the cursor only moves forward)",
     responses=error_responses(401, 404, 409, 413),
 )
-def ack(name: str, body: AckIn, session: SessionDep, caller: CurrentCaller) -> SubscriptionOut:
-    return service.subscription_out(service.acknowledge(session, caller, name, body.cursor))
+def ack(name: str, body: AckIn, state: StateDep, caller: CurrentCaller) -> SubscriptionOut:
+    return service.acknowledge_out(state, caller, name, body.cursor)

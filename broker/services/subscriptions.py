@@ -6,14 +6,15 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
 from m2kt.broker.errors import Conflict, Malformed, NotFound
-from m2kt.broker.models import Subscription
+from m2kt.broker.models import Subscription, Topic
 from m2kt.broker.schemas import MAX_NAME_LENGTH, EventPage, SubscriptionOut, storable_name
 from m2kt.broker.services.pages import RawPage, raw_event_page
+from m2kt.broker.services.pipelined import compiled, read_cursor
 from m2kt.broker.services.records import events_out
 from m2kt.broker.services.topics import (
     check_topic_name,
@@ -119,6 +120,68 @@ def ensure_subscription(
         )
     session.refresh(sub)
     return sub, created
+
+
+_PG_ACK = compiled(  # one statement, its own transaction: the cursor only moves forward, never past the topic's end
+    update(Subscription)
+    .where(
+        Subscription.node_id == bindparam("node"),
+        Subscription.name == bindparam("name"),
+        Subscription.topic_id == Topic.id,
+        Topic.last_seq >= bindparam("cursor"),
+    )
+    .values(
+        cursor=func.greatest(Subscription.cursor, bindparam("cursor")),
+        updated_at=case((Subscription.cursor < bindparam("cursor"), bindparam("now")), else_=Subscription.updated_at),
+    )
+    .returning(
+        Subscription.name,
+        Topic.name.label("topic"),
+        Subscription.cursor,
+        Subscription.created_at,
+        Subscription.updated_at,
+    )
+)
+
+
+def acknowledge_out(state: BrokerState, caller: Caller, name: str, cursor: int) -> SubscriptionOut:
+    """Move the caller's subscription ``name`` forward to ``cursor`` (404 for no such subscription, 409
+    ``cursor_ahead`` past the topic's last event). On Postgres one conditional UPDATE … RETURNING, which is
+    its own transaction (every subscriber acks after every page); a refusal is then explained by the
+    statement-by-statement path, which SQLite always takes."""
+    if state.settings.is_postgres and storable_name(name):
+        params = {"node": caller.node_id, "name": name, "cursor": cursor, "now": datetime.now(UTC)}
+        with read_cursor(state.reads) as rows:
+            row = rows.execute(_PG_ACK, params).fetchone()
+        if row is not None:
+            return SubscriptionOut(
+                name=row.name,
+                topic=row.topic,
+                cursor=row.cursor,
+                created_at=row.created_at.astimezone(UTC),
+                updated_at=row.updated_at.astimezone(UTC),
+            )
+    with state.sessions.begin() as session:
+        return subscription_out(acknowledge(session, caller, name, cursor))
+
+
+_PG_CURSOR = compiled(
+    select(Topic.name.label("topic"), Subscription.cursor)
+    .join(Topic, Topic.id == Subscription.topic_id)
+    .where(Subscription.node_id == bindparam("node"), Subscription.name == bindparam("name"))
+)
+
+
+def subscription_cursor(state: BrokerState, caller: Caller, name: str) -> tuple[str, int]:
+    """(topic, cursor) of the caller's subscription ``name`` (404 when there is none): read before every page."""
+    if state.settings.is_postgres and storable_name(name):
+        with read_cursor(state.reads) as rows:
+            row = rows.execute(_PG_CURSOR, {"node": caller.node_id, "name": name}).fetchone()
+        if row is not None:
+            return row.topic, row.cursor
+    with state.reads() as session:
+        sub = get_subscription(session, caller, name)
+        return sub.topic.name, sub.cursor
 
 
 def acknowledge(session: Session, caller: Caller, name: str, cursor: int) -> Subscription:
