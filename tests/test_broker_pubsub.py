@@ -260,3 +260,15 @@ def test_publish_on_one_broker_wakes_long_poll_and_sse_on_another(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_cursor_past_every_32_bit_seq_reads_an_empty_page(
+    live_broker: LiveBroker, teacher: Node, student: Node, tmp_path: Path
+) -> None:
+    """seq is 64-bit: a cursor above 2**31 is an empty page on every read path, not an out-of-range error."""
+    topic = unique("far")
+    publish(teacher, topic, packet_bytes(tmp_path, teacher.key, topic, seed=1))
+    far = 2**62
+    for params in ({"after": far}, {"after": far, "wait": 0.01}):
+        r = student.http.get(f"/v1/topics/{topic}/packets", params=params)
+        assert r.status_code == 200 and r.json() == {"items": [], "cursor": far}, r.text

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, Text, bindparam, cast, select
+from sqlalchemy import BigInteger, Integer, Text, bindparam, cast, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
@@ -89,7 +89,7 @@ def _page_query(topic_id: Any, after: Any, limit: Any) -> Any:
 
 
 _TOPIC_ID = select(Topic.id).where(Topic.name == bindparam("topic")).scalar_subquery()
-_AFTER, _LIMIT = bindparam("after", type_=Integer), bindparam("limit", type_=Integer)
+_AFTER, _LIMIT = bindparam("after", type_=BigInteger), bindparam("limit", type_=Integer)
 _PG_TOPIC = compiled(select(Topic.id).where(Topic.name == bindparam("topic")))
 _PG_PAGE = compiled(_page_query(_TOPIC_ID, _AFTER, _LIMIT))
 _PG_PARENTS = compiled(  # the parents of the very page above, in the same round trip
