@@ -58,6 +58,7 @@ class Direction:
         self._teacher_adapter = adapter_for(teacher.model, teacher.tokenizer)
         self._teacher_cache: dict[str, torch.Tensor] = {}
         self.records: list[Record] = []
+        self._oracle: tuple[float, int, float, float] | None = None
         work.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ vectors
@@ -227,13 +228,14 @@ class Direction:
             seconds=time.perf_counter() - t0,
             C=c,
         )
-        if seed == 0:
+        if self._oracle is None:  # every non-test text, labelled: the same set for every seed
             texts = [t for t, _ in split.train_all]
             y = torch.tensor([split.sections.index(s) for _, s in split.train_all])
             t0 = time.perf_counter()
             w, c = fit_logistic(self.student_vectors(texts), y, k, seed=seed)
             oracle = self.accuracy_of(predict_logistic(w, self.student_vectors(test)), split)
             self._oracle = (oracle, len(texts), time.perf_counter() - t0, c)
+        assert self._oracle is not None
         oracle, n_all, secs, c = self._oracle
         self.record(
             split,

@@ -165,7 +165,7 @@ def _timings(document: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     out = [
-        "Timings on a cold cache (seed 0): packet build (teacher forward passes over its labelled examples and "
+        "Timings on a cold cache (the first seed): packet build (teacher forward passes over its labelled examples and "
         "the anchors, signing), ingestion (verify, the student's vectors of the anchors, the alignment fit "
         "alone in brackets), classification of the test set (the student embeds every text).",
         "",
@@ -183,7 +183,7 @@ def _timings(document: dict[str, Any]) -> list[str]:
     for c in document.get("cli") or []:
         out.append("")
         out.append(
-            f"CLI path ({c['scenario']}, N={c['anchors']}, seed 0): `m2kt ingest` + `m2kt classify` accuracy "
+            f"CLI path ({c['scenario']}, N={c['anchors']}, the first seed): `m2kt ingest` + `m2kt classify` accuracy "
             f"{c['cli_accuracy']:.4f}, Python path {c['python_accuracy']:.4f}: "
             f"**{'same' if c['same'] else 'DIFFERENT'}**."
         )

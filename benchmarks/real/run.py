@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m2kt bench real", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; quick 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (fresh seeds: a held-out check)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "m2kt" / "models")
     p.add_argument("--device", default="auto")
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def cli_check(
     direction: Direction, split: Any, n: int, words: list[str], words_source: str, python_accuracy: float, work: Path
 ) -> dict[str, Any]:
-    """The m2kt-words packet of seed 0 through ``m2kt ingest`` and ``m2kt classify``, in fresh processes."""
+    """The m2kt-words packet of the first seed through ``m2kt ingest`` and ``m2kt classify``, in fresh processes."""
     built = direction.build(
         split,
         f"cli-{n}",
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for teacher_name, student_name in pairs:
             direction = Direction(encoders[teacher_name], encoders[student_name], key, Path(tmp) / teacher_name, device)
             log(f"{direction.scenario}: {direction.teacher.model_name} → {direction.encoder.model_name}")
-            for seed in range(seeds):
+            for seed in range(args.first_seed, args.first_seed + seeds):
                 t0 = time.perf_counter()
                 split = corpus.split("topics", seed, k=args.k, test=args.test, pool_cap=max(BUDGETS))
                 others = [
@@ -161,13 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 general = corpus.general_sample(seed, args.general) if args.general else None
                 direction.run_seed(split, others, seed, BUDGETS, words, words_source, log, general, args.unlabelled)
                 log(f"  seed {seed} done in {time.perf_counter() - t0:.1f} s")
-            split0 = corpus.split("topics", 0, k=args.k, test=args.test, pool_cap=max(BUDGETS))
+            split0 = corpus.split("topics", args.first_seed, k=args.k, test=args.test, pool_cap=max(BUDGETS))
             timings += direction.timings(split0, 64, words, words_source, log)
             if not args.no_cli:
                 python = next(
                     r
                     for r in direction.records
-                    if r["condition"] == "m2kt-words" and r["budget"] == "64" and r["seed"] == 0
+                    if r["condition"] == "m2kt-words" and r["budget"] == "64" and r["seed"] == args.first_seed
                 )
                 cli.append(
                     cli_check(
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "m2kt bench real" + (" " + " ".join(argv) if argv else ""),
         "settings": {
             "seeds": seeds,
+            "first_seed": args.first_seed,
             "k": args.k,
             "test": args.test,
             "words": args.words,

@@ -77,6 +77,9 @@ def bench_transfer(
 def bench_real(
     quick: Annotated[bool, typer.Option("--quick", help="One seed instead of three.")] = False,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds (default 3, quick 1).")] = None,
+    first_seed: Annotated[
+        int, typer.Option("--first-seed", help="The first seed (later ones: a check on seeds not seen before).")
+    ] = 0,
     out: Annotated[Path, typer.Option("--out", help="Where real.md, real.json and real.png go.")] = Path(
         "benchmarks/results"
     ),
@@ -118,7 +121,7 @@ def bench_real(
     except ImportError as exc:
         fail(EXIT_USAGE, f"the real-model benchmark needs the real extra (pip install 'm2kt[real]'): {exc}")
     argv = ["--out", str(out), "--device", device, "--directions", directions, "--general", str(general)]
-    argv += ["--unlabelled", str(unlabelled)]
+    argv += ["--unlabelled", str(unlabelled), "--first-seed", str(first_seed)]
     if cache is not None:
         argv += ["--cache", str(cache)]
     if quick:
