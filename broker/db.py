@@ -97,7 +97,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions for reads that need no transaction of their own (authentication, header checks, event pages):
     each statement commits by itself, so a read costs its round trip and no BEGIN or ROLLBACK. On Postgres's
-    READ COMMITTED each statement saw its own snapshot anyway. Never write through one of these."""
+    READ COMMITTED each statement saw its own snapshot anyway. Never write through one of these, but for a
+    single statement that is a whole transaction by itself (a subscription's conditional ack: one UPDATE)."""
     return sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 

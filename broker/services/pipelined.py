@@ -77,8 +77,9 @@ def read_cursor(reads: sessionmaker[Session]) -> Iterator[psycopg.Cursor[Any]]:
     """A psycopg cursor (rows as named tuples) on a pooled connection of ``reads`` — the autocommit read
     sessions' engine: each statement is its own transaction, with no BEGIN or ROLLBACK, and none of
     SQLAlchemy's per-statement work (about 0.15 ms a read here against 0.9 ms through a session). For the
-    reads every request makes; the statements come from :func:`compiled`, and the rows are the driver's
-    (JSON decoded, enums as their stored names). Errors are raised as SQLAlchemy's."""
+    reads every request makes, and a write only where one statement is the whole transaction; the statements
+    come from :func:`compiled`, and the rows are the driver's (JSON decoded, enums as their stored names).
+    Errors are raised as SQLAlchemy's."""
     with reads.kw["bind"].connect() as connection:
         raw = connection.connection.driver_connection
         assert isinstance(raw, psycopg.Connection), "a read cursor needs Postgres through psycopg"
