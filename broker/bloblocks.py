@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from m2kt.broker.db import is_postgres
+
 _STRIPES = [threading.Lock() for _ in range(256)]
 
 
@@ -28,15 +30,10 @@ def blob_lock_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
 
-def _is_postgres(sessions: sessionmaker[Session]) -> bool:
-    bind = sessions.kw.get("bind")
-    return bind is not None and bind.dialect.name == "postgresql"
-
-
 @contextmanager
 def locked_transaction(sessions: sessionmaker[Session], key: str) -> Iterator[Session]:
     """A transaction (committed on success) holding ``key``'s lock from before its first statement to its end."""
-    if _is_postgres(sessions):
+    if is_postgres(sessions):
         with sessions.begin() as session:
             session.execute(select(func.pg_advisory_xact_lock(blob_lock_id(key))))
             yield session
@@ -49,7 +46,7 @@ def locked_transaction(sessions: sessionmaker[Session], key: str) -> Iterator[Se
 @contextmanager
 def try_locked_transaction(sessions: sessionmaker[Session], key: str) -> Iterator[Session | None]:
     """Like :func:`locked_transaction`, but yields None at once when someone else holds the lock."""
-    if _is_postgres(sessions):
+    if is_postgres(sessions):
         with sessions.begin() as session:
             got = session.scalar(select(func.pg_try_advisory_xact_lock(blob_lock_id(key))))
             yield session if got else None

@@ -90,6 +90,12 @@ def _ping_after_idle(engine: Engine, idle: float) -> None:
             raise exc.DisconnectionError(str(error)) from error
 
 
+def is_postgres(sessions: sessionmaker[Session]) -> bool:
+    """Whether ``sessions`` talk to Postgres (through psycopg)."""
+    bind = sessions.kw.get("bind")
+    return bind is not None and bind.dialect.name == "postgresql"
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

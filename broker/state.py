@@ -5,7 +5,7 @@ Plain data, no FastAPI: services take what they use from it; :mod:`m2kt.broker.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from sqlalchemy import Engine
@@ -30,4 +30,4 @@ class BrokerState:
     hub: Hub
     metrics: Metrics
     uploads: UploadRateLimiter
-    upload_threads: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(8))
+    upload_threads: anyio.CapacityLimiter  # uploads' own worker threads (settings.upload_threads)

@@ -433,14 +433,12 @@ class Direction:
             self.record(split, seed, "m2kt-general-refined", "0", acc, teacher_acc, **common, **extra)
             log(f"    ... refined on {extra['student_unlabelled']} of the student's own texts: {round(acc, 3)}")
         for other, other_built, other_teacher in reuse_packets:
-            acc = self._reuse(other, other_built, other_teacher, seed, store, "m2kt-general-reuse", "0")
+            acc, refined = self._reuse(
+                other, other_built, other_teacher, seed, store, "m2kt-general-reuse", "0", unlabelled=unlabelled
+            )
             log(f"    {other.name} through it, 0 new queries: {None if acc is None else round(acc, 3)}")
-            if unlabelled and acc is not None:
-                acc, extra = self._refined(other, unlabelled)
-                reused = {**self.records[-1], "condition": "m2kt-general-refined-reuse", **extra}
-                reused["accuracy"], reused["pct_of_teacher"] = acc, 100.0 * acc / other_teacher
-                self.records.append(reused)
-                log(f"    ... refined on {extra['student_unlabelled']} of the student's own texts: {round(acc, 3)}")
+            if refined is not None:
+                log(f"    ... refined on the student's own texts: {round(refined, 3)}")
 
     def _refined(self, split: SetSplit, unlabelled: int) -> tuple[float, dict[str, Any]]:
         """The concepts the student holds, refined on its own unlabelled texts of ``split``; (test accuracy, the
@@ -453,29 +451,40 @@ class Direction:
         return acc, {"student_unlabelled": len(texts), "refine_seconds": time.perf_counter() - t0, "members": members}
 
     def _reuse(
-        self, other: SetSplit, built: Built, other_teacher: float, seed: int, store: Path, condition: str, budget: str
-    ) -> float | None:
-        """A later set's packet (no anchors) through the alignment stored in ``store``: 0 new queries."""
+        self,
+        other: SetSplit,
+        built: Built,
+        other_teacher: float,
+        seed: int,
+        store: Path,
+        condition: str,
+        budget: str,
+        *,
+        unlabelled: int = 0,
+    ) -> tuple[float | None, float | None]:
+        """A later set's packet (no anchors) through the alignment stored in ``store``: 0 new queries. With
+        ``unlabelled``, also its concepts refined on the student's own texts (``<condition>`` with ``-refined``
+        before ``-reuse``). Returns the two accuracies (None: rolled back, or not refined)."""
         acc, report, secs = self.ingest_and_classify(built, other, method="auto", store=str(store))
         info = report.alignment or {}
-        self.record(
-            other,
-            seed,
-            condition,
-            budget,
-            acc,
-            other_teacher,
-            labelled=0,
-            teacher_labelled=built.labelled,
-            teacher_queries=built.queries,
-            anchors=0,
-            new_anchor_queries=0,
-            seconds=secs,
-            decision=report.decision,
-            reused=info.get("reused"),
-            method=info.get("method"),
-        )
-        return acc
+        fields = {
+            "labelled": 0,
+            "teacher_labelled": built.labelled,
+            "teacher_queries": built.queries,
+            "anchors": 0,
+            "new_anchor_queries": 0,
+            "seconds": secs,
+            "decision": report.decision,
+            "reused": info.get("reused"),
+            "method": info.get("method"),
+        }
+        self.record(other, seed, condition, budget, acc, other_teacher, **fields)
+        if not unlabelled or acc is None:
+            return acc, None
+        refined, extra = self._refined(other, unlabelled)
+        refined_condition = condition.removesuffix("-reuse") + "-refined-reuse"
+        self.record(other, seed, refined_condition, budget, refined, other_teacher, **fields, **extra)
+        return acc, refined
 
     def _later_set_references(
         self, other: SetSplit, seed: int, other_teacher: float, words: list[str], words_source: str

@@ -9,12 +9,13 @@ from sqlalchemy import ColumnElement, Row, Select, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
+from m2kt.broker.db import is_postgres
 from m2kt.broker.errors import Unauthorized
 from m2kt.broker.models import ApiToken, Node, Role
 from m2kt.broker.security import hash_token
-from m2kt.broker.services.pipelined import compiled, is_postgres, read_cursor, stored_member
+from m2kt.broker.services.pipelined import compiled, read_cursor, stored_member
 
-__all__ = ["authenticate", "missing_token", "refuse_unusable", "token_state", "token_state_query"]
+__all__ = ["TOKEN_BY_ID_SQL", "authenticate", "missing_token", "refuse_unusable", "token_state", "token_state_query"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -44,6 +45,7 @@ def token_state_query(where: ColumnElement[bool]) -> Select[Any]:
 
 
 _BY_HASH = compiled(token_state_query(ApiToken.token_hash == bindparam("token_hash")))
+TOKEN_BY_ID_SQL = compiled(token_state_query(ApiToken.id == bindparam("token_id")))  # the re-checks, on the driver
 
 
 def token_state(session: Session, where: ColumnElement[bool]) -> Row[Any] | None:

@@ -21,12 +21,12 @@ from sqlalchemy import BigInteger, Integer, Text, bindparam, cast, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from m2kt.broker.caller import Caller
-from m2kt.broker.errors import NotFound
+from m2kt.broker.db import is_postgres
 from m2kt.broker.models import ApiToken, EventKind, LineageEdge, Node, Packet, PacketStatus, Topic, TopicEvent
-from m2kt.broker.services.auth import refuse_unusable, token_state_query
-from m2kt.broker.services.pipelined import compiled, is_postgres, read_pipeline, stored_member
+from m2kt.broker.services.auth import TOKEN_BY_ID_SQL, refuse_unusable, token_state
+from m2kt.broker.services.pipelined import compiled, read_pipeline, stored_member
 from m2kt.broker.services.records import parents_of
-from m2kt.broker.services.topics import get_topic
+from m2kt.broker.services.topics import get_topic, no_such_topic
 from m2kt.format.manifest import TOPIC_PATTERN
 
 __all__ = ["RawEvent", "RawPage", "raw_event_page"]
@@ -102,7 +102,6 @@ _PG_PARENTS = compiled(  # the parents of the very page above, in the same round
         )
     )
 )
-_PG_TOKEN = compiled(token_state_query(ApiToken.id == bindparam("token_id")))
 
 
 def raw_event_page(
@@ -121,9 +120,7 @@ def raw_event_page(
             rows = session.execute(_page_query(topic_row.id, after, limit)).all()
             parents = parents_of(session, {row[3] for row in rows})
             if caller is not None:
-                refuse_unusable(
-                    session.execute(token_state_query(ApiToken.id == caller.token_id)).first(), datetime.now(UTC)
-                )
+                refuse_unusable(token_state(session, ApiToken.id == caller.token_id), datetime.now(UTC))
     items = []
     for row in rows:
         seq, kind, at, pid, topic_name, publisher, fingerprint, size, data_sha, status, safety, created, manifest = row
@@ -150,14 +147,14 @@ def _page_postgres(
     reads: sessionmaker[Session], topic: str, after: int, limit: int, caller: Caller | None
 ) -> tuple[list[Any], dict[str, list[str]]]:
     if not re.fullmatch(TOPIC_PATTERN, topic):  # not a topic name: no query with text Postgres would refuse
-        raise NotFound(f"no topic {topic[:140]!r}", code="topic_not_found")
+        raise no_such_topic(topic)
     params = {"topic": topic, "after": after, "limit": limit}
     statements = [(_PG_TOPIC, {"topic": topic}), (_PG_PAGE, params), (_PG_PARENTS, params)]
     if caller is not None:
-        statements.append((_PG_TOKEN, {"token_id": caller.token_id}))
+        statements.append((TOKEN_BY_ID_SQL, {"token_id": caller.token_id}))
     found, rows, edges, *token = read_pipeline(reads, statements)
     if not found:
-        raise NotFound(f"no topic {topic[:140]!r}", code="topic_not_found")
+        raise no_such_topic(topic)
     if caller is not None:
         refuse_unusable(token[0][0] if token[0] else None, datetime.now(UTC))
     parents: dict[str, list[str]] = {row.id: [] for row in rows}

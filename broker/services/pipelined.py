@@ -30,7 +30,6 @@ __all__ = [
     "compiled",
     "driver_connection",
     "driver_errors",
-    "is_postgres",
     "read_cursor",
     "read_pipeline",
     "stored_member",
@@ -66,10 +65,14 @@ def driver_errors(connection: Connection, raw: psycopg.Connection[Any], statemen
         raise DBAPIError.instance(statement, None, error, psycopg.Error) from None
 
 
-def is_postgres(sessions: sessionmaker[Session]) -> bool:
-    """Whether ``sessions`` talk to Postgres (through psycopg): where :func:`read_cursor` may be used."""
-    bind = sessions.kw.get("bind")
-    return bind is not None and bind.dialect.name == "postgresql"
+@contextmanager
+def _autocommit_driver(reads: sessionmaker[Session], statement: str) -> Iterator[psycopg.Connection[Any]]:
+    """The psycopg connection under a pooled connection of ``reads`` (autocommit), errors raised as SQLAlchemy's."""
+    with reads.kw["bind"].connect() as connection:
+        raw = connection.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection), "driver reads need Postgres through psycopg"
+        with driver_errors(connection, raw, statement):
+            yield raw
 
 
 @contextmanager
@@ -80,27 +83,21 @@ def read_cursor(reads: sessionmaker[Session]) -> Iterator[psycopg.Cursor[Any]]:
     reads every request makes, and a write only where one statement is the whole transaction; the statements
     come from :func:`compiled`, and the rows are the driver's (JSON decoded, enums as their stored names).
     Errors are raised as SQLAlchemy's."""
-    with reads.kw["bind"].connect() as connection:
-        raw = connection.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection), "a read cursor needs Postgres through psycopg"
-        with driver_errors(connection, raw, "read"), raw.cursor(row_factory=namedtuple_row) as cursor:
-            yield cursor
+    with _autocommit_driver(reads, "read") as raw, raw.cursor(row_factory=namedtuple_row) as cursor:
+        yield cursor
 
 
 def read_pipeline(reads: sessionmaker[Session], statements: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
     """Several reads (:func:`compiled` statements and their parameters) in one round trip, in autocommit on a
     pooled connection of ``reads``; each statement's rows, as named tuples, in order."""
-    with reads.kw["bind"].connect() as connection:
-        raw = connection.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection), "a pipeline needs Postgres through psycopg"
-        with driver_errors(connection, raw, statements[0][0]):
-            cursors = []
-            with raw.pipeline():
-                for sql, params in statements:
-                    cursor = raw.cursor(row_factory=namedtuple_row)
-                    cursor.execute(sql, params)
-                    cursors.append(cursor)
-            return [cursor.fetchall() for cursor in cursors]
+    with _autocommit_driver(reads, statements[0][0]) as raw:
+        cursors = []
+        with raw.pipeline():
+            for sql, params in statements:
+                cursor = raw.cursor(row_factory=namedtuple_row)
+                cursor.execute(sql, params)
+                cursors.append(cursor)
+        return [cursor.fetchall() for cursor in cursors]
 
 
 def stored_member(cls: type[E], value: E | str) -> E:

@@ -30,8 +30,13 @@ def get_topic(session: Session, name: str) -> Topic:
     # Not a topic name: no such topic (and no query with text the database would refuse, e.g. NUL).
     topic = session.scalar(select(Topic).where(Topic.name == name)) if re.fullmatch(TOPIC_PATTERN, name) else None
     if topic is None:
-        raise NotFound(f"no topic {name[:140]!r}", code="topic_not_found")
+        raise no_such_topic(name)
     return topic
+
+
+def no_such_topic(name: str) -> NotFound:
+    """The refusal of a topic name this broker does not hold (404 ``topic_not_found``)."""
+    return NotFound(f"no topic {name[:140]!r}", code="topic_not_found")
 
 
 def check_topic_quota(session: Session, caller: Caller, name: str, limit: int) -> None:

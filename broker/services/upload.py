@@ -55,7 +55,7 @@ from m2kt.broker.models import (
 )
 from m2kt.broker.schemas import PacketOut, SafetyVerdict
 from m2kt.broker.services import audit
-from m2kt.broker.services.auth import refuse_unusable, token_state, token_state_query
+from m2kt.broker.services.auth import TOKEN_BY_ID_SQL, refuse_unusable, token_state
 from m2kt.broker.services.pipelined import compiled, driver_connection, driver_errors, read_pipeline, stored_member
 from m2kt.broker.services.records import packet_out
 from m2kt.broker.services.topics import append_event_and_commit, check_topic_quota, get_or_create_topic
@@ -424,9 +424,8 @@ def _commit_portable(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
     """The commit transaction statement by statement (SQLite, the embedded default)."""
     row = plan.row
     with locked_transaction(state.sessions, row["storage_key"]) as session:
-        if session.scalar(select(Packet.id).where(Packet.id == row["id"])) is not None:
-            existing = session.get(Packet, row["id"])  # stored before: return it as it is
-            assert existing is not None
+        existing = session.get(Packet, row["id"])
+        if existing is not None:  # stored before: return it as it is
             return packet_out(session, existing), False
         _recheck_publisher(session, receiver.caller, row["key_fingerprint"])
         topic_id = _topic_id(session, receiver)
@@ -442,12 +441,13 @@ def _commit_portable(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
 _PACKET_COLUMNS = [column.name for column in Packet.__table__.columns]
 _PG_LOCK = compiled(select(func.pg_advisory_xact_lock(bindparam("lock"))))
 _PG_STORED = compiled(select(Packet.id).where(Packet.id == bindparam("id")))
-_PG_KEY_LIVE = compiled(
+# The publisher's key still live, and its row locked until the commit (see _recheck_publisher).
+_KEY_LIVE = (
     update(PublicKey)
-    .where(PublicKey.fingerprint == bindparam("fingerprint"), PublicKey.revoked_at.is_(None))
+    .where(PublicKey.fingerprint == bindparam("signed_by"), PublicKey.revoked_at.is_(None))
     .values(owner_id=PublicKey.owner_id)
 )
-_PG_TOKEN = compiled(token_state_query(ApiToken.id == bindparam("token_id")))
+_PG_KEY_LIVE = compiled(_KEY_LIVE)
 _PG_INSERT_PACKET = compiled(
     pg_insert(Packet).values({name: bindparam(name) for name in _PACKET_COLUMNS}).on_conflict_do_nothing()
 )
@@ -484,9 +484,9 @@ def _commit_postgres(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
             with driver_errors(connection, raw, _PG_INSERT_PACKET), raw.pipeline():
                 raw.execute(_PG_LOCK, {"lock": blob_lock_id(row["storage_key"])})
                 stored = raw.execute(_PG_STORED, {"id": row["id"]})
-                live = raw.execute(_PG_KEY_LIVE, {"fingerprint": row["key_fingerprint"]})
+                live = raw.execute(_PG_KEY_LIVE, {"signed_by": row["key_fingerprint"]})
                 token = raw.cursor(row_factory=namedtuple_row)
-                token.execute(_PG_TOKEN, {"token_id": caller.token_id})
+                token.execute(TOKEN_BY_ID_SQL, {"token_id": caller.token_id})
                 raw.execute(_PG_INSERT_PACKET, values)
                 if plan.parents:
                     edges = [{"parent_id": p, "child_id": row["id"]} for p in plan.parents]
@@ -565,10 +565,7 @@ def _recheck_publisher(session: Session, caller: Caller, fingerprint: str) -> No
     ``key_revoked``) or waits and then revokes this packet with the key's others — never a packet
     signed by a revoked key committed after its revocation."""
     live = session.execute(
-        update(PublicKey)
-        .where(PublicKey.fingerprint == fingerprint, PublicKey.revoked_at.is_(None))
-        .values(owner_id=PublicKey.owner_id)
-        .execution_options(synchronize_session=False)
+        _KEY_LIVE, {"signed_by": fingerprint}, execution_options={"synchronize_session": False}
     ).rowcount
     if live != 1:
         raise _revoked_meanwhile(fingerprint)
