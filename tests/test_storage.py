@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -692,3 +694,67 @@ def test_presigned_urls_can_name_a_public_endpoint(s3_server, s3_bucket: str) ->
     store = S3Store(s3_server.client(), s3_bucket, presign_client=public)
     url = store.presigned_get("packets/x.m2kt", 60)
     assert url is not None and url.startswith("http://storage.example.test:9000/")
+
+
+# ---- how the broker's S3 client sends bodies ---------------------------------------------------------------------
+
+
+def _sent_bodies(client: Any) -> list[dict[str, str]]:
+    """The headers of every PutObject / UploadPart the client sends from now on."""
+    sent: list[dict[str, str]] = []
+
+    def keep(request: Any, **_: Any) -> None:
+        sent.append(
+            {
+                name.lower(): value.decode() if isinstance(value, bytes) else value
+                for name, value in request.headers.items()
+            }
+        )
+
+    client.meta.events.register("before-send.s3.PutObject", keep)
+    client.meta.events.register("before-send.s3.UploadPart", keep)
+    return sent
+
+
+def _broker_client(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    return make_s3_client(s3_server.endpoint, s3_server.region)
+
+
+def _round_trip(client: Any, bucket: str) -> None:
+    store = S3Store(client, bucket, part_size=PART)
+    small, large = payload(2_000, seed=1), payload(2 * PART + 17, seed=2)
+    put(store, "packets/small.m2kt", small)
+    put(store, "packets/large.m2kt", large)
+    assert read_all(store, "packets/small.m2kt") == small
+    assert read_all(store, "packets/large.m2kt") == large
+
+
+def test_broker_s3_client_checks_bodies_by_crc32_instead_of_hashing_them_for_the_signature(
+    s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over http botocore would SHA-256 every body for the signature: a second hash of each packet, the
+    largest part of the broker's CPU in a large upload. With checksums on (botocore's default) each body
+    carries a CRC32 that S3 checks instead, and its payload is sent unsigned, as botocore does over https."""
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    client = _broker_client(s3_server, monkeypatch)
+    sent = _sent_bodies(client)
+    _round_trip(client, s3_bucket)
+    assert len(sent) == 4  # one PutObject, three UploadParts
+    assert {h["x-amz-content-sha256"] for h in sent} == {"UNSIGNED-PAYLOAD"}
+    assert all(h.get("x-amz-checksum-crc32") for h in sent)
+
+
+def test_broker_s3_client_signs_bodies_when_checksums_are_turned_off(
+    s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` no CRC32 goes with a body, so its hash in the
+    signature stays the only check of it on the way."""
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    client = _broker_client(s3_server, monkeypatch)
+    sent = _sent_bodies(client)
+    _round_trip(client, s3_bucket)
+    assert len(sent) == 4
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h["x-amz-content-sha256"]) for h in sent)
+    assert not any("x-amz-checksum-crc32" in h for h in sent)
