@@ -13,6 +13,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
@@ -719,6 +720,7 @@ def _sent_bodies(client: Any) -> list[dict[str, str]]:
 def _broker_client(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session created before keeps the credentials it read
     return make_s3_client(s3_server.endpoint, s3_server.region)
 
 
