@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from m2kt.benchmarks.load import LoadConfig, Outcome, failures, main, parse_args, publish_one
+from m2kt.benchmarks.load import LoadConfig, Outcome, cpu_budget, failures, main, parse_args, publish_one
 from tests.services import unavailable
 
 SUMMARY_FIELDS = {"publish", "reference", "delivery", "broker_rss_mib", "cpu_seconds", "complete", "settings"}
@@ -58,8 +58,13 @@ def test_miniature_load_run_loses_and_duplicates_nothing(postgres_url: str, nani
     assert report["throughput_vs_raw_s3"] > 0
     assert report["environment"]["broker_env"] == {"M2KT_UPLOAD_RATE_PER_MINUTE": "0"}
 
+    budget = report["cpu_budget"]
+    assert budget["cpus"] == report["environment"]["cpus"] and budget["cpu_seconds_per_1000"]["client"] > 0
+    assert budget["ceiling_packets_per_s"] >= budget["at_this_cpu_packets_per_s"] > 0
+
     table = (out / "load.md").read_text()
     assert "**PASS** — 0 lost, 0 duplicated per subscriber cursor" in table
+    assert "with a broker that used no CPU at all this run could not pass" in table
     for row in ("publish via broker", "raw S3 put_object", "publish → delivery (from the first send)", "broker RSS"):
         assert row in table
 
@@ -127,3 +132,25 @@ def test_rate_limit_is_off_unless_asked_for() -> None:
     assert cfg.broker_env() == {} and cfg.publishers == 2 and out == Path("x")
     cfg, _, _ = parse_args(["--upload-rate", "60", "--upload-burst", "1"])
     assert cfg.broker_env() == {"M2KT_UPLOAD_RATE_PER_MINUTE": "60", "M2KT_UPLOAD_BURST": "1"}
+
+
+def test_cpu_budget_is_the_rate_the_cores_allow_with_and_without_the_broker() -> None:
+    """2 cores; per 1,000 packets the client, nanio and Postgres take 7 + 2.5 + 2.5 = 12 CPU-s and the broker 11:
+    the cores allow 2,000 / 12 packets/s with a broker that costs nothing, 2,000 / 23 with this one."""
+    report = {
+        "publish": {"accepted": 500},
+        "cpu_seconds": {"client": 3.5, "broker": 5.5, "nanio": 1.25, "postgres": 1.25, "machine": 13.0},
+        "environment": {"cpus": 2},
+    }
+    budget = cpu_budget(report)
+    assert budget is not None
+    assert budget["cpu_seconds_per_1000"] == {
+        "client": 7.0,
+        "broker": 11.0,
+        "nanio": 2.5,
+        "postgres": 2.5,
+        "machine": 26.0,
+    }
+    assert budget["ceiling_packets_per_s"] == pytest.approx(2000 / 12)
+    assert budget["at_this_cpu_packets_per_s"] == pytest.approx(2000 / 23)
+    assert cpu_budget({**report, "publish": {"accepted": 0}}) is None

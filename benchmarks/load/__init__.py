@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from m2kt.benchmarks.load.parties import LoadConfig
 from m2kt.benchmarks.load.publish import Outcome, publish_one
-from m2kt.benchmarks.load.report import failures
+from m2kt.benchmarks.load.report import cpu_budget, failures
 from m2kt.benchmarks.load.run import main, parse_args, run_load
 
-__all__ = ["LoadConfig", "Outcome", "failures", "main", "parse_args", "publish_one", "run_load"]
+__all__ = ["LoadConfig", "Outcome", "cpu_budget", "failures", "main", "parse_args", "publish_one", "run_load"]

@@ -279,6 +279,7 @@ def render(report: dict[str, Any]) -> str:
         f"| {'(postgres: its backends for this database)':<46} | "
         + " | ".join(f"{cpu.get(n, 0.0):>7.2f}" for n in ("client", "broker", "nanio"))
         + f" | {cpu.get('postgres', 0.0):>8.2f} | {cpu['machine']:>7.2f} | {other_cpu(cpu):>7.2f} |",
+        *_budget_lines(report),
         "",
         "| subscriber | deliveries | duplicates | losses | unknown | left after cursor | cursor | polls | acks "
         "| errors |",
@@ -296,9 +297,55 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PARTIES = ("client", "broker", "nanio", "postgres")
+
+
+def cpu_budget(report: dict[str, Any]) -> dict[str, Any] | None:
+    """CPU seconds per 1,000 accepted packets, by process, and what they allow on this machine's cores.
+
+    ``ceiling_packets_per_s``: the rate at which the run's processes other than the broker (the client, nanio
+    and Postgres) alone would keep every core busy, i.e. the most a broker that used no CPU at all could reach
+    here; ``at_this_cpu_packets_per_s``: the same with the broker's measured CPU counted too. ``None`` when
+    nothing was accepted."""
+    accepted = report["publish"]["accepted"]
+    if not accepted:
+        return None
+    cpu, cpus = report["cpu_seconds"], report["environment"]["cpus"]
+    per = {name: cpu.get(name, 0.0) * 1000 / accepted for name in _PARTIES}
+    per["machine"] = cpu["machine"] * 1000 / accepted
+    outside = per["client"] + per["nanio"] + per["postgres"]
+    return {
+        "cpu_seconds_per_1000": per,
+        "cpus": cpus,
+        "ceiling_packets_per_s": cpus * 1000 / outside if outside > 0 else None,
+        "at_this_cpu_packets_per_s": cpus * 1000 / (outside + per["broker"]) if outside + per["broker"] > 0 else None,
+    }
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    budget = cpu_budget(report)
+    if budget is None:
+        return []
+    per = budget["cpu_seconds_per_1000"]
+    cells = " | ".join(f"{per[name]:>7.2f}" for name in ("client", "broker", "nanio"))
+    lines = [
+        f"| {'per 1,000 accepted packets':<46} | {cells} | {per['postgres']:>8.2f} | {per['machine']:>7.2f} |"
+        f" {'':>7} |",
+    ]
+    if budget["ceiling_packets_per_s"] is not None:
+        lines += [
+            "",
+            f"On {budget['cpus']} CPU(s), the client, nanio and Postgres alone take "
+            f"{per['client'] + per['nanio'] + per['postgres']:.1f} CPU-s per 1,000 packets: with a broker that used "
+            f"no CPU at all this run could not pass {budget['ceiling_packets_per_s']:,.0f} packets/s here; with the "
+            f"broker's {per['broker']:.1f} CPU-s counted, {budget['at_this_cpu_packets_per_s']:,.0f} packets/s.",
+        ]
+    return lines
+
+
 def other_cpu(cpu: dict[str, float]) -> float:
     """The machine's CPU seconds not used by the run's own processes (other work sharing the cores)."""
-    return cpu["machine"] - sum(cpu.get(n, 0.0) for n in ("client", "broker", "nanio", "postgres"))
+    return cpu["machine"] - sum(cpu.get(n, 0.0) for n in _PARTIES)
 
 
 def _ratio(value: float | None) -> str:

@@ -59,7 +59,7 @@ from m2kt.benchmarks.harness.services import DEFAULT_DATABASE_URL
 from m2kt.benchmarks.harness.stack import BrokerStack, broker_stack
 from m2kt.benchmarks.load.parties import LoadConfig, Party, build_packets, packet, register
 from m2kt.benchmarks.load.publish import RunState, run_publisher
-from m2kt.benchmarks.load.report import LoadPhase, Reference, build_report, failures, render
+from m2kt.benchmarks.load.report import LoadPhase, Reference, build_report, cpu_budget, failures, render
 from m2kt.benchmarks.load.subscribe import SubscriberLog, leftovers, run_subscriber
 
 # ----------------------------------------------------------------------------- the run
@@ -254,6 +254,7 @@ def run_on_stack(stack: BrokerStack, cfg: LoadConfig, tmp: Path, command: str) -
         phase = asyncio.run(load_phase(base, publishers, subscribers, topic, cfg, tmp))
     report = build_report(cfg, phase, ref, rss, cpu, topic, [], command)
     report["cpu_seconds"]["postgres"] = pg.seconds
+    report["cpu_budget"] = cpu_budget(report)
     return report
 
 
