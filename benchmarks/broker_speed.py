@@ -254,13 +254,16 @@ def run(
     workers: int,
     database_url: str,
     baseline: Path | None = None,
+    broker_env: dict[str, str] | None = None,
     command: str = "m2kt bench speed",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Start the stack (and a baseline's, when given), measure everything, return the JSON document.
 
     With a baseline the two brokers run side by side, each with its own nanio and database, and every
-    measurement alternates between them run by run, so a slow moment of the machine hits both."""
+    measurement alternates between them run by run, so a slow moment of the machine hits both. ``broker_env``:
+    more ``M2KT_*`` settings for the current broker only (with a baseline of the same code, a setting's
+    before/after)."""
     started = time.perf_counter()
     env = {"M2KT_UPLOAD_RATE_PER_MINUTE": "0"}  # the benchmark measures speed, not the rate limit
     with tempfile.TemporaryDirectory(prefix="m2kt-speed-") as tmp_name, ExitStack() as stacks:
@@ -271,8 +274,9 @@ def run(
                 continue
             where = tmp / label
             where.mkdir()
+            extra = env if label == "baseline" else {**env, **(broker_env or {})}
             stack = stacks.enter_context(
-                broker_stack(where, database_url, where / "broker.log", extra_env=env, workers=workers, code=code)
+                broker_stack(where, database_url, where / "broker.log", extra_env=extra, workers=workers, code=code)
             )
             bench = Bench(label, stack, where, threads, log)
             stacks.callback(bench.close)
@@ -293,6 +297,7 @@ def run(
             "runs": runs,
             "workers": workers,
             "baseline": str(baseline) if baseline else None,
+            "broker_env": dict(broker_env or {}),
         },
         "environment": {
             "cpus": os.cpu_count(),
@@ -312,7 +317,8 @@ def markdown(document: dict[str, Any]) -> str:
         f"`{document['command']}`",
         "",
         f"Median of {s['runs']} runs (min–max in brackets); ratio = raw time / broker time in the same run, "
-        f"median over runs. Broker: `m2kt broker serve --workers {s['workers']}` on PostgreSQL + nanio (loopback), "
+        f"median over runs. Broker: `m2kt broker serve --workers {s['workers']}`{_with_env(s)} on PostgreSQL + nanio "
+        "(loopback), "
         f"{env['cpus']} CPU(s); {env['seconds']:.0f} s in all. Small packets: {s['small']} per run and mode, every one "
         "distinct; large: a distinct packet per run.",
         "",
@@ -334,8 +340,9 @@ def markdown(document: dict[str, Any]) -> str:
         before = {(r["section"], r["operation"]): r for r in document["series"]["baseline"]}
         lines += [
             "",
-            f"Before / after in the same run: the baseline is `{s['baseline']}` (an older checkout), its broker "
-            "on a stack of its own; the two alternate run by run.",
+            f"Before / after in the same run: the baseline is `{s['baseline']}` (an older checkout, or this code"
+            f"{' without the settings above' if s.get('broker_env') else ''}), its broker on a stack of its own; "
+            "the two alternate run by run.",
             "",
             "| section | operation | before | after | after / before | before × raw | after × raw |",
             "|---|---|---|---|---|---|---|",
@@ -352,6 +359,11 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_env(settings: dict[str, Any]) -> str:
+    env = settings.get("broker_env") or {}
+    return (" with " + ", ".join(f"`{name}={value}`" for name, value in env.items())) if env else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2kt bench speed", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,16,128", help="large packet sizes in MiB, comma-separated ('' for none)")
@@ -366,11 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="a directory holding an older m2kt package (e.g. a git worktree's) to run side by side",
     )
+    parser.add_argument(
+        "--broker-env",
+        action="append",
+        default=[],
+        metavar="M2KT_NAME=VALUE",
+        help="a broker setting for the current broker only (repeatable), e.g. M2KT_INLINE_BLOB_MAX_BYTES=65536",
+    )
     parser.add_argument("--database-url", default=os.environ.get("M2KT_TEST_DATABASE_URL", DEFAULT_DATABASE_URL))
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if args.runs < 1 or args.small < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1, --small >= 0")
+    broker_env = dict(item.partition("=")[::2] for item in args.broker_env)
+    if any(not name.startswith("M2KT_") or not value for name, value in broker_env.items()):
+        parser.error("--broker-env takes M2KT_NAME=VALUE")
     document = run(
         sizes=sizes,
         small=args.small,
@@ -379,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         database_url=args.database_url,
         baseline=args.baseline,
+        broker_env=broker_env,
         command=" ".join(["m2kt bench speed", *(sys.argv[1:] if argv is None else argv)]),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )

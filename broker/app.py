@@ -36,7 +36,7 @@ from m2kt.broker.routes import admin, keys, maintenance, nodes, ops, packets, su
 from m2kt.broker.services.nodes import ensure_admin
 from m2kt.broker.settings import Settings
 from m2kt.broker.state import BrokerState
-from m2kt.broker.storage import BlobStore, storage_from_url
+from m2kt.broker.storage import BlobStore, inline_blobs_stored, storage_from_url, with_inline_blobs
 
 log = logging.getLogger("m2kt.broker")
 
@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
         engine=engine,
         sessions=make_sessionmaker(engine),
         reads=make_read_sessionmaker(engine),
-        storage=storage or make_storage(settings),
+        storage=with_inline_blobs(storage or make_storage(settings), engine, settings.inline_blob_max_bytes),
         hub=Hub(),
         metrics=Metrics(),
         uploads=UploadRateLimiter(settings.upload_rate_per_minute, settings.upload_burst),
@@ -173,6 +173,8 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(settings)
+        if not settings.inline_blob_max_bytes and inline_blobs_stored(engine):  # stored while the setting was on
+            state.storage = with_inline_blobs(state.storage, engine, 0, stored_before=True)
         _bootstrap_admin(state)
         state.hub.bind(asyncio.get_running_loop())
         stop = asyncio.Event()

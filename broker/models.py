@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -216,3 +217,14 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     target: Mapped[str | None] = mapped_column(String(200))
     detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class InlineBlob(Base):
+    """A small packet's bytes, kept in the database instead of the blob store (``M2KT_INLINE_BLOB_MAX_BYTES``;
+    :mod:`m2kt.broker.storage.database`). Keyed like a blob in the store: packets point at it by storage_key."""
+
+    __tablename__ = "inline_blobs"
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    modified: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

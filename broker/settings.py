@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=4 << 20, gt=0)
     max_concepts_bytes: int = Field(default=64 << 20, gt=0, description="Concept tensor kept in memory for checks.")
     upload_part_bytes: int = Field(default=8 << 20, ge=5 << 20)
+    inline_blob_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=16 << 20,
+        description="Packets of at most this many bytes are stored in the database instead of the blob store "
+        "(one INSERT instead of an S3 round trip; served through the broker, never by a presigned URL); "
+        "0: every packet in the blob store.",
+    )
     max_json_body_bytes: int = Field(
         default=1 << 20, gt=0, description="Request body limit of every route but the packet upload."
     )

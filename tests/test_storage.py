@@ -16,30 +16,68 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from sqlalchemy import delete
 
+from m2kt.benchmarks.harness.brokers import create_database, drop_database
 from m2kt.benchmarks.harness.services import S3Server, free_port
+from m2kt.broker.db import make_engine, upgrade
+from m2kt.broker.models import InlineBlob
 from m2kt.broker.storage import (
     BlobNotFound,
     BlobStore,
+    DatabaseStore,
     LocalStore,
     S3Store,
     StorageError,
+    TieredStore,
+    inline_blobs_stored,
     make_s3_client,
     storage_from_url,
+    with_inline_blobs,
 )
 from m2kt.broker.storage.s3 import PARTS_IN_FLIGHT
 
 PART = 5 << 20
 
 
-@pytest.fixture(params=["local", "s3"])
+SMALL = 64 << 10  # the tiered store's database limit in these tests
+
+
+@pytest.fixture(scope="session")
+def blob_database(postgres_url: str) -> Iterator[str]:
+    """A Postgres database of its own for the database store, migrated to head."""
+    url = create_database(postgres_url)
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture
+def database_blobs(blob_database: str) -> Iterator[DatabaseStore]:
+    """A database store on an empty inline_blobs table (limit SMALL)."""
+    engine = make_engine(blob_database)
+    with engine.begin() as connection:
+        connection.execute(delete(InlineBlob))
+    yield DatabaseStore(engine, SMALL)
+    engine.dispose()
+
+
+@pytest.fixture(params=["local", "s3", "tiered"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+    """The same contract from every store; "tiered": blobs of at most SMALL bytes in Postgres, the rest in S3."""
     if request.param == "local":
         yield LocalStore(tmp_path / "blobs")
-    else:
-        server: S3Server = request.getfixturevalue("s3_server")
-        bucket: str = request.getfixturevalue("s3_bucket")
-        yield S3Store(server.client(), bucket, prefix="m2kt/", part_size=PART)
+        return
+    server: S3Server = request.getfixturevalue("s3_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    s3 = S3Store(server.client(), bucket, prefix="m2kt/", part_size=PART)
+    yield s3 if request.param == "s3" else TieredStore(request.getfixturevalue("database_blobs"), s3)
+
+
+def s3_of(store: BlobStore) -> S3Store | None:
+    """The S3 store holding ``store``'s large blobs, if any."""
+    large = store.large if isinstance(store, TieredStore) else store
+    return large if isinstance(large, S3Store) else None
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -89,9 +127,9 @@ def test_large_upload_in_uneven_chunks_round_trips_through_promote(store: BlobSt
         upload.write(piece)
     assert upload.bytes_written == len(data)
     upload.complete()
-    if isinstance(store, S3Store):
+    if (s3 := s3_of(store)) is not None:
         # Staged as a multipart upload whose parts are exactly part_size long (the last one shorter).
-        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + upload.staging_key)
+        head = s3.client.head_object(Bucket=s3.bucket, Key=s3.prefix + upload.staging_key)
         assert head["ETag"] == s3_multipart_etag(data, PART)
     assert not store.exists("packets/big.m2kt")
 
@@ -212,12 +250,11 @@ def test_abandoned_read_stream_can_be_closed(store: BlobStore) -> None:
 
 
 def assert_nothing_pending(store: BlobStore) -> None:
-    """No unfinished S3 multipart upload, no file left in a local store's incoming/."""
-    if isinstance(store, S3Store):
-        uploads = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+    """No unfinished S3 multipart upload, no file (or database row) left in incoming/."""
+    if (s3 := s3_of(store)) is not None:
+        uploads = s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
         assert uploads == []
-    else:
-        assert keys(store, "incoming/") == []
+    assert keys(store, "incoming/") == []
 
 
 def assert_nothing_stored(store: BlobStore) -> None:
@@ -309,11 +346,11 @@ def test_stage_with_final_key_is_invisible_until_complete_and_promote(store: Blo
     assert not store.exists("packets/final.m2kt")
     assert keys(store, "packets/") == []
     upload.complete()
-    if isinstance(store, S3Store):
+    if (s3 := s3_of(store)) is not None:
         # Straight onto the final key: complete() made it visible, nothing was copied, promote only checks.
         assert upload.staging_key == "packets/final.m2kt"
         assert store.exists("packets/final.m2kt")
-        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + "packets/final.m2kt")
+        head = s3.client.head_object(Bucket=s3.bucket, Key=s3.prefix + "packets/final.m2kt")
         assert head["ETag"] == s3_multipart_etag(data, PART)
     else:
         assert upload.staging_key.startswith("incoming/")
@@ -493,7 +530,7 @@ def test_local_store_keeps_files_inside_its_root(tmp_path: Path) -> None:
 def test_presigned_get_serves_the_object_directly(store: BlobStore) -> None:
     put(store, "packets/p.m2kt", DATA)
     url = store.presigned_get("packets/p.m2kt", 60)
-    if isinstance(store, LocalStore):
+    if isinstance(store, LocalStore | TieredStore):  # a file, or a small blob kept in the database
         assert url is None
         return
     assert url is not None
@@ -513,6 +550,9 @@ def test_check_passes_on_a_usable_store(store: BlobStore) -> None:
 def test_description_names_where_blobs_live(store: BlobStore, tmp_path: Path) -> None:
     if isinstance(store, LocalStore):
         assert store.description == (tmp_path / "blobs").as_uri()
+    elif isinstance(store, TieredStore):
+        assert store.description.endswith(f"and packets of at most {SMALL} bytes in the database")
+        assert store.description.startswith(store.large.description)
     else:
         assert isinstance(store, S3Store)
         assert store.description == f"s3://{store.bucket}/m2kt at {store.client.meta.endpoint_url}"
@@ -760,3 +800,66 @@ def test_broker_s3_client_signs_bodies_when_checksums_are_turned_off(
     assert len(sent) == 4
     assert all(re.fullmatch(r"[0-9a-f]{64}", h["x-amz-content-sha256"]) for h in sent)
     assert not any("x-amz-checksum-crc32" in h for h in sent)
+
+
+# ---- the tiered store: small blobs in the database, the rest in S3 ------------------------------------------------
+
+
+@pytest.fixture
+def tiered(database_blobs: DatabaseStore, s3_server: S3Server, s3_bucket: str) -> TieredStore:
+    return TieredStore(database_blobs, S3Store(s3_server.client(), s3_bucket, part_size=PART))
+
+
+def test_tiered_keeps_blobs_up_to_the_limit_in_the_database_and_larger_ones_in_s3(tiered: TieredStore) -> None:
+    at_limit, over = payload(SMALL, seed=1), payload(SMALL + 1, seed=2)
+    for key, data in (("packets/at.m2kt", at_limit), ("packets/over.m2kt", over)):
+        upload = tiered.stage(key)
+        for piece in uneven_chunks(data):  # crosses the limit mid-chunk for the larger one
+            upload.write(piece)
+        upload.complete()
+    assert [b.key for b in tiered.small.list()] == ["packets/at.m2kt"]
+    assert [b.key for b in tiered.large.list()] == ["packets/over.m2kt"]
+    assert read_all(tiered, "packets/at.m2kt") == at_limit and read_all(tiered, "packets/over.m2kt") == over
+    assert tiered.size("packets/at.m2kt") == SMALL and tiered.size("packets/over.m2kt") == SMALL + 1
+    assert tiered.presigned_get("packets/at.m2kt", 60) is None  # served through the broker
+    assert tiered.presigned_get("packets/over.m2kt", 60) is not None
+
+
+def test_tiered_lists_both_tiers_as_one_in_key_order(tiered: TieredStore) -> None:
+    for key, size in (("packets/b", 10), ("packets/a", SMALL + 10), ("packets/d", SMALL + 10), ("packets/c", 10)):
+        put(tiered, key, payload(size))
+    assert [(b.key, b.size) for b in tiered.list("packets/")] == [
+        ("packets/a", SMALL + 10),
+        ("packets/b", 10),
+        ("packets/c", 10),
+        ("packets/d", SMALL + 10),
+    ]
+    tiered.delete("packets/b")
+    tiered.delete("packets/d")
+    assert keys(tiered) == ["packets/a", "packets/c"]
+
+
+def test_database_store_refuses_a_blob_over_its_limit(database_blobs: DatabaseStore) -> None:
+    upload = database_blobs.stage("packets/big.m2kt")
+    upload.write(payload(SMALL))
+    with pytest.raises(StorageError, match="over the database store"):
+        upload.write(b"x")
+    upload.abort()
+    assert keys(database_blobs) == []
+
+
+def test_turning_inline_blobs_off_keeps_those_stored_readable(
+    database_blobs: DatabaseStore, s3_server: S3Server, s3_bucket: str
+) -> None:
+    """With the setting back at 0 new packets all go to S3, and those stored in the database stay served."""
+    s3 = S3Store(s3_server.client(), s3_bucket, part_size=PART)
+    engine = database_blobs.engine
+    assert with_inline_blobs(s3, engine, 0) is s3 and not inline_blobs_stored(engine)
+    put(with_inline_blobs(s3, engine, SMALL), "packets/old.m2kt", b"stored inline")
+    assert inline_blobs_stored(engine)
+
+    after = with_inline_blobs(s3, engine, 0, stored_before=True)
+    put(after, "packets/new.m2kt", b"stored in s3")
+    assert [b.key for b in s3.list()] == ["packets/new.m2kt"]
+    assert read_all(after, "packets/old.m2kt") == b"stored inline"
+    assert keys(after) == ["packets/new.m2kt", "packets/old.m2kt"]

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from urllib.parse import unquote
 
+from sqlalchemy import Engine
+
 from m2kt.broker.storage.base import (
     BlobInfo,
     BlobNotFound,
@@ -27,20 +29,26 @@ from m2kt.broker.storage.base import (
     StorageError,
     UnfinishedUpload,
 )
+from m2kt.broker.storage.database import DatabaseStore
 from m2kt.broker.storage.local import LocalStore
 from m2kt.broker.storage.s3 import S3Store, make_s3_client
+from m2kt.broker.storage.tiered import TieredStore
 
 __all__ = [
     "BlobInfo",
     "BlobNotFound",
     "BlobStore",
+    "DatabaseStore",
     "LocalStore",
     "S3Store",
     "StagedUpload",
     "StorageError",
+    "TieredStore",
     "UnfinishedUpload",
     "make_s3_client",
+    "inline_blobs_stored",
     "storage_from_url",
+    "with_inline_blobs",
 ]
 
 
@@ -69,3 +77,17 @@ def storage_from_url(
         presign = make_s3_client(public_endpoint_url) if public_endpoint_url else None
         return S3Store(make_s3_client(endpoint), bucket, prefix, part_size=part_size, presign_client=presign)
     raise ValueError(f"unsupported storage URL {url!r}: {accepted}")
+
+
+def with_inline_blobs(storage: BlobStore, engine: Engine, max_bytes: int, *, stored_before: bool = False) -> BlobStore:
+    """``storage`` with packets of at most ``max_bytes`` kept in the database ``engine`` talks to
+    (``M2KT_INLINE_BLOB_MAX_BYTES``). With 0, ``storage`` as it is, unless blobs were ``stored_before`` in the
+    database: they are then still read, listed and collected, and new ones all go to ``storage``."""
+    if isinstance(storage, TieredStore) or (max_bytes <= 0 and not stored_before):
+        return storage
+    return TieredStore(DatabaseStore(engine, max(0, max_bytes)), storage)
+
+
+def inline_blobs_stored(engine: Engine) -> bool:
+    """Whether the database holds any inline blob (a migrated schema is assumed)."""
+    return DatabaseStore(engine, 0).count() > 0

@@ -4,6 +4,7 @@ m2kt bench transfer [--quick] [--seeds N] [--out DIR] [--p P] [--device auto|cpu
                     [--budgets 0,8,32,2%,…] [--no-loss-ablations]
 m2kt bench real [--quick] [--seeds N] [--out DIR] [--cache DIR] [--device auto|cpu|cuda] [--directions T:S,…]
 m2kt bench speed [--sizes 1,16,128] [--small 200] [--threads 8] [--runs 3] [--workers N] [--out DIR] [--baseline DIR]
+                 [--broker-env M2KT_NAME=VALUE]
 m2kt bench scale [--rows 1000000] [--topics 100] [--samples 100] [--out DIR]
 """
 
@@ -155,6 +156,14 @@ def bench_speed(
             "side: a before/after table from the same run.",
         ),
     ] = None,
+    broker_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--broker-env",
+            help="A broker setting for the current broker only (repeatable), e.g. M2KT_INLINE_BLOB_MAX_BYTES=65536; "
+            "with --baseline of the same code, the setting's before/after.",
+        ),
+    ] = None,
 ) -> None:
     """Broker speed next to raw S3 in one run: small-packet publish rates, large publish/fetch throughput.
 
@@ -170,6 +179,8 @@ def bench_speed(
         argv += ["--out", str(out)]
     if baseline is not None:
         argv += ["--baseline", str(baseline)]
+    for setting in broker_env or []:
+        argv += ["--broker-env", setting]
     raise typer.Exit(main(argv))
 
 
