@@ -5,6 +5,7 @@ A broker on a database of its own (Postgres) and a fresh bucket (nanio), served 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from m2kt import BrokerClient
-from m2kt.benchmarks.harness.brokers import create_database, drop_database, register_node, unique
+from m2kt.benchmarks.harness.brokers import BrokerProcess, create_database, drop_database, register_node, unique
 from m2kt.benchmarks.harness.packets import make_tensors, packet_bytes
 from m2kt.benchmarks.harness.services import S3Server
 from m2kt.broker.db import make_engine, upgrade
@@ -107,3 +108,28 @@ def test_small_packets_in_the_database_large_in_s3_served_and_collected_alike(
         r = _publish(url, teacher.token, topic, newer)
         assert r.status_code == 201, r.text
         assert len(_bucket_keys(s3_server, s3_bucket)) == 2
+
+
+def test_embedded_default_keeps_small_packets_in_its_sqlite_database(tmp_path: Path) -> None:
+    """The embedded default (SQLite, a blob directory) with inline blobs: the bytes go in with the row."""
+    env = {k: "" for k in os.environ if k.startswith("M2KT_") and not k.startswith("M2KT_TEST_")}
+    env["M2KT_INLINE_BLOB_MAX_BYTES"] = str(LIMIT)
+    broker = BrokerProcess(env, cwd=tmp_path, log_path=tmp_path / "broker.log").start()
+    try:
+        data_dir = tmp_path / "m2kt-data"
+        admin_token = (data_dir / "admin-token").read_text().strip()
+        teacher = register_node(broker.url, admin_token, "teacher")
+        assert teacher.key is not None
+        data = packet_bytes(tmp_path, teacher.key, "demo.inline")
+        r = teacher.http.post("/v1/topics/demo.inline/packets", content=data)
+        assert r.status_code == 201, r.text
+        assert teacher.http.post("/v1/topics/demo.inline/packets", content=data).status_code == 200
+        assert teacher.http.get(f"/v1/packets/{r.json()['id']}/blob").content == data
+        files = [p for p in (data_dir / "blobs").rglob("*") if p.is_file()]
+        assert files == []  # nothing in the blob directory
+        engine = make_engine(f"sqlite:///{data_dir / 'm2kt.db'}")
+        with engine.connect() as connection:
+            assert connection.execute(select(InlineBlob.body)).scalars().all() == [data]
+        engine.dispose()
+    finally:
+        broker.stop()

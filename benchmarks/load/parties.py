@@ -40,10 +40,13 @@ class LoadConfig:
     wait: float = 10.0
     limit: int = 100
     max_retries: int = 20
+    inline_blob_max_bytes: int = 0  # M2KT_INLINE_BLOB_MAX_BYTES: packets up to this size kept in the database
 
     def broker_env(self) -> dict[str, str]:
         """Settings for the broker process: no upload rate limit unless asked for."""
         env: dict[str, str] = {} if self.rate_limit else {"M2KT_UPLOAD_RATE_PER_MINUTE": "0"}
+        if self.inline_blob_max_bytes:
+            env["M2KT_INLINE_BLOB_MAX_BYTES"] = str(self.inline_blob_max_bytes)
         if self.upload_rate is not None:
             env["M2KT_UPLOAD_RATE_PER_MINUTE"] = f"{self.upload_rate:g}"
         if self.upload_burst is not None:

@@ -282,6 +282,12 @@ def parse_args(argv: list[str] | None) -> tuple[LoadConfig, Path, Path | None]:
     parser.add_argument("--upload-rate", type=float, default=None, help="M2KT_UPLOAD_RATE_PER_MINUTE for the broker")
     parser.add_argument("--upload-burst", type=int, default=None, help="M2KT_UPLOAD_BURST for the broker")
     parser.add_argument("--workers", type=int, default=1, help="m2kt broker serve --workers (default 1)")
+    parser.add_argument(
+        "--inline-blob-max-bytes",
+        type=int,
+        default=0,
+        help="M2KT_INLINE_BLOB_MAX_BYTES for the broker: packets up to this size kept in its database (0: off)",
+    )
     parser.add_argument("--fetch", action="store_true", help="subscribers also download and verify each packet")
     parser.add_argument("--size-kib", type=int, default=0, help="pad each packet to about this many KiB")
     parser.add_argument("--wait", type=float, default=10.0, help="subscribers' long-poll seconds (10)")
@@ -305,6 +311,7 @@ def parse_args(argv: list[str] | None) -> tuple[LoadConfig, Path, Path | None]:
         limit=a.limit,
         max_retries=a.max_retries,
         workers=a.workers,
+        inline_blob_max_bytes=a.inline_blob_max_bytes,
     )
     return cfg, a.out, a.dir
 

@@ -17,6 +17,8 @@ Order is what makes failures leave nothing behind:
    garbage collection, which takes the same lock, cannot delete the blob before the row commits.
    A crash in between leaves a blob without a row, which garbage collection removes after a grace
    period; a crash before leaves only an unfinished multipart upload or a file in ``incoming/``.
+   A packet small enough for inline blobs (``M2KT_INLINE_BLOB_MAX_BYTES``) has its bytes written by this
+   same transaction, next to its row: both appear at its COMMIT, or neither.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ from m2kt.broker.services.pipelined import compiled, driver_connection, driver_e
 from m2kt.broker.services.records import packet_out
 from m2kt.broker.services.topics import append_event_and_commit, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
-from m2kt.broker.storage import StagedUpload, StorageError
+from m2kt.broker.storage import StagedUpload, StorageError, TieredStore
+from m2kt.broker.storage.database import upsert, upsert_values
 from m2kt.broker.threads import in_limited_thread, in_thread
 from m2kt.broker.validation import (
     FlaggedSet,
@@ -344,6 +347,7 @@ class _Commit:
     row: dict[str, Any]  # the packet row but its topic_id, which each try of the transaction finds (or creates)
     parents: list[str]
     record: PacketOut
+    inline: bytes | None = None  # the packet's bytes, when the transaction writes them too (inline blobs)
 
 
 def _commit_plan(receiver: _Receiver, received: Received, report: SafetyReport, status: PacketStatus) -> _Commit:
@@ -386,11 +390,14 @@ def _commit_plan(receiver: _Receiver, received: Received, report: SafetyReport, 
     return _Commit(row, list(manifest.parents), record)
 
 
-def _promote(state: BrokerState, receiver: _Receiver) -> None:
-    """Make the staged blob visible under its final key (S3: complete the upload; local: rename it)."""
+def _promote(state: BrokerState, receiver: _Receiver, plan: _Commit) -> None:
+    """Make the staged blob visible under its final key (S3: complete the upload; local: rename it). An inline
+    blob needs nothing here: the transaction wrote it with its row."""
     staged, key = receiver.staged, receiver.key
     assert staged is not None and key is not None
-    if not receiver.promoted:
+    if plan.inline is not None:
+        receiver.promoted = True
+    elif not receiver.promoted:
         staged.complete()  # S3: the object appears under its final key, nothing is copied
         if staged.staging_key != key:  # local: a rename out of incoming/
             state.storage.promote(staged.staging_key, key)
@@ -411,7 +418,7 @@ def _finish_commit(
     """The row is written, not committed: only now does the blob appear (a refusal before leaves no blob; a
     failure after rolls the row back, and a blob without a row is garbage collection's). Then the event,
     which locks the topic row until commit, goes with the COMMIT."""
-    _promote(state, receiver)
+    _promote(state, receiver, plan)
     row, caller = plan.row, receiver.caller
     if row["status"] is PacketStatus.accepted:
         append_event_and_commit(session, topic_id, receiver.topic, EventKind.published, row["id"])
@@ -433,6 +440,8 @@ def _commit_portable(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
             session.execute(insert(Packet), [{**row, "topic_id": topic_id}])  # the row before the edges to it
             if plan.parents:
                 session.execute(insert(LineageEdge), [{"parent_id": p, "child_id": row["id"]} for p in plan.parents])
+            if plan.inline is not None:
+                session.execute(upsert(postgres=False), upsert_values(row["storage_key"], plan.inline))
         except DataError as exc:
             raise _unstorable(exc) from None
         return _finish_commit(state, session, receiver, plan, topic_id)
@@ -451,6 +460,7 @@ _PG_KEY_LIVE = compiled(_KEY_LIVE)
 _PG_INSERT_PACKET = compiled(
     pg_insert(Packet).values({name: bindparam(name) for name in _PACKET_COLUMNS}).on_conflict_do_nothing()
 )
+_PG_UPSERT_INLINE = compiled(upsert(postgres=True))
 _PG_INSERT_EDGE = compiled(
     pg_insert(LineageEdge)
     .values(parent_id=bindparam("parent_id"), child_id=bindparam("child_id"))
@@ -491,6 +501,8 @@ def _commit_postgres(state: BrokerState, receiver: _Receiver, plan: _Commit) -> 
                 if plan.parents:
                     edges = [{"parent_id": p, "child_id": row["id"]} for p in plan.parents]
                     raw.cursor().executemany(_PG_INSERT_EDGE, edges)
+                if plan.inline is not None:
+                    raw.execute(_PG_UPSERT_INLINE, upsert_values(row["storage_key"], plan.inline))
         except DataError as exc:
             raise _unstorable(exc) from None
         if stored.fetchone() is not None:  # stored before: nothing was written; roll back, return it as it is
@@ -512,6 +524,8 @@ def _store_and_commit(
     collection cannot delete it in between); returns (record, created). A packet stored before is
     returned as it is, and this upload's staged copy is left for close() to abort."""
     plan = _commit_plan(receiver, received, report, status)
+    assert receiver.staged is not None
+    plan.inline = TieredStore.take_for_database(receiver.staged)  # a small packet: written with its row
     commit = _commit_postgres if state.settings.is_postgres else _commit_portable
     for attempt in range(2):
         try:

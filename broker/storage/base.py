@@ -185,6 +185,11 @@ class StagedUpload(ABC):
             with contextlib.suppress(StorageError):  # keep the original error
                 self.abort()
 
+    def _completed_elsewhere(self) -> None:
+        """complete() done by someone else (the commit transaction that wrote the bytes with their row)."""
+        self._require_open("complete")
+        self._state = "completed"
+
     def _require_open(self, action: str) -> None:
         if self._state != "open":
             raise RuntimeError(f"cannot {action} staged upload {self.staging_key}: it is {self._state}")

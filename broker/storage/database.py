@@ -14,7 +14,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, literal_column, select, update
+from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -32,7 +32,7 @@ from m2kt.broker.storage.base import (
     new_staging_key,
 )
 
-__all__ = ["DatabaseStore"]
+__all__ = ["DatabaseStore", "upsert", "upsert_values"]
 
 
 @contextlib.contextmanager
@@ -42,6 +42,22 @@ def _database_errors(operation: str, key: str) -> Iterator[None]:
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
         raise StorageError(f"database blob {operation} of {key!r} failed: {reason}") from exc
+
+
+def upsert(postgres: bool) -> Any:
+    """The statement that writes one blob (parameters: :func:`upsert_values`). Keys are content digests, so a
+    row already there holds the same bytes: it is kept and its modification time renewed, as an S3 put of
+    the same object would."""
+    insert = pg_insert if postgres else sqlite_insert
+    statement = insert(InlineBlob).values(
+        key=bindparam("key"), size=bindparam("size"), body=bindparam("body"), modified=bindparam("modified")
+    )
+    renewed = {"modified": statement.excluded.modified}
+    return statement.on_conflict_do_update(index_elements=[InlineBlob.key], set_=renewed)
+
+
+def upsert_values(key: str, body: bytes) -> dict[str, Any]:
+    return {"key": key, "size": len(body), "body": body, "modified": utcnow()}
 
 
 class _DatabaseStagedUpload(StagedUpload):
@@ -86,18 +102,10 @@ class DatabaseStore(BlobStore):
         return _DatabaseStagedUpload(self, final_key or new_staging_key(), final_key)
 
     def put(self, key: str, body: bytes) -> None:
-        """Write ``body`` under ``key`` at once. Keys are content digests, so a row already there holds the same
-        bytes: it is kept, and its modification time renewed (as an S3 put of the same object would)."""
+        """Write ``body`` under ``key`` at once (see :func:`upsert`)."""
         check_key(key)
-        insert = pg_insert if self._postgres else sqlite_insert
-        now = utcnow()
-        statement = (
-            insert(InlineBlob)
-            .values(key=key, size=len(body), body=body, modified=now)
-            .on_conflict_do_update(index_elements=[InlineBlob.key], set_={"modified": now})
-        )
         with _database_errors("put", key), self.engine.connect() as connection:
-            connection.execute(statement)
+            connection.execute(upsert(self._postgres), upsert_values(key, body))
 
     def promote(self, staging_key: str, final_key: str) -> None:
         if staging_key == final_key:

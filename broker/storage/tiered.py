@@ -62,6 +62,19 @@ class _TieredUpload(StagedUpload):
         self._store.small.put(self.staging_key, bytes(self._held))
         self._held, self._in_database = None, True
 
+    def take_for_database(self) -> bytes | None:
+        """The bytes, when they are to be kept in the database under the final key and the caller writes them
+        itself (:func:`~m2kt.broker.storage.database.upsert`, in the transaction that commits their row: blob and
+        row appear together, or neither); the upload then counts as completed. ``None`` when the bytes went to
+        the large store, or no final key was given: complete() as usual."""
+        if self._large is not None or self.final_key is None:
+            return None
+        assert self._held is not None
+        body, self._held = bytes(self._held), None
+        self._completed_elsewhere()
+        self._in_database = True
+        return body
+
     def _abort(self) -> None:
         self._held = None
         if self._large is not None:
@@ -81,6 +94,11 @@ class TieredStore(BlobStore):
         if self.small.max_bytes <= 0:  # reads only: blobs stored inline before the tier was turned off
             return self.large.stage(final_key)
         return _TieredUpload(self, final_key)
+
+    @staticmethod
+    def take_for_database(upload: StagedUpload) -> bytes | None:
+        """See :meth:`_TieredUpload.take_for_database`; ``None`` for an upload this tier did not stage."""
+        return upload.take_for_database() if isinstance(upload, _TieredUpload) else None
 
     def promote(self, staging_key: str, final_key: str) -> None:
         if staging_key == final_key:
