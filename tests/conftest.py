@@ -14,6 +14,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -106,16 +107,25 @@ class LiveBroker:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def broker_database(postgres_url: str) -> Iterator[str]:
-    """A fresh Postgres database for this test session, migrated to head."""
+@contextmanager
+def migrated_database(postgres_url: str) -> Iterator[str]:
+    """A fresh Postgres database on the server ``postgres_url`` names, migrated to head; dropped afterwards."""
     from m2kt.benchmarks.harness.brokers import create_database, drop_database
     from m2kt.broker.db import upgrade
 
     url = create_database(postgres_url)
-    upgrade(url)
-    yield url
-    drop_database(url)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def broker_database(postgres_url: str) -> Iterator[str]:
+    """A fresh Postgres database for this test session, migrated to head."""
+    with migrated_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

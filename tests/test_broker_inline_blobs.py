@@ -5,7 +5,10 @@ A broker on a database of its own (Postgres) and a fresh bucket (nanio), served 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,14 +19,14 @@ import pytest
 from sqlalchemy import select
 
 from m2kt import BrokerClient
-from m2kt.benchmarks.harness.brokers import BrokerProcess, create_database, drop_database, register_node, unique
+from m2kt.benchmarks.harness.brokers import BrokerProcess, register_node, unique
 from m2kt.benchmarks.harness.packets import make_tensors, packet_bytes
 from m2kt.benchmarks.harness.services import S3Server
-from m2kt.broker.db import make_engine, upgrade
+from m2kt.broker.db import make_engine
 from m2kt.broker.gc import collect_garbage
 from m2kt.broker.models import InlineBlob, Packet
 from m2kt.broker.storage import DatabaseStore, TieredStore
-from tests.conftest import start_live_broker
+from tests.conftest import migrated_database, start_live_broker
 
 LIMIT = 64 << 10
 ORPHAN = "packets/" + "e" * 64 + "-" + "f" * 64 + ".m2kt"
@@ -31,10 +34,8 @@ ORPHAN = "packets/" + "e" * 64 + "-" + "f" * 64 + ".m2kt"
 
 @pytest.fixture
 def database(postgres_url: str) -> Iterator[str]:
-    url = create_database(postgres_url)
-    upgrade(url)
-    yield url
-    drop_database(url)
+    with migrated_database(postgres_url) as url:
+        yield url
 
 
 def _bucket_keys(s3: S3Server, bucket: str) -> set[str]:
@@ -130,6 +131,16 @@ def test_embedded_default_keeps_small_packets_in_its_sqlite_database(tmp_path: P
         engine = make_engine(f"sqlite:///{data_dir / 'm2kt.db'}")
         with engine.connect() as connection:
             assert connection.execute(select(InlineBlob.body)).scalars().all() == [data]
+        DatabaseStore(engine, LIMIT).put(ORPHAN, b"left by a crash")
         engine.dispose()
     finally:
         broker.stop()
+    # `m2kt broker gc`, with the setting off: it still finds the inline blobs, keeps the packet's, drops the orphan.
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("M2KT_")} | {"M2KT_DATA_DIR": str(data_dir)}
+    m2kt = str(Path(sys.executable).with_name("m2kt"))
+    run = subprocess.run(
+        [m2kt, "broker", "gc", "--grace-seconds", "0", "--json"], env=cli_env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["deleted"] == [ORPHAN] and report["referenced"] == 1 and report["errors"] == []

@@ -18,9 +18,8 @@ import httpx
 import pytest
 from sqlalchemy import delete
 
-from m2kt.benchmarks.harness.brokers import create_database, drop_database
 from m2kt.benchmarks.harness.services import S3Server, free_port
-from m2kt.broker.db import make_engine, upgrade
+from m2kt.broker.db import make_engine
 from m2kt.broker.models import InlineBlob
 from m2kt.broker.storage import (
     BlobNotFound,
@@ -36,6 +35,7 @@ from m2kt.broker.storage import (
     with_inline_blobs,
 )
 from m2kt.broker.storage.s3 import PARTS_IN_FLIGHT
+from tests.conftest import migrated_database
 
 PART = 5 << 20
 
@@ -46,10 +46,8 @@ SMALL = 64 << 10  # the tiered store's database limit in these tests
 @pytest.fixture(scope="session")
 def blob_database(postgres_url: str) -> Iterator[str]:
     """A Postgres database of its own for the database store, migrated to head."""
-    url = create_database(postgres_url)
-    upgrade(url)
-    yield url
-    drop_database(url)
+    with migrated_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Blob storage for packet files: one small interface, a local-directory and an S3 implementation.
+"""Blob storage for packet files: one small interface, a local-directory and an S3 implementation, and a
+tier that keeps small blobs in the broker's database in front of either (``M2KT_INLINE_BLOB_MAX_BYTES``:
+:mod:`.tiered`, :mod:`.database`).
 
 Uploads are staged and only become visible under their final key (a content digest) once they
 are complete and promoted. Local uploads are written under ``incoming/<uuid4 hex>`` and renamed by
