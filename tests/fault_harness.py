@@ -48,7 +48,7 @@ from m2kt.broker.db import make_engine, make_sessionmaker, upgrade
 from m2kt.broker.gc import GcReport, collect_garbage
 from m2kt.broker.models import Packet
 from m2kt.broker.services.upload import blob_key
-from m2kt.broker.storage import S3Store
+from m2kt.broker.storage import S3Store, with_inline_blobs
 from tests.services import unavailable
 
 T = TypeVar("T")
@@ -163,6 +163,7 @@ class Stack:
     admin_token: str = field(default_factory=lambda: "m2kt_admin_" + uuid.uuid4().hex)
     broker: BrokerProcess | None = None
     brokers_started: int = 0
+    inline_blob_max_bytes: int = 0  # M2KT_INLINE_BLOB_MAX_BYTES: small packets written with their row
 
     @classmethod
     def create(cls, postgres_url: str, tmp: Path) -> Stack:
@@ -190,6 +191,7 @@ class Stack:
             "M2KT_BOOTSTRAP_ADMIN_TOKEN": self.admin_token,
             "M2KT_UPLOAD_PART_BYTES": str(PART_SIZE),
             "M2KT_GC_INTERVAL_SECONDS": "0",  # only the scenario collects garbage, so its counts are exact
+            "M2KT_INLINE_BLOB_MAX_BYTES": str(self.inline_blob_max_bytes),
             **s3_env(self.s3),
         }
 
@@ -243,7 +245,10 @@ class Stack:
             return {pid: key for pid, key in session.execute(select(Packet.id, Packet.storage_key))}
 
     def blobs(self) -> set[str]:
-        return {blob.key for blob in self.storage().list("packets/")}
+        """Blob keys under packets/, in S3 and in the database (inline blobs)."""
+        with self.pg() as conn:
+            inline = {key for (key,) in conn.execute("SELECT key FROM inline_blobs WHERE key LIKE 'packets/%'")}
+        return inline | {blob.key for blob in self.storage().list("packets/")}
 
     def rows_without_blob(self) -> list[str]:
         blobs = self.blobs()
@@ -340,7 +345,8 @@ def wait_for_listener(stack: Stack, timeout: float = 15.0) -> None:
 def gc_in_process(stack: Stack) -> GcReport:
     """``m2kt.broker.gc.collect_garbage`` called here, with no grace period."""
     with stack.sessions() as sessions:
-        return collect_garbage(sessions, stack.storage(), 0.0)
+        storage = with_inline_blobs(stack.storage(), sessions.kw["bind"], stack.inline_blob_max_bytes)
+        return collect_garbage(sessions, storage, 0.0)
 
 
 def gc_cli(stack: Stack) -> GcReport:

@@ -52,6 +52,7 @@ from tests.fault_harness import (
 # most the socket buffers between them (here up to ~40 MiB): a bigger packet is cut by stopping S3 whatever the
 # kernel does with what is buffered when nanio dies (in practice the broker's next read fails at once).
 DOWNLOAD_MIB = 48
+INLINE = 64 << 10  # M2KT_INLINE_BLOB_MAX_BYTES in the inline variants: the small packets go to the database
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +149,16 @@ def test_s3_stopped_during_download(stack: Stack, fault_table: list[FaultRow], t
     fault_table.append(ledger.finish(stack, teacher))
 
 
-def test_postgres_backend_terminated_mid_commit(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["s3", "inline"])
+def test_postgres_backend_terminated_mid_commit(
+    stack: Stack, fault_table: list[FaultRow], tmp_path: Path, inline: bool
+) -> None:
     """The broker's commit transaction waits on a row lock; its backend is terminated there. The upload is
-    503 with no row (the promoted blob is an orphan until GC) and the same upload then succeeds. Terminating
-    every backend of the broker between requests is recovered from on the next request."""
-    ledger = Ledger("Postgres backend terminated mid-commit")
+    503 with no row (the promoted blob is an orphan until GC; an inline blob, written by that transaction,
+    is not there at all) and the same upload then succeeds. Terminating every backend of the broker between
+    requests is recovered from on the next request."""
+    ledger = Ledger("Postgres backend terminated mid-commit" + (", inline blobs" if inline else ""))
+    stack.inline_blob_max_bytes = INLINE if inline else 0
     stack.start_broker()
     teacher = stack.teacher()
     topic = unique("pgdrop")
@@ -165,10 +171,11 @@ def test_postgres_backend_terminated_mid_commit(stack: Stack, fault_table: list[
         outcome = pending.result(timeout=30)
     assert outcome == "503 database_unavailable", outcome  # the broker does not retry the commit
     assert packet_id(victim) not in stack.rows()
-    assert stack.orphans() == [key_of(victim)]  # promoted before the commit, which never happened
+    # S3: promoted before the commit, which never happened; inline: rolled back with its row
+    assert stack.orphans() == ([] if inline else [key_of(victim)])
 
     ledger.collect(stack)
-    assert ledger.orphans_before_gc == 1 and ledger.orphans_after_gc == 0
+    assert ledger.orphans_before_gc == (0 if inline else 1) and ledger.orphans_after_gc == 0
     assert ledger.upload(stack.url, teacher, topic, victim).status_code == 201
 
     # Every connection the broker holds (pooled and LISTEN) terminated between requests: the next one recovers.
@@ -207,12 +214,15 @@ def test_broker_killed_during_upload(stack: Stack, fault_table: list[FaultRow], 
     fault_table.append(ledger.finish(stack, teacher))
 
 
-def test_broker_killed_mid_commit(stack: Stack, fault_table: list[FaultRow], tmp_path: Path) -> None:
-    """The broker is SIGKILLed after promoting the blob, while its commit waits on a row lock. The event append
-    and its COMMIT were sent together (one round trip), so Postgres already holds the COMMIT: once the lock
-    is free the packet commits with its blob, unacknowledged — no orphan, no row without its blob — and after
-    a restart the re-upload is answered 200 with the stored record."""
-    ledger = Ledger("broker SIGKILLed mid-commit")
+@pytest.mark.parametrize("inline", [False, True], ids=["s3", "inline"])
+def test_broker_killed_mid_commit(stack: Stack, fault_table: list[FaultRow], tmp_path: Path, inline: bool) -> None:
+    """The broker is SIGKILLed after promoting the blob (or, inline, writing it in the transaction), while its
+    commit waits on a row lock. The event append and its COMMIT were sent together (one round trip), so
+    Postgres already holds the COMMIT: once the lock is free the packet commits with its blob, unacknowledged —
+    no orphan, no row without its blob — and after a restart the re-upload is answered 200 with the stored
+    record."""
+    ledger = Ledger("broker SIGKILLed mid-commit" + (", inline blobs" if inline else ""))
+    stack.inline_blob_max_bytes = INLINE if inline else 0
     stack.start_broker()
     teacher = stack.teacher()
     topic = unique("killc")
