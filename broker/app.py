@@ -36,7 +36,7 @@ from m2kt.broker.routes import admin, keys, maintenance, nodes, ops, packets, su
 from m2kt.broker.services.nodes import ensure_admin
 from m2kt.broker.settings import Settings
 from m2kt.broker.state import BrokerState
-from m2kt.broker.storage import BlobStore, inline_blobs_stored, storage_from_url, with_inline_blobs
+from m2kt.broker.storage import BlobStore, storage_from_url, with_inline_blobs, with_inline_blobs_found
 
 log = logging.getLogger("m2kt.broker")
 
@@ -173,8 +173,7 @@ def create_app(settings: Settings | None = None, *, storage: BlobStore | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(settings)
-        if not settings.inline_blob_max_bytes and inline_blobs_stored(engine):  # stored while the setting was on
-            state.storage = with_inline_blobs(state.storage, engine, 0, stored_before=True)
+        state.storage = with_inline_blobs_found(state.storage, engine, settings.inline_blob_max_bytes)
         _bootstrap_admin(state)
         state.hub.bind(asyncio.get_running_loop())
         stop = asyncio.Event()

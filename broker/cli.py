@@ -124,18 +124,13 @@ def gc_cmd(
     from m2kt.broker.db import SchemaOutOfDate, check_schema, make_engine, make_sessionmaker
     from m2kt.broker.gc import collect_garbage
     from m2kt.broker.settings import Settings
-    from m2kt.broker.storage import inline_blobs_stored, with_inline_blobs
+    from m2kt.broker.storage import with_inline_blobs_found
 
     settings = Settings()
     engine = make_engine(settings.effective_database_url)
     try:
         check_schema(engine)
-        storage = with_inline_blobs(
-            make_storage(settings),
-            engine,
-            settings.inline_blob_max_bytes,
-            stored_before=inline_blobs_stored(engine),
-        )
+        storage = with_inline_blobs_found(make_storage(settings), engine, settings.inline_blob_max_bytes)
         grace = settings.gc_grace_seconds if grace_seconds is None else grace_seconds
         report = collect_garbage(make_sessionmaker(engine), storage, grace, dry_run=dry_run)
     except SchemaOutOfDate as exc:

@@ -62,7 +62,7 @@ from m2kt.broker.services.pipelined import compiled, driver_connection, driver_e
 from m2kt.broker.services.records import packet_out
 from m2kt.broker.services.topics import append_event_and_commit, check_topic_quota, get_or_create_topic
 from m2kt.broker.state import BrokerState
-from m2kt.broker.storage import StagedUpload, StorageError, TieredStore
+from m2kt.broker.storage import StagedUpload, StorageError
 from m2kt.broker.storage.database import upsert, upsert_values
 from m2kt.broker.threads import in_limited_thread, in_thread
 from m2kt.broker.validation import (
@@ -525,7 +525,7 @@ def _store_and_commit(
     returned as it is, and this upload's staged copy is left for close() to abort."""
     plan = _commit_plan(receiver, received, report, status)
     assert receiver.staged is not None
-    plan.inline = TieredStore.take_for_database(receiver.staged)  # a small packet: written with its row
+    plan.inline = receiver.staged.take_for_database()  # a small packet with inline blobs: written with its row
     commit = _commit_postgres if state.settings.is_postgres else _commit_portable
     for attempt in range(2):
         try:

@@ -51,6 +51,7 @@ __all__ = [
     "inline_blobs_stored",
     "storage_from_url",
     "with_inline_blobs",
+    "with_inline_blobs_found",
 ]
 
 
@@ -87,9 +88,16 @@ def with_inline_blobs(storage: BlobStore, engine: Engine, max_bytes: int, *, sto
     database: they are then still read, listed and collected, and new ones all go to ``storage``."""
     if isinstance(storage, TieredStore) or (max_bytes <= 0 and not stored_before):
         return storage
-    return TieredStore(DatabaseStore(engine, max(0, max_bytes)), storage)
+    return TieredStore(DatabaseStore(engine, max_bytes), storage)
 
 
 def inline_blobs_stored(engine: Engine) -> bool:
     """Whether the database holds any inline blob (a migrated schema is assumed)."""
-    return DatabaseStore(engine, 0).count() > 0
+    return DatabaseStore(engine, 0).holds_any()
+
+
+def with_inline_blobs_found(storage: BlobStore, engine: Engine, max_bytes: int) -> BlobStore:
+    """:func:`with_inline_blobs`, looking in the database (so: once the schema is checked) only when the setting
+    is 0, for blobs stored while it was on."""
+    found = max_bytes <= 0 and not isinstance(storage, TieredStore) and inline_blobs_stored(engine)
+    return with_inline_blobs(storage, engine, max_bytes, stored_before=found)

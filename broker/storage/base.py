@@ -185,6 +185,13 @@ class StagedUpload(ABC):
             with contextlib.suppress(StorageError):  # keep the original error
                 self.abort()
 
+    def take_for_database(self) -> bytes | None:
+        """The bytes, when this upload is to be kept in the broker's database under its final key and the caller
+        writes them itself (:func:`~m2kt.broker.storage.database.upsert`, in the transaction that commits their
+        row: blob and row appear together, or neither); the upload then counts as completed. ``None`` (every
+        store but the database tier, or bytes that went to the large store): complete() as usual."""
+        return None
+
     def _completed_elsewhere(self) -> None:
         """complete() done by someone else (the commit transaction that wrote the bytes with their row)."""
         self._require_open("complete")

@@ -14,7 +14,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
+from sqlalchemy import Engine, bindparam, delete, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -32,7 +32,7 @@ from m2kt.broker.storage.base import (
     new_staging_key,
 )
 
-__all__ = ["DatabaseStore", "upsert", "upsert_values"]
+__all__ = ["DatabaseStagedUpload", "DatabaseStore", "upsert", "upsert_values"]
 
 
 @contextlib.contextmanager
@@ -60,30 +60,47 @@ def upsert_values(key: str, body: bytes) -> dict[str, Any]:
     return {"key": key, "size": len(body), "body": body, "modified": utcnow()}
 
 
-class _DatabaseStagedUpload(StagedUpload):
-    """The bytes in memory until complete() writes them as one row under the staging key."""
+class DatabaseStagedUpload(StagedUpload):
+    """The bytes in memory until complete() writes them as one row under the staging key (or the caller writes
+    them with their packet's row: :meth:`take_for_database`)."""
 
     def __init__(self, store: DatabaseStore, staging_key: str, final_key: str | None) -> None:
         super().__init__(staging_key, final_key)
         self._store = store
         self._buffer: bytearray | None = bytearray()
-        self._completed = False
+        self._in_database = False
+
+    def fits(self, more: int) -> bool:
+        """Whether ``more`` bytes still fit under the store's limit."""
+        assert self._buffer is not None
+        return len(self._buffer) + more <= self._store.max_bytes
+
+    def held(self) -> bytes:
+        """The bytes written so far (not yet stored)."""
+        assert self._buffer is not None
+        return bytes(self._buffer)
+
+    def take_for_database(self) -> bytes | None:
+        if self.final_key is None:
+            return None
+        body = self.held()
+        self._completed_elsewhere()
+        self._buffer, self._in_database = None, True
+        return body
 
     def _write(self, view: memoryview) -> None:
         assert self._buffer is not None
-        if len(self._buffer) + view.nbytes > self._store.max_bytes:
+        if not self.fits(view.nbytes):
             raise StorageError(f"{self.staging_key!r} is over the database store's {self._store.max_bytes} bytes")
         self._buffer += view
 
     def _complete(self) -> None:
-        assert self._buffer is not None
-        self._store.put(self.staging_key, bytes(self._buffer))
-        self._buffer = None
-        self._completed = True
+        self._store.put(self.staging_key, self.held())
+        self._buffer, self._in_database = None, True
 
     def _abort(self) -> None:
         self._buffer = None
-        if self._completed and self.staging_key != self.final_key:  # a private incoming/ row; a final key stays
+        if self._in_database and self.staging_key != self.final_key:  # a private incoming/ row; a final key stays
             self._store.delete(self.staging_key)
 
 
@@ -95,11 +112,11 @@ class DatabaseStore(BlobStore):
         self.max_bytes = max_bytes
         self._postgres = engine.dialect.name == "postgresql"
 
-    def stage(self, final_key: str | None = None) -> StagedUpload:
+    def stage(self, final_key: str | None = None) -> DatabaseStagedUpload:
         """Staged onto ``final_key`` when given (the row appears on complete()), else onto ``incoming/<uuid>``."""
         if final_key is not None:
             check_key(final_key)
-        return _DatabaseStagedUpload(self, final_key or new_staging_key(), final_key)
+        return DatabaseStagedUpload(self, final_key or new_staging_key(), final_key)
 
     def put(self, key: str, body: bytes) -> None:
         """Write ``body`` under ``key`` at once (see :func:`upsert`)."""
@@ -174,14 +191,13 @@ class DatabaseStore(BlobStore):
     def presigned_get(self, key: str, ttl_seconds: int) -> str | None:
         return None
 
-    def count(self) -> int:
-        """How many blobs the table holds."""
-        with _database_errors("count", "inline_blobs"), self.engine.connect() as connection:
-            return int(connection.execute(select(func.count()).select_from(InlineBlob)).scalar_one())
+    def holds_any(self) -> bool:
+        """Whether the table holds any blob (one indexed row at most, whatever the table's size)."""
+        with _database_errors("check", "inline_blobs"), self.engine.connect() as connection:
+            return connection.execute(select(InlineBlob.key).limit(1)).first() is not None
 
     def check(self) -> None:
-        with _database_errors("check", "inline_blobs"), self.engine.connect() as connection:
-            connection.execute(select(InlineBlob.key).limit(1)).all()
+        self.holds_any()
 
     @property
     def description(self) -> str:

@@ -12,75 +12,51 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
-from m2kt.broker.storage.base import (
-    BlobInfo,
-    BlobNotFound,
-    BlobStore,
-    StagedUpload,
-    UnfinishedUpload,
-    check_key,
-    new_staging_key,
-)
-from m2kt.broker.storage.database import DatabaseStore
+from m2kt.broker.storage.base import BlobInfo, BlobNotFound, BlobStore, StagedUpload, UnfinishedUpload
+from m2kt.broker.storage.database import DatabaseStagedUpload, DatabaseStore
 
 __all__ = ["TieredStore"]
 
 
 class _TieredUpload(StagedUpload):
-    """In memory while at most ``small.max_bytes``, written to the database on complete(); past that, a staged
-    upload on the large store, the bytes held so far first.
+    """A database upload while the bytes fit under ``small.max_bytes``; past that, a staged upload on the large
+    store, the bytes held so far first.
 
     ``staging_key`` is the large store's once the upload moved there (read it after complete())."""
 
     def __init__(self, store: TieredStore, final_key: str | None) -> None:
-        if final_key is not None:
-            check_key(final_key)
-        super().__init__(final_key or new_staging_key(), final_key)
+        self._small: DatabaseStagedUpload | None = store.small.stage(final_key)
+        super().__init__(self._small.staging_key, final_key)
         self._store = store
-        self._held: bytearray | None = bytearray()
         self._large: StagedUpload | None = None
-        self._in_database = False
+
+    def _current(self) -> StagedUpload:
+        upload = self._large or self._small
+        assert upload is not None
+        return upload
 
     def _write(self, view: memoryview) -> None:
-        if self._large is None:
-            assert self._held is not None
-            if len(self._held) + view.nbytes <= self._store.small.max_bytes:
-                self._held += view
-                return
-            self._large = self._store.large.stage(self.final_key)
+        small = self._small
+        if small is not None and not small.fits(view.nbytes):
+            held = small.held()
+            small.abort()
+            self._small, self._large = None, self._store.large.stage(self.final_key)
             self.staging_key = self._large.staging_key
-            held, self._held = self._held, None
             if held:
                 self._large.write(held)
-        self._large.write(view)
+        self._current().write(view)
 
     def _complete(self) -> None:
-        if self._large is not None:
-            self._large.complete()
-            return
-        assert self._held is not None
-        self._store.small.put(self.staging_key, bytes(self._held))
-        self._held, self._in_database = None, True
+        self._current().complete()
 
     def take_for_database(self) -> bytes | None:
-        """The bytes, when they are to be kept in the database under the final key and the caller writes them
-        itself (:func:`~m2kt.broker.storage.database.upsert`, in the transaction that commits their row: blob and
-        row appear together, or neither); the upload then counts as completed. ``None`` when the bytes went to
-        the large store, or no final key was given: complete() as usual."""
-        if self._large is not None or self.final_key is None:
-            return None
-        assert self._held is not None
-        body, self._held = bytes(self._held), None
-        self._completed_elsewhere()
-        self._in_database = True
+        body = self._small.take_for_database() if self._small is not None else None
+        if body is not None:
+            self._completed_elsewhere()
         return body
 
     def _abort(self) -> None:
-        self._held = None
-        if self._large is not None:
-            self._large.abort()
-        elif self._in_database and self.staging_key != self.final_key:  # a private incoming/ row; a final key stays
-            self._store.small.delete(self.staging_key)
+        self._current().abort()
 
 
 class TieredStore(BlobStore):
@@ -94,11 +70,6 @@ class TieredStore(BlobStore):
         if self.small.max_bytes <= 0:  # reads only: blobs stored inline before the tier was turned off
             return self.large.stage(final_key)
         return _TieredUpload(self, final_key)
-
-    @staticmethod
-    def take_for_database(upload: StagedUpload) -> bytes | None:
-        """See :meth:`_TieredUpload.take_for_database`; ``None`` for an upload this tier did not stage."""
-        return upload.take_for_database() if isinstance(upload, _TieredUpload) else None
 
     def promote(self, staging_key: str, final_key: str) -> None:
         if staging_key == final_key:
